@@ -1,0 +1,119 @@
+"""Model configs and construction: LlamaForCausalLM from configs/<name>.json.
+
+Also home of the one rule that says which linear layers are "targets" (GaLore projects their
+gradients, LoRA/ReLoRA/low-rank replace them, the memory estimator counts them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from galore_train.errors import UserError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Installed wheels carry the configs inside the package; an editable checkout reads the top-level folder.
+CONFIG_DIRS = (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs")
+
+# Module-name rules for --galore-targets: LLaMA's attention and MLP projections.
+TARGET_GROUPS = {
+    "attn": r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+    "mlp": r"\.mlp\.(gate_proj|up_proj|down_proj)$",
+}
+
+
+def config_dir() -> Path:
+    for candidate in CONFIG_DIRS:
+        if candidate.is_dir():
+            return candidate
+    raise UserError(f"no configs/ folder found (looked in {', '.join(map(str, CONFIG_DIRS))})")
+
+
+def known_model_names() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.json"))
+
+
+def resolve_config_path(model: str) -> Path:
+    """A config name (llama_60m) or a path to a JSON file."""
+    path = Path(model)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise UserError(f"model config file not found: {model}")
+        return path
+    candidate = config_dir() / f"{model}.json"
+    if not candidate.is_file():
+        raise UserError(f"unknown model {model!r}; known: {', '.join(known_model_names())} (or give a path to a JSON config)")
+    return candidate
+
+
+def load_model_config(model: str) -> LlamaConfig:
+    """Read a LlamaConfig, turning bad JSON or missing sizes into one-line errors."""
+    path = resolve_config_path(model)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"invalid JSON in model config {path}: {err}") from None
+    except OSError as err:
+        raise UserError(f"cannot read model config {path}: {err.strerror}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"model config {path} must hold a JSON object")
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise UserError(f"model config {path} lacks {', '.join(missing)}")
+    config = LlamaConfig(**raw)
+    config.use_cache = False
+    return config
+
+
+def build_model(model_config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Random-init LLaMA (seeded) with SDPA attention, in the given dtype."""
+    torch.manual_seed(seed)
+    model_config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(model_config)
+    return model.to(dtype=dtype)
+
+
+def count_parameters(model_config: LlamaConfig) -> int:
+    """Parameter count without allocating weights (meta device)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def target_patterns(targets: Iterable[str]) -> list[re.Pattern]:
+    """Turn --galore-targets entries ('attn', 'mlp' or regexes) into compiled patterns."""
+    patterns = []
+    for target in targets:
+        text = TARGET_GROUPS.get(target, target)
+        try:
+            patterns.append(re.compile(text))
+        except re.error as err:
+            raise UserError(f"--galore-targets entry {target!r} is not 'attn', 'mlp' or a valid regex: {err}") from None
+    return patterns
+
+
+def target_linear_modules(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linear]:
+    """Named nn.Linear modules that the low-rank methods act on, in model order. Each target must match."""
+    targets = list(targets)
+    patterns = target_patterns(targets)
+    hits = [0] * len(patterns)
+    found: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for i, pattern in enumerate(patterns):
+            if pattern.search(name):
+                hits[i] += 1
+                found[name] = module
+    for target, count in zip(targets, hits):
+        if count == 0:
+            raise UserError(f"--galore-targets entry {target!r} matches no linear layer of the model")
+    return found
