@@ -1,0 +1,126 @@
+"""`galore-train` command line. `pretrain`'s flags are generated from TrainConfig's fields, so every
+option is declared once (config.py) and documented once (its help text)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from galore_train.config import TrainConfig
+from galore_train.errors import TrainingStopped, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pretrain LLaMA on C4 with GaLore and other memory-efficient optimizers.")
+console = Console()
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    """One typer option per TrainConfig field, with its help text and section."""
+    hints = typing.get_type_hints(TrainConfig)
+    parameters = []
+    for field in dataclasses.fields(TrainConfig):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        option = typer.Option(default, _flag(field), help=field.metadata["help"], rich_help_panel=field.metadata["section"],
+                              show_default=default not in (None, [], False))
+        parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[field.name]))
+    return parameters
+
+
+def config_from_cli(values: dict[str, Any]) -> TrainConfig:
+    """Build the TrainConfig; a recipe fills only what the user did not set explicitly."""
+    values["galore_targets"] = [part for entry in values["galore_targets"] for part in entry.split(",") if part]
+    cfg = TrainConfig(**values)
+    if cfg.recipe:
+        from galore_train.recipes import apply_recipe
+
+        context = click.get_current_context()
+        explicit = {name for name in values if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        cfg = apply_recipe(cfg, explicit)
+    return cfg.validate()
+
+
+def pretrain(**values: Any) -> None:
+    """Train a LLaMA from scratch (or from --init-from weights) on C4."""
+    from galore_train.train import Trainer
+
+    cfg = config_from_cli(values)
+    summary = Trainer(cfg).run()
+    if "val_perplexity" in summary:
+        console.print(f"final validation loss {summary['val_loss']:.4f}, perplexity {summary['val_perplexity']:.2f} "
+                      f"after {summary['tokens_seen']:,} training tokens")
+
+
+pretrain.__signature__ = inspect.Signature(_config_parameters())
+app.command(context_settings={"max_content_width": 120})(pretrain)
+
+
+@app.command("eval")
+def evaluate_checkpoint(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder (step_*) or a run folder (uses its latest checkpoint)."),
+    eval_data_files: Optional[str] = typer.Option(None, help="Validation shards (default: those the run used)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (default: the one the run used)."),
+    eval_tokens: Optional[int] = typer.Option(None, help="Held-out tokens to score (default: the run's --eval-tokens)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per batch."),
+    dtype: str = typer.Option("auto", help="auto, bf16 or fp32."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Score a checkpoint on the fixed held-out tokens: validation loss and perplexity."""
+    from galore_train.evaluate import score_checkpoint
+
+    result = score_checkpoint(checkpoint, eval_data_files=eval_data_files, tokenizer=tokenizer, eval_tokens=eval_tokens,
+                              batch_size=batch_size, dtype=dtype)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(f"{result['checkpoint']}: validation loss {result['val_loss']:.4f}, perplexity {result['val_perplexity']:.2f} "
+                      f"on {result['val_tokens']:,} tokens")
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the model configs with their sizes and parameter counts."""
+    from galore_train.model import count_parameters, known_model_names, load_model_config
+
+    table = Table("name", "hidden", "intermediate", "layers", "heads", "vocab", "parameters")
+    for name in known_model_names():
+        c = load_model_config(name)
+        table.add_row(name, str(c.hidden_size), str(c.intermediate_size), str(c.num_hidden_layers),
+                      str(c.num_attention_heads), str(c.vocab_size), f"{count_parameters(c) / 1e6:,.1f}M")
+    console.print(table)
+
+
+def _configure_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    for noisy in ("datasets", "transformers", "httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def main() -> None:
+    """Console entry point: user errors and deliberate stops end in one line and an exit code."""
+    _configure_logging()
+    try:
+        app()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except TrainingStopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

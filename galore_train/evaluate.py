@@ -1,0 +1,67 @@
+"""Validation: token-weighted cross-entropy on a fixed set of held-out tokens; perplexity = exp(loss)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from galore_train.data import IGNORE_INDEX
+from galore_train.distributed import DistEnv, all_reduce_sum
+from galore_train.errors import UserError
+
+
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token losses over the batch's labelled positions, and how many there are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, env: DistEnv = DistEnv()) -> dict[str, float]:
+    """Each rank scores every world_size-th batch; sums are reduced so the result equals one process's."""
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in batches[env.rank :: env.world_size]:
+        loss, count = summed_loss(model, {k: v.to(device) for k, v in batch.items()})
+        loss_sum += loss.item()
+        tokens += count
+    model.train(was_training)
+    loss_sum, tokens = all_reduce_sum([loss_sum, float(tokens)], env)
+    loss = loss_sum / max(tokens, 1.0)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": int(tokens)}
+
+
+def score_checkpoint(path: Path, *, eval_data_files: Optional[str], tokenizer: Optional[str], eval_tokens: Optional[int],
+                     batch_size: Optional[int], dtype: str) -> dict[str, Any]:
+    """`galore-train eval`: the run's own validation tokens (unless overridden) on a saved checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from galore_train.checkpoint import latest_checkpoint
+    from galore_train.config import TrainConfig
+    from galore_train.data import Tokenize, build_eval_batches, document_source, load_tokenizer
+    from galore_train.train import resolve_dtype
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+    config_file = path / "train_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} is not a galore-train checkpoint (no train_config.json)")
+    cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device)).to(device)
+    tokenize = Tokenize(load_tokenizer(tokenizer or cfg.tokenizer), cfg.max_length, model.config.vocab_size)
+    files = eval_data_files or cfg.eval_data_files
+    source = document_source(files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation")
+    batches, _ = build_eval_batches(source, tokenize, eval_tokens=eval_tokens or cfg.eval_tokens,
+                                    batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size)
+    return {"checkpoint": str(path), **evaluate(model, batches, device)}

@@ -1,0 +1,369 @@
+"""The training loop: micro-batches, accumulation, clipping, step, eval, save, resume.
+
+`Trainer(cfg).run()` is the whole of `galore-train pretrain`. Components (data stream, optimizer,
+schedule, method, layer-wise driver, metrics, checkpoints) are built by their own modules; this file
+only drives them, so a reader can follow one optimizer step from top to bottom in `_train_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from galore_train import checkpoint, distributed
+from galore_train.config import TrainConfig, parse_token_count
+from galore_train.data import PretrainingStream, Tokenize, build_eval_batches, document_source, load_tokenizer, BAD_LINES
+from galore_train.errors import TrainingStopped, UserError
+from galore_train.evaluate import evaluate, summed_loss
+from galore_train.memory import MemoryMeter
+from galore_train.methods import base_optimizer_name, build_method, scheduler_kwargs
+from galore_train.metrics import MetricsSink
+from galore_train.model import build_model, load_model_config
+from galore_train.optim import build_optimizer, resolve_optimizer_name
+from galore_train.optim.layerwise import LayerwiseUpdater
+from galore_train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+# --- derived settings ----------------------------------------------------------------------------
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 where the GPU computes it natively; fp32 on CPU (bf16 matmuls are ~50x slower there).
+
+    bf16 means pure bf16 weights, gradients and optimizer states, as in the paper's runs and memory
+    figures (no fp32 master copy); fp32 is plain fp32.
+    """
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    total_steps: int
+    warmup_steps: int
+    accumulation: int
+    total_batch_size: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.total_batch_size
+
+
+def plan_steps(cfg: TrainConfig, world_size: int) -> StepPlan:
+    per_step = cfg.batch_size * world_size
+    total_batch = cfg.total_batch_size or per_step
+    if total_batch % per_step:
+        raise UserError(f"--total-batch-size {total_batch} is not a multiple of --batch-size {cfg.batch_size} x {world_size} process(es)")
+    if cfg.num_training_steps is not None:
+        steps = cfg.num_training_steps
+    else:
+        steps = math.ceil(parse_token_count(cfg.max_train_tokens) / (total_batch * cfg.max_length))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else steps // 10
+    if warmup >= steps and steps > 1:
+        raise UserError(f"--warmup-steps {warmup} must be smaller than the {steps} training steps")
+    return StepPlan(total_steps=steps, warmup_steps=warmup, accumulation=total_batch // per_step, total_batch_size=total_batch)
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    return f"{Path(cfg.model).stem}-{resolve_optimizer_name(cfg.optimizer, cfg.eightbit)}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into 'finish this step, save, exit'; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg.validate()
+        self.env = distributed.setup()
+        self.device = self.env.device
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.plan = plan_steps(cfg, self.env.world_size)
+        self.run_name = cfg.run_name or default_run_name(cfg)
+        self.output_dir = Path(cfg.output_dir or Path("runs") / self.run_name)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.resume_dir = self._find_resume_dir()
+
+        self.model_config = load_model_config(cfg.model)
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        self.tokenize = Tokenize(tokenizer, cfg.max_length, self.model_config.vocab_size)
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        if self.resume_dir is not None:
+            trainer_state, data_states = checkpoint.load_trainer_state(self.resume_dir)
+            self.step = trainer_state["step"]
+        self.method = build_method(cfg)
+        self.model = self._build_model()
+        self.optimizer, self.scheduler, self.layerwise = self._build_optimizer()
+        self.train_stream = PretrainingStream(
+            lambda: document_source(cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train"),
+            self.tokenize, batch_size=cfg.batch_size, pack=cfg.pack, shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
+        )
+        eval_source = document_source(cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation")
+        self.eval_batches, self.eval_tokens = build_eval_batches(
+            eval_source, self.tokenize, eval_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size or cfg.batch_size)
+        if self.resume_dir is not None:
+            self._restore(trainer_state, data_states)
+        self.memory = MemoryMeter(self.model, self.optimizer, self.device)
+
+    # --- construction --------------------------------------------------------------------------
+    def _find_resume_dir(self) -> Optional[Path]:
+        cfg = self.cfg
+        if cfg.resume_from:
+            path = Path(cfg.resume_from)
+            if not (path / "trainer_state.pt").is_file():
+                raise UserError(f"--resume-from {path} is not a galore-train checkpoint")
+            return path
+        holds_run = (self.output_dir / "metrics.jsonl").exists() or checkpoint.list_checkpoints(self.checkpoint_root)
+        if cfg.resume:
+            return checkpoint.latest_checkpoint(self.checkpoint_root)  # None: nothing saved yet, start fresh
+        if holds_run:
+            raise UserError(f"{self.output_dir} already holds a run: pass --resume to continue it, or choose another --output-dir")
+        return None
+
+    def _build_model(self) -> nn.Module:
+        cfg = self.cfg
+        model = build_model(self.model_config, cfg.seed, self.dtype)
+        if self.method is not None:
+            model = self.method.prepare(model, self.step)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(self.device).train()
+        return model
+
+    def _build_optimizer(self):
+        cfg = self.cfg
+        name = base_optimizer_name(cfg) if self.method is not None else cfg.optimizer
+        optimizer = build_optimizer(self.model, cfg.replace(optimizer=resolve_optimizer_name(name, cfg.eightbit)))
+        scheduler = build_scheduler(optimizer, kind=cfg.scheduler, total_steps=self.plan.total_steps,
+                                    warmup_steps=self.plan.warmup_steps, min_ratio=cfg.min_lr_ratio, **scheduler_kwargs(cfg))
+        layerwise = LayerwiseUpdater(self.model, optimizer, cfg) if cfg.layerwise else None
+        return optimizer, scheduler, layerwise
+
+    def _rebuild_optimizer(self) -> None:
+        """The trainable parameter set changed (ReLoRA warm start ended): new optimizer, same schedule step."""
+        scheduler_state = self.scheduler.state_dict()
+        if self.layerwise is not None:
+            self.layerwise.remove()
+        self.optimizer, self.scheduler, self.layerwise = self._build_optimizer()
+        self.scheduler.load_state_dict(scheduler_state)
+        self.memory = MemoryMeter(self.model, self.optimizer, self.device)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        if self.method is not None:
+            state["method"] = self.method.state_dict()
+            state["model"] = self.model.state_dict()  # wrapped weights (adapters); the folder holds merged ones
+        return state
+
+    def save(self) -> Path:
+        data_states = self._gather_data_states()
+        if not self.env.is_main:
+            return self.checkpoint_root
+
+        def write(directory: Path) -> None:
+            plain = self.method.merged_model(self.model) if self.method is not None else self.model
+            plain.save_pretrained(directory)
+            self.cfg.save(str(directory / "train_config.json"))
+            checkpoint.save_trainer_state(directory, self._trainer_state(), data_states)
+
+        return checkpoint.save_checkpoint(self.checkpoint_root, self.step, write, self.cfg.keep_last)
+
+    def _gather_data_states(self) -> list[dict[str, Any]]:
+        state = self.train_stream.state_dict()
+        if not self.env.enabled:
+            return [state]
+        gathered: list[Any] = [None] * self.env.world_size
+        torch.distributed.all_gather_object(gathered, state)
+        return gathered
+
+    def _restore(self, state: dict[str, Any], data_states: list[dict[str, Any]]) -> None:
+        if len(data_states) != self.env.world_size:
+            raise UserError(f"checkpoint {self.resume_dir} was written by {len(data_states)} process(es); resume with the same number")
+        if self.method is not None:
+            self.model.load_state_dict(state["model"])
+            self.method.load_state_dict(state["method"])
+        else:
+            self.model.load_state_dict(load_file(str(self.resume_dir / "model.safetensors"), device=str(self.device)))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.tokens_seen = state["tokens_seen"]
+        self.skipped_steps = state["skipped_steps"]
+        self.train_stream.load_state_dict(data_states[self.env.rank])
+
+    # --- one optimizer step --------------------------------------------------------------------
+    def _train_step(self) -> dict[str, Any]:
+        plan = self.plan
+        micro_batches = [{k: v.to(self.device) for k, v in self.train_stream.next_batch().items()}
+                         for _ in range(plan.accumulation)]
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        global_targets, global_tokens = distributed.all_reduce_sum([float(local_targets), float(local_tokens)], self.env)
+        # Per-rank scale so that DDP's gradient average equals the gradient of the global token mean.
+        loss_scale = self.env.world_size / max(global_targets, 1.0)
+
+        loss_sum = 0.0
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with self._accumulation_context(last):
+                loss, _ = summed_loss(self.model, batch)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    return self._skip_nonfinite(loss_value)
+                (loss * loss_scale).backward()
+                loss_sum += loss_value
+
+        grad_norm = None
+        if self.layerwise is None:
+            if self.cfg.grad_clipping > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clipping))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.method is not None and self.method.after_optimizer_step(self.step, self.model, self.optimizer):
+            self._rebuild_optimizer()
+        (loss_sum,) = distributed.all_reduce_sum([loss_sum], self.env)
+        self.tokens_seen += int(global_tokens)
+        record = {"loss": loss_sum / max(global_targets, 1.0), "step_tokens": int(global_tokens)}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        return record
+
+    def _accumulation_context(self, last_micro_batch: bool):
+        """Earlier micro-batches only accumulate: no DDP all-reduce, no layer-wise update."""
+        if last_micro_batch:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if self.layerwise is not None:
+            stack.enter_context(self.layerwise.accumulating())
+        if hasattr(self.model, "no_sync"):
+            stack.enter_context(self.model.no_sync())
+        return stack
+
+    def _skip_nonfinite(self, loss_value: float) -> dict[str, Any]:
+        """A NaN/inf loss never reaches the weights: stop (default), or drop this step's update.
+
+    A skipped step still counts (schedule and token budget stay aligned); its data is not replayed.
+    """
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.cfg.skip_nonfinite:
+            latest = checkpoint.latest_checkpoint(self.checkpoint_root)
+            where = f"; last good checkpoint: {latest}" if latest else "; no checkpoint was saved yet"
+            raise TrainingStopped(f"loss became {loss_value} at step {self.step + 1}{where} (use --skip-nonfinite to skip such steps)", 3)
+        self.skipped_steps += 1
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss_value, "skipped": True}
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, plan = self.cfg, self.plan
+        sink = MetricsSink(self.output_dir, enabled=self.env.is_main, total_steps=plan.total_steps,
+                           config=cfg.to_dict(), wandb_mode=cfg.wandb_mode, project=cfg.wandb_project,
+                           run_name=self.run_name, tags=cfg.tags, resume=self.resume_dir is not None)
+        try:
+            with StopRequest() as stop:
+                return self._run(sink, stop)
+        finally:
+            sink.close()
+            distributed.teardown()
+
+    def _run(self, sink: MetricsSink, stop: StopRequest) -> dict[str, Any]:
+        cfg, plan = self.cfg, self.plan
+        self._announce(sink)
+        if self.step == 0:
+            sink.log({"step": 0, "tokens_seen": 0, **evaluate(self.model, self.eval_batches, self.device, self.env)})
+        window_start, window_tokens = time.perf_counter(), 0
+        last_eval: dict[str, Any] = {}
+        while self.step < plan.total_steps:
+            with self.memory.track():
+                record = self._train_step()
+            window_tokens += record.get("step_tokens", 0)
+            if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
+                elapsed = time.perf_counter() - window_start
+                record.update(step=self.step, lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
+                              tokens_per_second=window_tokens / max(elapsed, 1e-9), epoch=self.train_stream.epoch,
+                              skipped_steps=self.skipped_steps, **self.memory.read_and_reset())
+                sink.log(record)
+                sink.progress(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_second']:,.0f} tok/s")
+                window_start, window_tokens = time.perf_counter(), 0
+            if self.step % cfg.eval_every == 0 or self.step == plan.total_steps:
+                last_eval = evaluate(self.model, self.eval_batches, self.device, self.env)
+                sink.log({"step": self.step, "tokens_seen": self.tokens_seen, **last_eval})
+                sink.print(f"step {self.step}: val loss {last_eval['val_loss']:.4f}, perplexity {last_eval['val_perplexity']:.2f}")
+                window_start = time.perf_counter()  # eval time is not training throughput
+            if self.step % cfg.save_every == 0 or self.step == plan.total_steps:
+                self.save()
+                window_start = time.perf_counter()
+            if stop.signum is not None:
+                saved = self.save()
+                name = signal.Signals(stop.signum).name
+                raise TrainingStopped(f"{name}: stopped after step {self.step}; checkpoint saved to {saved} (continue with --resume)", 128 + stop.signum)
+        summary = {"run_name": self.run_name, "model": cfg.model, "optimizer": cfg.optimizer, "steps": self.step,
+                   "tokens_seen": self.tokens_seen, "epochs": self.train_stream.epoch, "skipped_steps": self.skipped_steps,
+                   "bad_data_lines": BAD_LINES.count, "remapped_token_ids": self.tokenize.remapped_ids, **last_eval}
+        sink.write_summary(summary)
+        return summary
+
+    def _announce(self, sink: MetricsSink) -> None:
+        plan = self.plan
+        parameters = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        where = f"resuming from {self.resume_dir} at step {self.step}" if self.resume_dir else "starting from scratch"
+        sink.print(
+            f"[bold]{self.run_name}[/bold]: {self.cfg.model} ({parameters / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable), "
+            f"{self.cfg.optimizer}, {plan.total_steps} steps x {plan.total_batch_size} sequences of {self.cfg.max_length} "
+            f"(accumulation {plan.accumulation}, {self.env.world_size} process(es)), {self.dtype}, {self.device}; "
+            f"validation on {self.eval_tokens:,} tokens; {where}; output in {self.output_dir}")
