@@ -272,6 +272,8 @@ def build_eval_batches(source: datasets.IterableDataset, tokenize: Tokenize, *, 
 
     def flush() -> None:
         nonlocal scored
+        if not pending:
+            return
         for ids in tokenize(pending, truncate=True):
             if scored >= eval_tokens:
                 break

@@ -176,7 +176,7 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg.replace(optimizer=resolve_optimizer_name(name, cfg.eightbit)))
         scheduler = build_scheduler(optimizer, kind=cfg.scheduler, total_steps=self.plan.total_steps,
                                     warmup_steps=self.plan.warmup_steps, min_ratio=cfg.min_lr_ratio, **scheduler_kwargs(cfg))
-        layerwise = LayerwiseUpdater(self.model, optimizer, cfg) if cfg.layerwise else None
+        layerwise = LayerwiseUpdater(self.model, optimizer, grad_clipping=cfg.grad_clipping) if cfg.layerwise else None
         return optimizer, scheduler, layerwise
 
     def _rebuild_optimizer(self) -> None:
@@ -186,6 +186,7 @@ class Trainer:
             self.layerwise.remove()
         self.optimizer, self.scheduler, self.layerwise = self._build_optimizer()
         self.scheduler.load_state_dict(scheduler_state)
+        self.memory.remove()
         self.memory = MemoryMeter(self.model, self.optimizer, self.device)
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -264,10 +265,11 @@ class Trainer:
                 (loss * loss_scale).backward()
                 loss_sum += loss_value
 
-        grad_norm = None
-        if self.layerwise is None:
-            if self.cfg.grad_clipping > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clipping))
+        if self.layerwise is not None:  # parameters were updated during the last backward
+            grad_norm = float(self.layerwise.pop_grad_norm())
+        else:
+            max_norm = self.cfg.grad_clipping if self.cfg.grad_clipping > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -276,10 +278,7 @@ class Trainer:
             self._rebuild_optimizer()
         (loss_sum,) = distributed.all_reduce_sum([loss_sum], self.env)
         self.tokens_seen += int(global_tokens)
-        record = {"loss": loss_sum / max(global_targets, 1.0), "step_tokens": int(global_tokens)}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        return record
+        return {"loss": loss_sum / max(global_targets, 1.0), "grad_norm": grad_norm, "step_tokens": int(global_tokens)}
 
     def _accumulation_context(self, last_micro_batch: bool):
         """Earlier micro-batches only accumulate: no DDP all-reduce, no layer-wise update."""

@@ -1,0 +1,104 @@
+"""The command line as a user meets it: one-line errors with exit code 2, signals, eval, listings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EVAL_FILES, TOKENIZER, TRAIN_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "galore_train", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def tiny_args(config_file, output_dir, *extra):
+    return ["pretrain", "--model", config_file, "--tokenizer", TOKENIZER, "--data-files", TRAIN_FILES,
+            "--eval-data-files", EVAL_FILES, "--max-length", "64", "--batch-size", "4", "--eval-tokens", "1000",
+            "--dtype", "fp32", "--wandb-mode", "disabled", "--output-dir", str(output_dir), *extra]
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], result.stderr
+
+
+def test_help_on_every_command():
+    for command in ([], ["pretrain"], ["eval"], ["models"]):
+        result = cli(*command, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout
+    assert "--galore-targets" in cli("pretrain", "--help").stdout
+
+
+def test_models_lists_configs_with_parameter_counts():
+    result = cli("models")
+    assert result.returncode == 0
+    assert "llama_60m" in result.stdout and "llama_7b" in result.stdout and "M" in result.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "llama_2m"], "unknown model 'llama_2m'"),
+    (["--data-files", "/nowhere/*.json.gz"], "--data-files '/nowhere/*.json.gz' matches no files"),
+    (["--total-batch-size", "6"], "--total-batch-size 6 is not a multiple of --batch-size 4"),
+    (["--scheduler", "step"], "--scheduler must be one of"),
+    (["--optimizer", "sgd"], "sgd"),
+    (["--max-train-tokens", "lots"], "cannot read token count"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_config_file, tmp_path, extra, message, shared_data):
+    result = cli(*tiny_args(tiny_config_file, tmp_path / "run", "--num-training-steps", "2", *extra))
+    assert_one_line_error(result, message)
+
+
+def test_bad_json_config(tmp_path, shared_data):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{hidden_size: 64}")
+    result = cli(*tiny_args(str(broken), tmp_path / "run", "--num-training-steps", "2"))
+    assert_one_line_error(result, "invalid JSON in model config")
+
+
+def wait_for_step(output_dir: Path, process, deadline=240):
+    metrics = output_dir / "metrics.jsonl"
+    start = time.time()
+    while time.time() - start < deadline and process.poll() is None:
+        if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"training did not log a step: {process.stderr.read() if process.poll() is not None else ''}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_exits(tiny_config_file, tmp_path, signum, shared_data):
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "galore_train", *tiny_args(
+        tiny_config_file, output_dir, "--num-training-steps", "1000", "--eval-every", "1000", "--save-every", "1000")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(output_dir, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    assert f"{signal.Signals(signum).name}: stopped after step" in stderr and "--resume" in stderr
+    saved = list((output_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "model.safetensors").exists()
+
+
+def test_eval_scores_a_checkpoint_as_json(tiny_config_file, tmp_path, shared_data):
+    run = cli(*tiny_args(tiny_config_file, tmp_path / "run", "--num-training-steps", "2"))
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    result = cli("eval", "--checkpoint", str(tmp_path / "run"), "--json")
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scored["val_tokens"] == summary["val_tokens"]
+    assert scored["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    missing = cli("eval", "--checkpoint", str(tmp_path / "nothing"))
+    assert_one_line_error(missing, "is not a galore-train checkpoint")

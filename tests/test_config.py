@@ -1,0 +1,33 @@
+import pytest
+
+from galore_train.config import TrainConfig, parse_token_count
+from galore_train.errors import UserError
+
+
+@pytest.mark.parametrize("text, expected", [("1.1B", 1_100_000_000), ("13.1B", 13_100_000_000), ("500k", 500_000), ("2048", 2048), (7, 7), (None, None)])
+def test_token_counts_with_suffixes(text, expected):
+    assert parse_token_count(text) == expected
+
+
+def test_bad_token_count_is_a_user_error():
+    with pytest.raises(UserError, match="token count"):
+        parse_token_count("lots")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"batch_size": 0}, "--batch-size must be positive"),
+    ({"scheduler": "step"}, "--scheduler must be one of"),
+    ({"proj_type": "diagonal"}, "--proj-type must be one of"),
+    ({"num_training_steps": None}, "--num-training-steps or --max-train-tokens"),
+    ({"wandb_mode": "sometimes"}, "--wandb-mode"),
+    ({"min_lr_ratio": 2.0}, "--min-lr-ratio"),
+])
+def test_validation_names_the_flag(changes, message):
+    cfg = TrainConfig(num_training_steps=10).replace(**changes)
+    with pytest.raises(UserError, match=message):
+        cfg.validate()
+
+
+def test_round_trip_through_dict():
+    cfg = TrainConfig(num_training_steps=10, rank=64, tags=["a"])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,127 @@
+"""The data path on the real C4 shards and the real T5 tokenizer."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from conftest import EVAL_FILES, TOKENIZER, TRAIN_FILES
+from galore_train.data import (BAD_LINES, IGNORE_INDEX, PretrainingStream, Tokenize, build_eval_batches,
+                               document_source, load_tokenizer)
+from galore_train.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tokenize(shared_data):
+    return Tokenize(load_tokenizer(TOKENIZER), max_length=64, vocab_size=32000)
+
+
+def train_stream(tokenize, files=TRAIN_FILES, **kwargs):
+    options = dict(batch_size=4, pack=False, shuffle_buffer=32, seed=0)
+    options.update(kwargs)
+    return PretrainingStream(lambda: document_source(files, "--data-files", "", "", "train"), tokenize, **options)
+
+
+def test_real_t5_tokenizer_ids(shared_data):
+    for source in (TOKENIZER, TOKENIZER + "/spiece.model"):
+        tokenizer = load_tokenizer(source)
+        assert len(tokenizer) == 32100
+        assert tokenizer("Hello world")["input_ids"] == [8774, 296, 1]
+
+
+def test_tokenizer_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="holds no tokenizer files"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(UserError, match="cannot load tokenizer"):
+        load_tokenizer("no-such-org/no-such-tokenizer")
+
+
+def test_sentinel_ids_cannot_index_past_the_embedding(tokenize):
+    before = tokenize.remapped_ids
+    (ids,) = tokenize(["<extra_id_0> hello"], truncate=True)
+    assert max(ids) < 32000 and ids[0] == tokenize.unk_id
+    assert tokenize.remapped_ids == before + 1
+
+
+def test_a_vocab_smaller_than_the_text_ids_is_refused(shared_data):
+    with pytest.raises(UserError, match="embeds only 1000"):
+        Tokenize(load_tokenizer(TOKENIZER), max_length=64, vocab_size=1000)
+
+
+def test_paper_mode_batches_exclude_padding_from_labels(tokenize):
+    batch = train_stream(tokenize).next_batch()
+    assert batch["input_ids"].shape == (4, 64)
+    padded = batch["attention_mask"] == 0
+    assert (batch["labels"][padded] == IGNORE_INDEX).all()
+    assert (batch["labels"][~padded] == batch["input_ids"][~padded]).all()
+    assert batch["input_ids"].max() < 32000
+
+
+def test_pack_mode_fills_every_position(tokenize):
+    stream = train_stream(tokenize, pack=True)
+    batches = [stream.next_batch() for _ in range(8)]
+    assert all(batch["attention_mask"].all() for batch in batches)
+    eos = sum(int((batch["input_ids"] == tokenize.eos_id).sum()) for batch in batches)
+    assert eos >= 2  # documents are separated by EOS
+
+
+def test_order_follows_the_seed(tokenize):
+    a, b, c = (train_stream(tokenize, seed=s).next_batch()["input_ids"] for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resumed_stream_continues_with_the_next_unseen_batch(tokenize, pack):
+    stream = train_stream(tokenize, pack=pack)
+    for _ in range(5):
+        stream.next_batch()
+    state = json.loads(json.dumps(stream.state_dict()))  # must survive JSON
+    expected = [stream.next_batch()["input_ids"] for _ in range(4)]
+    resumed = train_stream(tokenize, pack=pack)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, resumed.next_batch()["input_ids"]) for x in expected)
+
+
+def write_shard(path, lines):
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_real_world_variation_and_bad_lines_are_skipped_and_counted(tokenize, tmp_path):
+    with gzip.open(EVAL_FILES.replace("*", "c4-train.00000-of-01024.docs0850-0949"), "rt") as f:
+        real = [json.loads(line) for line in f][:6]
+    lines = [json.dumps(real[0]), "{not json", json.dumps({"text": real[1]["text"], "date": "2019-04-21"}),
+             json.dumps({"url": "x"}), json.dumps({"text": real[2]["text"]})]
+    write_shard(tmp_path / "a.json.gz", lines)
+    (tmp_path / "b.json").write_text(json.dumps(real[3]) + "\n")
+    before = BAD_LINES.count
+    source = document_source(str(tmp_path / "*.json*"), "--data-files", "", "", "train")
+    texts = [record["text"] for record in source]
+    assert texts == [real[0]["text"], real[1]["text"], real[2]["text"], real[3]["text"]]
+    assert BAD_LINES.count == before + 2
+
+
+def test_epochs_repeat_small_data(tokenize, tmp_path):
+    (tmp_path / "small.json").write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(6)))
+    stream = train_stream(tokenize, files=str(tmp_path / "small.json"), batch_size=4, shuffle_buffer=2)
+    for _ in range(4):
+        stream.next_batch()
+    assert stream.epoch >= 2
+
+
+def test_missing_data_is_a_user_error():
+    with pytest.raises(UserError, match="matches no files"):
+        document_source("/nonexistent/*.json.gz", "--data-files", "", "", "train")
+
+
+def test_eval_tokens_are_fixed_and_counted(tokenize, shared_data):
+    def build():
+        return build_eval_batches(document_source(EVAL_FILES, "--eval-data-files", "", "", "validation"), tokenize,
+                                  eval_tokens=3000, batch_size=8)
+
+    (first, scored), (second, _) = build(), build()
+    assert 3000 <= scored < 3000 + 64
+    labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in first)
+    assert labelled == scored
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))

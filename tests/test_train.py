@@ -1,0 +1,177 @@
+"""End-to-end training on the real C4 shards with a tiny LLaMA (fp32, CPU)."""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import galore_train.train as train_module
+from conftest import tiny_run_args
+from galore_train.config import TrainConfig
+from galore_train.errors import TrainingStopped, UserError
+from galore_train.train import Trainer
+
+
+def run(config_file, output_dir, **overrides):
+    return Trainer(TrainConfig(**tiny_run_args(config_file, output_dir, **overrides))).run()
+
+
+def records(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(output_dir):
+    latest = (Path(output_dir) / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(Path(output_dir) / "checkpoints" / latest / "model.safetensors"))
+
+
+def interrupt_after(monkeypatch, step):
+    """Deliver a real SIGINT (Ctrl-C) to this process right after optimizer step `step`."""
+    original = Trainer._train_step
+
+    def step_then_interrupt(self):
+        record = original(self)
+        if self.step == step:
+            signal.raise_signal(signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_interrupt)
+
+
+def test_run_logs_metrics_and_saves_loadable_checkpoints(tiny_config_file, tmp_path, shared_data):
+    summary = run(tiny_config_file, tmp_path / "run")
+    logged = records(tmp_path / "run")
+    steps = [r for r in logged if "loss" in r]
+    evals = [r for r in logged if "val_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    for key in ("lr", "tokens_seen", "tokens_per_second", "peak_memory_gb"):
+        assert key in steps[-1]
+    assert steps[-1]["tokens_seen"] == summary["tokens_seen"] > 0
+    assert summary["val_perplexity"] == pytest.approx(evals[-1]["val_perplexity"])
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["steps"] == 6
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_00000003", "step_00000006"]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "checkpoints" / "step_00000006"))
+    assert model.config.hidden_size == 64
+
+
+def test_ctrl_c_saves_and_resume_is_bit_exact(tiny_config_file, tmp_path, monkeypatch, shared_data):
+    run(tiny_config_file, tmp_path / "straight", num_training_steps=8, save_every=100, eval_every=100)
+
+    interrupt_after(monkeypatch, 4)
+    with pytest.raises(TrainingStopped) as stopped:
+        run(tiny_config_file, tmp_path / "split", num_training_steps=8, save_every=100, eval_every=100)
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert "checkpoint saved" in str(stopped.value)
+    monkeypatch.undo()
+    run(tiny_config_file, tmp_path / "split", num_training_steps=8, save_every=100, eval_every=100, resume=True)
+
+    straight = [r["loss"] for r in records(tmp_path / "straight") if "loss" in r]
+    split = [r["loss"] for r in records(tmp_path / "split") if "loss" in r]
+    assert split == straight  # bit-identical losses, step by step
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_config_file, tmp_path, shared_data):
+    run(tiny_config_file, tmp_path / "full", batch_size=8, num_training_steps=2, shuffle_buffer=0)
+    run(tiny_config_file, tmp_path / "accum", batch_size=4, total_batch_size=8, num_training_steps=2, shuffle_buffer=0)
+    full = [r["loss"] for r in records(tmp_path / "full") if "loss" in r]
+    accum = [r["loss"] for r in records(tmp_path / "accum") if "loss" in r]
+    assert accum == pytest.approx(full, rel=1e-5)
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "accum")
+    # fp32 sums in another order: Adam turns ~1e-9 gradient differences into <= 1e-5 weight differences
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+
+
+def nan_loss_at(monkeypatch, step):
+    original = train_module.summed_loss
+
+    def poisoned(model, batch):
+        loss, count = original(model, batch)
+        return (loss * float("nan"), count) if poisoned.trainer_step() == step else (loss, count)
+
+    monkeypatch.setattr(train_module, "summed_loss", poisoned)
+    return poisoned
+
+
+def test_nan_loss_stops_without_touching_the_last_good_checkpoint(tiny_config_file, tmp_path, monkeypatch, shared_data):
+    steps_done = []
+    original_step = Trainer._train_step
+
+    def counting(self):
+        steps_done.append(self.step)
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", counting)
+    nan_loss_at(monkeypatch, 5).trainer_step = lambda: steps_done[-1] + 1
+    with pytest.raises(TrainingStopped, match="loss became nan at step 5; last good checkpoint: .*step_00000004") as stopped:
+        run(tiny_config_file, tmp_path / "run", save_every=2)
+    assert stopped.value.exit_code == 3
+    weights = final_weights(tmp_path / "run")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_skip_nonfinite_skips_the_update_and_counts_it(tiny_config_file, tmp_path, monkeypatch, shared_data):
+    steps_done = []
+    original_step = Trainer._train_step
+
+    def counting(self):
+        steps_done.append(self.step)
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", counting)
+    nan_loss_at(monkeypatch, 2).trainer_step = lambda: steps_done[-1] + 1
+    summary = run(tiny_config_file, tmp_path / "run", skip_nonfinite=True)
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 6
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
+
+
+def test_existing_run_needs_resume(tiny_config_file, tmp_path, shared_data):
+    run(tiny_config_file, tmp_path / "run", num_training_steps=1)
+    with pytest.raises(UserError, match="already holds a run: pass --resume"):
+        run(tiny_config_file, tmp_path / "run", num_training_steps=1)
+
+
+def test_total_batch_must_divide(tiny_config_file, tmp_path):
+    with pytest.raises(UserError, match="--total-batch-size 10 is not a multiple of --batch-size 4"):
+        run(tiny_config_file, tmp_path / "run", total_batch_size=10)
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_wandb_modes(tiny_config_file, tmp_path, mode, shared_data):
+    summary = run(tiny_config_file, tmp_path / "run", num_training_steps=2, wandb_mode=mode)
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*")) if (tmp_path / "run" / "wandb").exists() else []
+    assert (len(offline_runs) == 1) == (mode == "offline")
+    assert summary["steps"] == 2
+
+
+def test_wandb_outage_warns_once_and_training_continues(tiny_config_file, tmp_path, monkeypatch, caplog, shared_data):
+    import wandb
+
+    def outage(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(wandb, "init", outage)
+    summary = run(tiny_config_file, tmp_path / "run", num_training_steps=2, wandb_mode="online")
+    assert summary["steps"] == 2
+    warnings = [r for r in caplog.records if "W&B logging is off" in r.getMessage()]
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
+
+
+@pytest.mark.slow
+def test_two_hundred_steps_on_real_c4_lower_perplexity(tmp_path, shared_data):
+    """llama_9m, 200 steps x 8 sequences x 128 tokens of real C4 (~150k non-pad tokens)."""
+    summary = run("llama_9m", tmp_path / "run", max_length=128, batch_size=8, num_training_steps=200, eval_every=200,
+                  save_every=200, eval_tokens=20_000, lr=3e-3, shuffle_buffer=1000)
+    evals = [r for r in records(tmp_path / "run") if "val_perplexity" in r]
+    start, end = evals[0]["val_perplexity"], evals[-1]["val_perplexity"]
+    print(f"val perplexity step 0: {start:.1f}, step 200: {end:.1f}; tokens seen {summary['tokens_seen']:,}")
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 200
+    assert end < start / 20  # from ~32k (uniform over the vocab) to a few hundred
