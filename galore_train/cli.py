@@ -105,10 +105,21 @@ def list_models() -> None:
     console.print(table)
 
 
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the published settings `--recipe paper` fills in, with their sources."""
+    from galore_train.recipes import PAPER_RECIPES
+
+    table = Table("model", "settings (GaLore optimizers: lr 0.01, scale 0.25, gap 200; others lr 0.001; 7B as listed)", "source")
+    for name, recipe in PAPER_RECIPES.items():
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in recipe.values.items() if v is not None), recipe.source)
+    console.print(table)
+
+
 def _configure_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    for noisy in ("datasets", "transformers", "httpx", "urllib3", "filelock", "fsspec"):
+    for noisy in ("datasets", "transformers", "httpx", "urllib3", "filelock", "fsspec", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -81,6 +81,25 @@ def build_model(model_config: LlamaConfig, seed: int, dtype: torch.dtype = torch
     return model.to(dtype=dtype)
 
 
+ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "hidden_act", "tie_word_embeddings")
+
+
+def load_pretrained_llama(source: str, expected: LlamaConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Existing HF LLaMA weights (a directory or hub id) for continued pretraining, checked against --model."""
+    try:
+        found = LlamaConfig.from_pretrained(source)
+    except Exception as err:
+        raise UserError(f"cannot read --init-from {source!r}: {str(err).splitlines()[0]}") from None
+    differing = [f"{name} {getattr(found, name)} (--model: {getattr(expected, name)})"
+                 for name in ARCHITECTURE_FIELDS if getattr(found, name) != getattr(expected, name)]
+    if differing:
+        raise UserError(f"--init-from {source} does not match --model: {', '.join(differing)}")
+    model = LlamaForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model
+
+
 def count_parameters(model_config: LlamaConfig) -> int:
     """Parameter count without allocating weights (meta device)."""
     with torch.device("meta"):

@@ -26,10 +26,11 @@ from galore_train.config import TrainConfig, parse_token_count
 from galore_train.data import PretrainingStream, Tokenize, build_eval_batches, document_source, load_tokenizer, BAD_LINES
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import evaluate, summed_loss
+from galore_train.guard import LossGuard
 from galore_train.memory import MemoryMeter
-from galore_train.methods import base_optimizer_name, build_method, scheduler_kwargs
+from galore_train.methods import METHOD_NAMES, base_optimizer_name, build_method, scheduler_kwargs
 from galore_train.metrics import MetricsSink
-from galore_train.model import build_model, load_model_config
+from galore_train.model import build_model, load_model_config, load_pretrained_llama
 from galore_train.optim import build_optimizer, resolve_optimizer_name
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.schedule import build_scheduler
@@ -82,7 +83,8 @@ def plan_steps(cfg: TrainConfig, world_size: int) -> StepPlan:
 
 
 def default_run_name(cfg: TrainConfig) -> str:
-    return f"{Path(cfg.model).stem}-{resolve_optimizer_name(cfg.optimizer, cfg.eightbit)}-{datetime.now():%Y%m%d-%H%M%S}"
+    method = cfg.optimizer if cfg.optimizer in METHOD_NAMES else resolve_optimizer_name(cfg.optimizer, cfg.eightbit)
+    return f"{Path(cfg.model).stem}-{method}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 class StopRequest:
@@ -126,13 +128,14 @@ class Trainer:
         self.tokenize = Tokenize(tokenizer, cfg.max_length, self.model_config.vocab_size)
         self.step = 0
         self.tokens_seen = 0
-        self.skipped_steps = 0
+        self.guard = LossGuard(spike_threshold=cfg.spike_threshold, skip_nonfinite=cfg.skip_nonfinite, max_consecutive=cfg.max_spikes)
         if self.resume_dir is not None:
             trainer_state, data_states = checkpoint.load_trainer_state(self.resume_dir)
             self.step = trainer_state["step"]
         self.method = build_method(cfg)
         self.model = self._build_model()
         self.optimizer, self.scheduler, self.layerwise = self._build_optimizer()
+        self.train_model = self._training_module()
         self.train_stream = PretrainingStream(
             lambda: document_source(cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train"),
             self.tokenize, batch_size=cfg.batch_size, pack=cfg.pack, shuffle_buffer=cfg.shuffle_buffer,
@@ -162,7 +165,10 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         cfg = self.cfg
-        model = build_model(self.model_config, cfg.seed, self.dtype)
+        if cfg.init_from:
+            model = load_pretrained_llama(cfg.init_from, self.model_config, self.dtype)
+        else:
+            model = build_model(self.model_config, cfg.seed, self.dtype)
         if self.method is not None:
             model = self.method.prepare(model, self.step)
         if cfg.activation_checkpointing:
@@ -170,22 +176,29 @@ class Trainer:
         model.to(self.device).train()
         return model
 
-    def _build_optimizer(self):
+    def _training_module(self) -> nn.Module:
+        """What forward and backward run through: the model, compiled with --compile.
+
+        `self.model` stays the plain module: optimizers, methods and checkpoints see its parameter names.
+        """
+        return torch.compile(self.model) if self.cfg.compile else self.model
+
+    def _build_optimizer(self, start_step: int = 0):
+        """Optimizer, LR schedule (starting at `start_step`) and, with --layerwise, its gradient hooks."""
         cfg = self.cfg
         name = base_optimizer_name(cfg) if self.method is not None else cfg.optimizer
         optimizer = build_optimizer(self.model, cfg.replace(optimizer=resolve_optimizer_name(name, cfg.eightbit)))
-        scheduler = build_scheduler(optimizer, kind=cfg.scheduler, total_steps=self.plan.total_steps,
-                                    warmup_steps=self.plan.warmup_steps, min_ratio=cfg.min_lr_ratio, **scheduler_kwargs(cfg))
+        scheduler = build_scheduler(optimizer, kind=cfg.scheduler, total_steps=self.plan.total_steps, warmup_steps=self.plan.warmup_steps,
+                                    min_ratio=cfg.min_lr_ratio, start_step=start_step, **scheduler_kwargs(cfg))
         layerwise = LayerwiseUpdater(self.model, optimizer, grad_clipping=cfg.grad_clipping) if cfg.layerwise else None
         return optimizer, scheduler, layerwise
 
     def _rebuild_optimizer(self) -> None:
         """The trainable parameter set changed (ReLoRA warm start ended): new optimizer, same schedule step."""
-        scheduler_state = self.scheduler.state_dict()
         if self.layerwise is not None:
             self.layerwise.remove()
-        self.optimizer, self.scheduler, self.layerwise = self._build_optimizer()
-        self.scheduler.load_state_dict(scheduler_state)
+        self.optimizer, self.scheduler, self.layerwise = self._build_optimizer(start_step=self.step)
+        self.train_model = self._training_module()
         self.memory.remove()
         self.memory = MemoryMeter(self.model, self.optimizer, self.device)
 
@@ -194,7 +207,7 @@ class Trainer:
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "skipped_steps": self.skipped_steps,
+            "guard": self.guard.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
@@ -240,7 +253,7 @@ class Trainer:
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.tokens_seen = state["tokens_seen"]
-        self.skipped_steps = state["skipped_steps"]
+        self.guard.load_state_dict(state["guard"])
         self.train_stream.load_state_dict(data_states[self.env.rank])
 
     # --- one optimizer step --------------------------------------------------------------------
@@ -258,10 +271,11 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with self._accumulation_context(last):
-                loss, _ = summed_loss(self.model, batch)
+                loss, targets = summed_loss(self.train_model, batch)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    return self._skip_nonfinite(loss_value)
+                reason = self.guard.reason_to_skip(loss_value / max(targets, 1))
+                if reason is not None:
+                    return self._skip_step(reason, loss_value / max(targets, 1))
                 (loss * loss_scale).backward()
                 loss_sum += loss_value
 
@@ -278,7 +292,9 @@ class Trainer:
             self._rebuild_optimizer()
         (loss_sum,) = distributed.all_reduce_sum([loss_sum], self.env)
         self.tokens_seen += int(global_tokens)
-        return {"loss": loss_sum / max(global_targets, 1.0), "grad_norm": grad_norm, "step_tokens": int(global_tokens)}
+        step_loss = loss_sum / max(global_targets, 1.0)
+        self.guard.accept(step_loss)
+        return {"loss": step_loss, "grad_norm": grad_norm, "step_tokens": int(global_tokens)}
 
     def _accumulation_context(self, last_micro_batch: bool):
         """Earlier micro-batches only accumulate: no DDP all-reduce, no layer-wise update."""
@@ -287,21 +303,22 @@ class Trainer:
         stack = contextlib.ExitStack()
         if self.layerwise is not None:
             stack.enter_context(self.layerwise.accumulating())
-        if hasattr(self.model, "no_sync"):
-            stack.enter_context(self.model.no_sync())
+        if hasattr(self.train_model, "no_sync"):
+            stack.enter_context(self.train_model.no_sync())
         return stack
 
-    def _skip_nonfinite(self, loss_value: float) -> dict[str, Any]:
-        """A NaN/inf loss never reaches the weights: stop (default), or drop this step's update.
+    def _skip_step(self, reason: str, loss_value: float) -> dict[str, Any]:
+        """A bad loss never reaches the weights: the guard stops the run or this step's update is dropped.
 
-    A skipped step still counts (schedule and token budget stay aligned); its data is not replayed.
-    """
+        A skipped step still counts (schedule and token budget stay aligned); its data is not replayed.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        if not self.cfg.skip_nonfinite:
-            latest = checkpoint.latest_checkpoint(self.checkpoint_root)
-            where = f"; last good checkpoint: {latest}" if latest else "; no checkpoint was saved yet"
-            raise TrainingStopped(f"loss became {loss_value} at step {self.step + 1}{where} (use --skip-nonfinite to skip such steps)", 3)
-        self.skipped_steps += 1
+        if self.layerwise is not None:
+            self.layerwise.discard_accumulated()
+        latest = checkpoint.latest_checkpoint(self.checkpoint_root)
+        where = f" at step {self.step + 1}; last good checkpoint: {latest}" if latest else f" at step {self.step + 1}; no checkpoint was saved yet"
+        self.guard.reject(reason, where)
+        log.warning("skipping step %d: %s", self.step + 1, reason)
         self.scheduler.step()
         self.step += 1
         return {"loss": loss_value, "skipped": True}
@@ -323,7 +340,7 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         self._announce(sink)
         if self.step == 0:
-            sink.log({"step": 0, "tokens_seen": 0, **evaluate(self.model, self.eval_batches, self.device, self.env)})
+            sink.log({"step": 0, "tokens_seen": 0, **evaluate(self.train_model, self.eval_batches, self.device, self.env)})
         window_start, window_tokens = time.perf_counter(), 0
         last_eval: dict[str, Any] = {}
         while self.step < plan.total_steps:
@@ -334,12 +351,12 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record.update(step=self.step, lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
                               tokens_per_second=window_tokens / max(elapsed, 1e-9), epoch=self.train_stream.epoch,
-                              skipped_steps=self.skipped_steps, **self.memory.read_and_reset())
+                              skipped_steps=self.guard.total_skips, **self.memory.read_and_reset())
                 sink.log(record)
                 sink.progress(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_second']:,.0f} tok/s")
                 window_start, window_tokens = time.perf_counter(), 0
             if self.step % cfg.eval_every == 0 or self.step == plan.total_steps:
-                last_eval = evaluate(self.model, self.eval_batches, self.device, self.env)
+                last_eval = evaluate(self.train_model, self.eval_batches, self.device, self.env)
                 sink.log({"step": self.step, "tokens_seen": self.tokens_seen, **last_eval})
                 sink.print(f"step {self.step}: val loss {last_eval['val_loss']:.4f}, perplexity {last_eval['val_perplexity']:.2f}")
                 window_start = time.perf_counter()  # eval time is not training throughput
@@ -351,7 +368,7 @@ class Trainer:
                 name = signal.Signals(stop.signum).name
                 raise TrainingStopped(f"{name}: stopped after step {self.step}; checkpoint saved to {saved} (continue with --resume)", 128 + stop.signum)
         summary = {"run_name": self.run_name, "model": cfg.model, "optimizer": cfg.optimizer, "steps": self.step,
-                   "tokens_seen": self.tokens_seen, "epochs": self.train_stream.epoch, "skipped_steps": self.skipped_steps,
+                   "tokens_seen": self.tokens_seen, "epochs": self.train_stream.epoch, "skipped_steps": self.guard.total_skips,
                    "bad_data_lines": BAD_LINES.count, "remapped_token_ids": self.tokenize.remapped_ids, **last_eval}
         sink.write_summary(summary)
         return summary
@@ -366,3 +383,6 @@ class Trainer:
             f"{self.cfg.optimizer}, {plan.total_steps} steps x {plan.total_batch_size} sequences of {self.cfg.max_length} "
             f"(accumulation {plan.accumulation}, {self.env.world_size} process(es)), {self.dtype}, {self.device}; "
             f"validation on {self.eval_tokens:,} tokens; {where}; output in {self.output_dir}")
+        defaults = TrainConfig()
+        chosen = {k: v for k, v in self.cfg.to_dict().items() if v != getattr(defaults, k)}
+        sink.print("resolved configuration (non-default values): " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
