@@ -122,6 +122,9 @@ def _configure_logging() -> None:
     for noisy in ("datasets", "transformers", "httpx", "urllib3", "filelock", "fsspec", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("WANDB_SILENT", "true")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ class MetricsSink:
         self.enabled = enabled
         self.output_dir = output_dir
         self.console = Console(stderr=True)
+        if not self.console.is_terminal:
+            self.console.width = 160  # log files: no wrapping at 80 columns
+        self.total_steps = total_steps
         self.wandb_run = None
         self._wandb_warned = False
         self._file = None
@@ -83,8 +86,13 @@ class MetricsSink:
                 self._warn_wandb(err)
 
     def progress(self, step: int, status: str) -> None:
-        if self._progress is not None:
+        """The live bar on a terminal; in logs (no terminal), about twenty plain lines per run."""
+        if self._progress is None:
+            return
+        if self.console.is_terminal:
             self._progress.update(self._task, completed=step, status=status)
+        elif step % max(1, self.total_steps // 20) == 0 or step == self.total_steps:
+            self.console.print(f"step {step}/{self.total_steps}: {status}")
 
     def print(self, message: str) -> None:
         if self.enabled:
