@@ -1,0 +1,76 @@
+"""GaLore-Adafactor: Adafactor (Shazeer & Stern 2018) on the projected gradient.
+
+Paper settings, as in the GaLore experiments and transformers' Adafactor with
+relative_step=False, scale_parameter=False, warmup_init=False: an external learning rate, no
+parameter-scale factor, the first moment only when beta1 is given. For a (low-rank) gradient R at step t:
+
+    b2_t = 1 - t^decay_rate                                 (decay_rate = -0.8)
+    row  <- b2_t row + (1 - b2_t) mean_cols(R^2 + eps)      col <- b2_t col + (1 - b2_t) mean_rows(R^2 + eps)
+    U    = R / sqrt(row col^T / mean(row))                  (factored second moment; 1-D: unfactored)
+    U    <- lr * U / max(1, RMS(U) / clip_threshold)
+    U    <- b1 M + (1 - b1) U  -> M                         (only with beta1)
+    W    <- (1 - lr wd) W - scale * back(U)
+
+GaLore parameters keep row (r or m) and col (n or r) statistics of the low-rank R; the moments and
+the update are computed in fp32 whatever the parameter dtype. Groups without "rank" are plain
+Adafactor with the same settings (the `adafactor` baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from galore_train.optim.projector import GaLoreOptimizer
+
+
+def _rms(t: Tensor) -> Tensor:
+    return t.norm() / (t.numel() ** 0.5)
+
+
+class GaLoreAdafactor(GaLoreOptimizer):
+    """Adafactor with GaLore param groups (see GaLoreOptimizer for the param-group convention)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta1: Optional[float] = None,
+                 decay_rate: float = -0.8, clip_threshold: float = 1.0, eps: float = 1e-30,
+                 weight_decay: float = 0.0) -> None:
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"invalid beta1 {beta1}")
+        defaults = {"lr": lr, "beta1": beta1, "decay_rate": decay_rate, "clip_threshold": clip_threshold,
+                    "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        grad = grad.float()
+        factored = grad.dim() >= 2
+        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
+            self._init_state(grad, group, state, factored)
+        beta2t = 1.0 - state["step"] ** group["decay_rate"]
+        squared = grad.square().add_(group["eps"])
+        if factored:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.lerp_(squared.mean(dim=-1), 1.0 - beta2t)
+            col.lerp_(squared.mean(dim=-2), 1.0 - beta2t)
+            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            update = col.rsqrt().unsqueeze(-2).mul(row_factor).mul_(grad)
+        else:
+            state["exp_avg_sq"].lerp_(squared, 1.0 - beta2t)
+            update = state["exp_avg_sq"].rsqrt().mul_(grad)
+        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0)).mul_(group["lr"])
+        if group["beta1"] is not None:
+            update = state["exp_avg"].lerp_(update, 1.0 - group["beta1"])
+        self._apply(p, update, group, state, step_size=1.0)
+
+    @staticmethod
+    def _init_state(grad: Tensor, group: dict[str, Any], state: dict[str, Any], factored: bool) -> None:
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros_like(grad)
+        if factored:
+            state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
+            state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(grad)

@@ -1,0 +1,83 @@
+"""GaLore-AdamW-8bit: GaLore-AdamW whose Adam moments are stored in 8 bits (bitsandbytes).
+
+The moments are block-wise quantized with bitsandbytes' dynamic maps (signed for the first moment,
+unsigned for the second; blocks of 256 values, one fp32 absmax each), and the update is bitsandbytes'
+own 8-bit block-wise Adam kernel (`bitsandbytes.functional.optimizer_update_8bit_blockwise`: fused on
+GPU, dequantize -> fp32 update -> requantize on CPU), called on tensors we own:
+
+  * GaLore parameters: the kernel updates a zero-initialized low-rank buffer with lr = 1 and no weight
+    decay, which leaves -N_t (the bias-corrected Adam direction of R_t) in it; we then apply
+    W <- (1 - lr wd) W - lr * scale * back(N_t) like GaLore-AdamW. The parameter itself is never
+    swapped or reshaped (galore-torch instead swaps p.data for a zero low-rank tensor each step).
+  * full-rank parameters: the kernel updates the parameter in place (decoupled weight decay), as
+    bitsandbytes' AdamW8bit does.
+
+Like bitsandbytes, tensors with fewer than `min_8bit_size` (4096) elements -- counted on the low-rank
+gradient for GaLore parameters -- keep fp32 moments and use the GaLore-AdamW update.
+
+State per 8-bit parameter: exp_avg / exp_avg_sq (uint8, shape of the (low-rank) gradient),
+exp_avg_absmax / exp_avg_sq_absmax (fp32, one per block of 256), step; GaLore adds the projection.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from types import ModuleType
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
+from galore_train.optim.projector import GaLoreOptimizer
+
+BLOCK_SIZE = 256  # bitsandbytes' block size for 8-bit block-wise optimizer states
+
+
+def import_bitsandbytes() -> ModuleType:
+    """bitsandbytes, imported on first use: the import takes seconds, and its CPU backend warns about
+    an optional 4-bit kernel package that 8-bit optimizer states do not use."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes
+    import bitsandbytes.functional
+
+    return bitsandbytes
+
+
+@lru_cache(maxsize=None)
+def _quantization_maps(device: torch.device) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' dynamic 8-bit maps: signed (first moment) and unsigned (second moment)."""
+    functional = import_bitsandbytes().functional
+    return functional.create_dynamic_map(signed=True).to(device), functional.create_dynamic_map(signed=False).to(device)
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLoreAdamW with 8-bit block-wise quantized moments (same param-group convention)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, min_8bit_size: int = 4096) -> None:
+        GaLoreOptimizer.__init__(self, params, {**adam_defaults(lr, betas, eps, weight_decay), "min_8bit_size": min_8bit_size})
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if grad.numel() < group["min_8bit_size"]:
+            super()._update(p, grad, group, state)
+            return
+        if "exp_avg" not in state:
+            blocks = -(-grad.numel() // BLOCK_SIZE)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device)
+                state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+        galore = "rank" in group
+        target = torch.zeros_like(grad, memory_format=torch.contiguous_format) if galore else p
+        signed_map, unsigned_map = _quantization_maps(grad.device)
+        beta1, beta2 = group["betas"]
+        import_bitsandbytes().functional.optimizer_update_8bit_blockwise(
+            "adam", grad.contiguous(), target, state["exp_avg"], state["exp_avg_sq"],
+            beta1, beta2, 0.0, 0.0, group["eps"], state["step"],
+            1.0 if galore else group["lr"],
+            signed_map, unsigned_map, state["exp_avg_absmax"], state["exp_avg_sq_absmax"],
+            weight_decay=0.0 if galore else group["weight_decay"],
+        )
+        if galore:
+            self._apply(p, target.neg_(), group, state, step_size=group["lr"])

@@ -1,0 +1,380 @@
+"""The GaLore gradient projection (Zhao et al. 2024, Algorithm 2), shared by every GaLore optimizer.
+
+A weight W and its gradient G are m x n (torch's Linear weight is out_features x in_features). GaLore
+keeps optimizer moments of a rank-r projection of G and maps the update back to m x n:
+
+    side    state["projection"]      low-rank R      moments   back-projection of an update N
+    left    P = U[:, :r]   (m x r)   P^T G  (r x n)  r x n     P N
+    right   Q = Vh[:r, :]  (r x n)   G Q^T  (m x r)  m x r     N Q
+    full    P (m x r), plus          P^T G Q^T       r x r     P N Q
+            state["projection_right"] = Q (r x n)
+
+where U, Vh are the singular vectors of G at the last refresh. `proj_type` picks the side, with the
+same meaning as galore-torch:
+    std          project the smaller dimension: left when m < n, right when m >= n. The projection
+                 matrix is then min(m, n) x r and the moments r x max(m, n): the paper's memory
+                 formula mr + 2nr for m <= n (its P is m x r).
+    reverse_std  the other side (projection max(m, n) x r, moments r x min(m, n)).
+    left, right, full (two-sided) as in the table.
+
+Refresh: at the first step, then whenever (step + refresh_offset) % update_proj_gap == 0, where step
+counts the parameter's completed updates (so without an offset: steps 0, gap, 2 gap, ... like
+galore-torch). The SVD runs in float32 (bf16/fp16 gradients are upcast) and the top `rank` singular
+vectors are stored, as compact tensors in the gradient's dtype, in the optimizer's per-parameter state,
+so `optimizer.state_dict()` round-trips through torch.save/torch.load(weights_only=True).
+`svd="randomized"` uses a seeded randomized range finder (2 power iterations) instead of a full SVD.
+
+Robustness (a refresh must never kill or poison a run):
+  * non-finite gradient at a refresh: the parameter's update is skipped for this step (its step
+    counter does not advance, so the refresh is retried at the next step), the projection is kept;
+  * SVD raises or returns non-finite vectors: the previous projection is kept; at the first refresh
+    (nothing to keep) the randomized range finder is tried, then a seeded random orthonormal basis.
+Each case warns (RuntimeWarning, with the parameter name when the optimizer knows it) and counts one
+failure in `RefreshStats`. Non-finite gradients between refreshes are not inspected (that would cost a
+device sync per parameter per step); the training loop's non-finite-loss/grad-norm checks cover them.
+
+Staggered refresh: `stagger_offsets(count, gap)` spreads per-parameter offsets evenly over the gap
+window so that a refresh step does not SVD every matrix at once.
+
+The last section holds `GaLoreOptimizer`, the torch.optim glue shared by the three GaLore optimizers
+(param-group convention, validation, the step loop, load_state_dict dtype fix). Layer-wise
+drivers (optim/layerwise.py) call step() with only one `.grad` set; nothing else is needed here.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+SVD_METHODS = ("full", "randomized")
+OVERSAMPLE = 8  # extra columns of the randomized range finder
+POWER_ITERATIONS = 2
+
+
+# --- subspace computations (pure functions) ------------------------------------------------------
+
+
+def svd_top(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Top-`rank` left (m x r) and right (r x n) singular vectors from a full (thin) SVD."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], vh[:rank]
+
+
+def randomized_svd_top(matrix: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Top-`rank` singular vectors from a randomized range finder (Halko et al. 2011, Alg. 4.4).
+
+    Sketch the column space with rank + OVERSAMPLE Gaussian test vectors, sharpen it with
+    POWER_ITERATIONS re-orthonormalized power iterations, then take an exact SVD of the small
+    projected matrix. Seeded, so a resumed run draws the same test vectors.
+    """
+    m, n = matrix.shape
+    width = min(rank + OVERSAMPLE, m, n)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    sketch = torch.randn(n, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    basis = torch.linalg.qr(matrix @ sketch).Q
+    for _ in range(POWER_ITERATIONS):
+        basis = torch.linalg.qr(matrix.mT @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    u_small, _, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    return basis @ u_small[:, :rank], vh[:rank]
+
+
+def random_orthonormal_top(matrix: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded random orthonormal basis for each side: the last resort when no SVD can be had."""
+    m, n = matrix.shape
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    left = torch.randn(m, rank, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    right = torch.randn(n, rank, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    return torch.linalg.qr(left).Q, torch.linalg.qr(right).Q.mT
+
+
+def subspace_similarity(a: Tensor, b: Tensor) -> float:
+    """Mean squared cosine of the principal angles between the column spaces of two orthonormal
+    m x r bases: 1 = same subspace, r/m = unrelated random subspaces."""
+    return float((a.mT @ b).square().sum() / a.shape[1])
+
+
+def stagger_offsets(count: int, gap: int) -> list[int]:
+    """Refresh offsets for `count` matrices spread evenly over a window of `gap` steps."""
+    return [(index * gap) // count for index in range(count)]
+
+
+# --- refresh bookkeeping ------------------------------------------------------------------------
+
+
+@dataclass
+class RefreshStats:
+    """What the training loop logs about projection refreshes (see GaLoreOptimizer.svd_metrics)."""
+
+    refreshes: int = 0  # since the last read
+    seconds: float = 0.0  # wall time in refreshes (SVD and checks) since the last read
+    failures: int = 0  # cumulative since the optimizer was built (not saved in checkpoints)
+
+    def record_failure(self, name: Optional[str], message: str) -> None:
+        self.failures += 1
+        warnings.warn(f"GaLore projection of {name or 'a parameter'}: {message}", RuntimeWarning)
+
+    def read(self) -> dict[str, float]:
+        metrics = {"svd_seconds": self.seconds, "svd_refreshes": self.refreshes, "svd_failures_total": self.failures}
+        self.seconds, self.refreshes = 0.0, 0
+        return metrics
+
+
+def _all_finite(t: Tensor) -> bool:
+    """One read pass, no temporary: NaN and inf propagate into the sum (a finite tensor whose sum
+    overflows float32 counts as non-finite too, which is right for a gradient or a basis)."""
+    return bool(torch.isfinite(t.sum()))
+
+
+def _checked(top: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Treat non-finite singular vectors like a raised SVD failure."""
+    if not all(_all_finite(t) for t in top):
+        raise torch.linalg.LinAlgError("the SVD returned non-finite singular vectors")
+    return top
+
+
+def _compact(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An owning contiguous copy: a slice of U would otherwise keep the whole U alive."""
+    return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+# --- the projector -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GaLoreProjector:
+    """Refresh / project / project back for one parameter group's settings; the state is the
+    parameter's optimizer-state dict (keys "projection", "projection_right", "refresh_offset")."""
+
+    rank: int
+    update_proj_gap: int
+    proj_type: str = "std"
+    svd: str = "full"
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> "GaLoreProjector":
+        return cls(group["rank"], group["update_proj_gap"], group["proj_type"], group["svd"])
+
+    def side(self, shape: torch.Size) -> str:
+        """'left', 'right' or 'full' for a gradient of this shape (see the module docstring)."""
+        if self.proj_type in ("left", "right", "full"):
+            return self.proj_type
+        m, n = shape
+        smaller_is_rows = m < n
+        if self.proj_type == "std":
+            return "left" if smaller_is_rows else "right"
+        return "right" if smaller_is_rows else "left"
+
+    def low_rank_shape(self, shape: torch.Size) -> tuple[int, int]:
+        """Shape of R (and of the moments) for a gradient of this shape."""
+        side, (m, n) = self.side(shape), shape
+        return {"left": (self.rank, n), "right": (m, self.rank), "full": (self.rank, self.rank)}[side]
+
+    def refresh_due(self, state: dict[str, Any], step: int) -> bool:
+        return "projection" not in state or (step + state.get("refresh_offset", 0)) % self.update_proj_gap == 0
+
+    def project(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
+                name: Optional[str] = None, out: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The low-rank gradient R (written into `out` if given), refreshing the projection first if due.
+
+        Returns None when the gradient is unusable (non-finite at a refresh): skip this update.
+        """
+        if self.refresh_due(state, step) and not self._refresh(grad, state, step, stats, name):
+            return None
+        side = self.side(grad.shape)
+        projection = state["projection"]
+        if side == "left":
+            return torch.mm(projection.mT, grad, out=out)
+        if side == "right":
+            return torch.mm(grad, projection.mT, out=out)
+        return torch.mm(projection.mT @ grad, state["projection_right"].mT, out=out)
+
+    def project_back_add_(self, param: Tensor, update: Tensor, state: dict[str, Any], alpha: float,
+                          beta: float = 1.0) -> None:
+        """param <- beta * param + alpha * back(update), as one fused matmul-accumulate (no m x n temporary)."""
+        side = self.side(param.shape)
+        projection = state["projection"]
+        update = update.to(param.dtype)
+        if side == "left":
+            param.addmm_(projection, update, beta=beta, alpha=alpha)
+        elif side == "right":
+            param.addmm_(update, projection, beta=beta, alpha=alpha)
+        else:
+            param.addmm_(projection @ update, state["projection_right"], beta=beta, alpha=alpha)
+
+    def _refresh(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
+                 name: Optional[str]) -> bool:
+        """Recompute the projection from `grad`; False if the gradient is non-finite (skip the update)."""
+        start = time.perf_counter()
+        try:
+            matrix = grad.to(torch.promote_types(grad.dtype, torch.float32))
+            if not _all_finite(matrix):
+                stats.record_failure(name, f"non-finite gradient at step {step}; update skipped, projection kept")
+                return False
+            top = self._top_singular_vectors(matrix, step, stats, name, first="projection" not in state)
+            if top is not None:
+                self._store(state, top, grad.dtype)
+                stats.refreshes += 1
+            return True
+        finally:
+            stats.seconds += time.perf_counter() - start
+
+    def _top_singular_vectors(self, matrix: Tensor, step: int, stats: RefreshStats, name: Optional[str],
+                              first: bool) -> Optional[tuple[Tensor, Tensor]]:
+        """The configured method. If it fails: None (keep the previous projection) or, at the first
+        refresh (nothing to keep), the randomized range finder, then a random orthonormal basis."""
+        try:
+            if self.svd == "randomized":
+                return _checked(randomized_svd_top(matrix, self.rank, seed=step))
+            return _checked(svd_top(matrix, self.rank))
+        except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
+            action = "falling back" if first else "keeping the previous projection"
+            stats.record_failure(name, f"SVD failed at step {step} ({err}); {action}")
+        if not first:
+            return None
+        if self.svd != "randomized":
+            try:
+                return _checked(randomized_svd_top(matrix, self.rank, seed=step))
+            except RuntimeError:
+                pass
+        return random_orthonormal_top(matrix, self.rank, seed=step)
+
+    def _store(self, state: dict[str, Any], top: tuple[Tensor, Tensor], dtype: torch.dtype) -> None:
+        left, right = top
+        side = self.side((left.shape[0], right.shape[1]))
+        state["projection"] = _compact(right if side == "right" else left, dtype)
+        if side == "full":
+            state["projection_right"] = _compact(right, dtype)
+
+
+# --- torch.optim glue shared by the GaLore optimizers ----------------------------------------------
+
+GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "full",
+                         "stagger_refresh": False}
+
+
+def check_galore_group(group: dict[str, Any]) -> None:
+    """ValueError for GaLore settings that cannot work (the registry turns these into UserErrors)."""
+    rank, gap = group["rank"], group["update_proj_gap"]
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"GaLore rank must be a positive integer, got {rank!r}")
+    if not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"GaLore update_proj_gap must be a positive integer, got {gap!r}")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"unknown GaLore proj_type {group['proj_type']!r}; known: {', '.join(PROJ_TYPES)}")
+    if group["svd"] not in SVD_METHODS:
+        raise ValueError(f"unknown GaLore svd {group['svd']!r}; known: {', '.join(SVD_METHODS)}")
+    names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
+    for name, p in zip(names, group["params"]):
+        if p.dim() != 2:
+            raise ValueError(f"GaLore projects 2-D weights; {name} has shape {tuple(p.shape)}")
+        if rank > min(p.shape):
+            raise ValueError(f"GaLore rank {rank} exceeds min{tuple(p.shape)} of {name}")
+
+
+class GaLoreOptimizer(torch.optim.Optimizer):
+    """Base of the GaLore optimizers, torch.optim style.
+
+    Param groups with a "rank" key are GaLore groups (keys as in galore-torch: rank, update_proj_gap,
+    scale, proj_type; plus svd and stagger_refresh); their 2-D parameters get low-rank moments. Groups
+    without "rank" run the plain full-rank optimizer. Parameters may be given as (name, tensor) pairs
+    (torch's named-parameter groups): the names then appear in SVD warnings.
+
+    Subclasses implement `_update(p, grad, group, state)`, called once per parameter with a gradient;
+    state["step"] has already been incremented. For GaLore groups `grad` is the low-rank R, held in a
+    scratch buffer that the update may overwrite (it is reused for the next parameter); otherwise it
+    is p.grad itself. They finish with `_apply`.
+
+    Why per parameter and not torch's foreach ops: the scratch buffer makes a GaLore step allocate
+    nothing, and on CPU the page faults of fresh low-rank temporaries cost more than the dispatch that
+    foreach saves (scripts/bench_optimizer.py). The buffer (as large as the largest R) is not state.
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self.refresh_stats = RefreshStats()
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" not in group:
+            return
+        for key, value in GALORE_GROUP_DEFAULTS.items():
+            group.setdefault(key, value)
+        check_galore_group(group)
+        if group["stagger_refresh"]:
+            for p, offset in zip(group["params"], stagger_offsets(len(group["params"]), group["update_proj_gap"])):
+                self.state[p]["refresh_offset"] = offset
+
+    def svd_metrics(self) -> dict[str, float]:
+        """svd_seconds / svd_refreshes since the last call, svd_failures_total since construction."""
+        return self.refresh_stats.read()
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            projector = GaLoreProjector.from_group(group) if "rank" in group else None
+            names = group.get("param_names")
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    self._step_parameter(p, group, projector, names[index] if names else None)
+        return loss
+
+    def _step_parameter(self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector],
+                        name: Optional[str]) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        state = self.state[p]
+        grad = p.grad
+        if projector is not None:
+            out = self._scratch_buffer(projector.low_rank_shape(p.shape), grad)
+            grad = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out)
+            if grad is None:  # non-finite gradient at a refresh: skip this parameter's update
+                return
+        state["step"] = state.get("step", 0) + 1
+        self._update(p, grad, group, state)
+
+    def _scratch_buffer(self, shape: tuple[int, int], like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        numel = shape[0] * shape[1]
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[key] = torch.empty(numel, device=like.device, dtype=like.dtype)
+        return buffer[:numel].view(shape)
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _apply(p: Tensor, update: Tensor, group: dict[str, Any], state: dict[str, Any], step_size: float) -> None:
+        """Decoupled weight decay and the step: W <- (1 - lr wd) W - step_size * [scale * back(update)]."""
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        if "rank" in group:
+            GaLoreProjector.from_group(group).project_back_add_(p, update, state, alpha=-step_size * group["scale"], beta=decay)
+            return
+        if decay != 1.0:
+            p.mul_(decay)
+        p.add_(update.to(p.dtype), alpha=-step_size)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every floating state tensor to its parameter's dtype and uint8 ones to float; our
+        states keep their own dtypes (8-bit moments, fp32 block maxima), so restore them exactly."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            state = self.state[params[index]]
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and value.dtype != state[key].dtype:
+                    state[key] = value.to(device=params[index].device, copy=True)
+

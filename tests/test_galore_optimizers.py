@@ -1,0 +1,290 @@
+"""GaLoreAdamW / GaLoreAdafactor / GaLoreAdamW8bit: the paper's math, state shapes, resume, and the
+cross-check against the reference package galore-torch (a dev dependency, imported here only)."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+
+LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
+
+
+def _grads(shape: tuple[int, int], count: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def _run(optimizer_cls, w0: torch.Tensor, grads: list[torch.Tensor], group: dict, **kwargs) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+    p = torch.nn.Parameter(w0.clone())
+    optimizer = optimizer_cls([{"params": [p], **group}], **kwargs)
+    for g in grads:
+        p.grad = g.clone()
+        optimizer.step()
+    return p.detach(), optimizer
+
+
+def paper_galore_adamw(w0, grads, rank, gap, scale, lr, betas, eps, weight_decay, side):
+    """GaLore-AdamW written out plainly from the paper's Algorithm 2 (+ AdamW's decoupled weight decay)."""
+    w, m, v = w0.clone(), 0.0, 0.0
+    beta1, beta2 = betas
+    for t, g in enumerate(grads, start=1):
+        if (t - 1) % gap == 0:  # refresh at the first step and every `gap` steps
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            p_left, q_right = u[:, :rank], vh[:rank]
+        r = p_left.T @ g if side == "left" else g @ q_right.T  # project
+        m = beta1 * m + (1 - beta1) * r  # Adam moments of R
+        v = beta2 * v + (1 - beta2) * r * r
+        m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)  # bias correction
+        n = m_hat / (v_hat.sqrt() + eps)
+        g_tilde = p_left @ n if side == "left" else n @ q_right  # project back
+        w = w - lr * weight_decay * w - lr * scale * g_tilde  # decoupled decay, alpha, lr
+    return w
+
+
+@pytest.mark.parametrize("shape, proj_type, side", [((24, 40), "std", "left"), ((40, 24), "std", "right"),
+                                                    ((40, 24), "reverse_std", "left"), ((24, 40), "right", "right")])
+@pytest.mark.parametrize("steps", [1, 8])  # 8 steps with gap 3: refreshes at steps 0, 3, 6
+def test_galore_adamw_equals_the_papers_algorithm(shape, proj_type, side, steps) -> None:
+    w0, grads = torch.randn(shape, generator=torch.Generator().manual_seed(1)), _grads(shape, steps)
+    settings = dict(rank=5, gap=3, scale=0.25, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+    group = {"rank": 5, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type}
+    ours, optimizer = _run(GaLoreAdamW, w0, grads, group, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+    torch.testing.assert_close(ours, paper_galore_adamw(w0, grads, side=side, **settings))
+    low_rank = (5, shape[1]) if side == "left" else (shape[0], 5)
+    assert optimizer.state[optimizer.param_groups[0]["params"][0]]["exp_avg"].shape == low_rank
+
+
+def test_projection_changes_exactly_every_gap_steps() -> None:
+    p = torch.nn.Parameter(torch.randn(20, 12))
+    optimizer = GaLoreAdamW([{"params": [p], "rank": 4, "update_proj_gap": 4}], lr=LR)
+    previous, changed = None, []
+    for step, g in enumerate(_grads((20, 12), 13)):
+        p.grad = g
+        optimizer.step()
+        current = optimizer.state[p]["projection"].clone()
+        changed.append(previous is None or not torch.equal(current, previous))
+        previous = current
+    assert [step for step, flag in enumerate(changed) if flag] == [0, 4, 8, 12]
+
+
+def test_full_rank_identity_like_projection_reduces_to_adamw() -> None:
+    """rank = n with a first gradient whose singular vectors are a signed permutation: Adam is
+    elementwise, so GaLore-AdamW with scale 1 must then follow torch.optim.AdamW exactly."""
+    shape = (7, 5)
+    first = torch.zeros(shape)
+    first[torch.arange(5), torch.arange(5)] = torch.tensor([5.0, -4.0, 3.0, 2.5, -1.0])
+    grads = [first] + _grads(shape, 6)
+    w0 = torch.randn(shape)
+    group = {"rank": 5, "update_proj_gap": 1000, "scale": 1.0, "proj_type": "std"}
+    ours, _ = _run(GaLoreAdamW, w0, grads, group, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+    reference, _ = _run(torch.optim.AdamW, w0, grads, {}, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+    torch.testing.assert_close(ours, reference)
+
+
+def test_plain_groups_are_adamw() -> None:
+    w0, grads = torch.randn(6, 4), _grads((6, 4), 5)
+    ours, _ = _run(GaLoreAdamW, w0, grads, {}, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+    reference, _ = _run(torch.optim.AdamW, w0, grads, {}, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+    torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("optimizer_cls", [GaLoreAdamW, GaLoreAdafactor, GaLoreAdamW8bit])
+@pytest.mark.parametrize("proj_type, low_rank", [("std", (80, 16)), ("reverse_std", (16, 64)), ("left", (16, 64)),
+                                                 ("right", (80, 16)), ("full", (16, 16))])
+def test_moments_have_the_low_rank_shape(optimizer_cls, proj_type, low_rank) -> None:
+    kwargs = {"beta1": 0.9} if optimizer_cls is GaLoreAdafactor else {"min_8bit_size": 1} if optimizer_cls is GaLoreAdamW8bit else {}
+    _, optimizer = _run(optimizer_cls, torch.randn(80, 64), _grads((80, 64), 2),
+                        {"rank": 16, "update_proj_gap": 10, "proj_type": proj_type}, **kwargs)
+    state = next(iter(optimizer.state.values()))
+    assert state["exp_avg"].shape == low_rank
+    if optimizer_cls is GaLoreAdafactor:
+        assert state["exp_avg_sq_row"].shape == low_rank[:1] and state["exp_avg_sq_col"].shape == low_rank[1:]
+    else:
+        assert state["exp_avg_sq"].shape == low_rank
+    if optimizer_cls is GaLoreAdamW8bit:
+        blocks = math.ceil(low_rank[0] * low_rank[1] / 256)
+        assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].shape == (blocks,)
+
+
+def test_8bit_galore_tracks_32bit_galore_without_touching_param_storage() -> None:
+    w0, grads = torch.randn(160, 64), _grads((160, 64), 6)
+    group = {"rank": 32, "update_proj_gap": 4, "scale": 0.25}
+    p = torch.nn.Parameter(w0.clone())
+    optimizer = GaLoreAdamW8bit([{"params": [p], **group}], lr=LR, weight_decay=0.1)
+    storage = p.data_ptr()
+    for g in grads:
+        p.grad = g.clone()
+        optimizer.step()
+    assert p.data_ptr() == storage and p.shape == (160, 64)
+    assert optimizer.state[p]["exp_avg"].dtype == torch.uint8  # 160 x 32 low-rank moments >= 4096 elements
+    full_precision, _ = _run(GaLoreAdamW, w0, grads, group, lr=LR, weight_decay=0.1)
+    moved = (full_precision - w0).norm()
+    assert (p.detach() - full_precision).norm() < 0.05 * moved  # 8-bit moments: close, not exact
+    assert (p.detach() - w0).norm() > 0.5 * moved
+
+
+def test_8bit_full_rank_groups_match_bitsandbytes_adamw8bit_and_small_tensors_stay_fp32() -> None:
+    import bitsandbytes as bnb
+
+    w0, grads = torch.randn(80, 64), _grads((80, 64), 4)
+    ours, optimizer = _run(GaLoreAdamW8bit, w0, grads, {}, lr=LR, weight_decay=0.1)
+    reference, _ = _run(bnb.optim.AdamW8bit, w0, grads, {}, lr=LR, weight_decay=0.1)
+    assert torch.equal(ours, reference)  # the same bitsandbytes kernel, called on the parameter
+    small, small_optimizer = _run(GaLoreAdamW8bit, w0[:10, :10], [g[:10, :10] for g in grads], {}, lr=LR)
+    assert next(iter(small_optimizer.state.values()))["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(small, _run(GaLoreAdamW, w0[:10, :10], [g[:10, :10] for g in grads], {}, lr=LR)[0])
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_plain_adafactor_matches_transformers_with_paper_settings(beta1) -> None:
+    from transformers.optimization import Adafactor
+
+    w0, grads = torch.randn(12, 8), _grads((12, 8), 5)
+    bias0, bias_grads = torch.randn(8), _grads((8,), 5, seed=1)
+    ours = GaLoreAdafactor([torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())], lr=LR, beta1=beta1, weight_decay=0.1)
+    reference = Adafactor([torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())], lr=LR, beta1=beta1, weight_decay=0.1,
+                          relative_step=False, scale_parameter=False, warmup_init=False)
+    for g, bias_grad in zip(grads, bias_grads):
+        for optimizer in (ours, reference):
+            weight, bias = optimizer.param_groups[0]["params"]
+            weight.grad, bias.grad = g.clone(), bias_grad.clone()
+            optimizer.step()
+    for a, b in zip(ours.param_groups[0]["params"], reference.param_groups[0]["params"]):
+        torch.testing.assert_close(a, b)
+
+
+# --- cross-check against the reference package ------------------------------------------------------
+
+
+def _galore_torch_adamw(w0, grads, group, **kwargs):
+    galore_torch = pytest.importorskip("galore_torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return _run(galore_torch.GaLoreAdamW, w0, grads, group, no_deprecation_warning=True, **kwargs)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_galore_adamw_matches_galore_torch(proj_type, shape) -> None:
+    """Same weights, gradients, rank, gap, scale -> same weights after 7 steps (refreshes at 0, 3, 6).
+
+    Deliberate difference: galore-torch adds eps to sqrt(V) before the bias correction, we after it
+    (the paper's and torch.optim.AdamW's placement); with eps = 1e-8 and O(1) gradients it is below
+    fp32 tolerance. Weight decay (not used here) is applied before the step by us (torch.optim.AdamW),
+    after it by galore-torch: an O(lr^2 wd) difference.
+    """
+    w0, grads = torch.randn(shape), _grads(shape, 7)
+    group = {"rank": 6, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type}
+    ours, _ = _run(GaLoreAdamW, w0, grads, group, lr=LR, eps=EPS)
+    reference, _ = _galore_torch_adamw(w0, grads, group, lr=LR, eps=EPS)
+    torch.testing.assert_close(ours, reference)
+    assert not torch.allclose(ours, w0)
+
+
+def test_galore_adamw_full_projection_matches_galore_torch() -> None:
+    """Two-sided projection: same projections and second moments. The weights are not compared: at a
+    refresh step R = P^T G Q^T is exactly diag(s) up to ~1e-7 rounding noise off the diagonal, and
+    Adam's first step (M/sqrt(V) = sign R) turns that noise into +-1 updates in both implementations,
+    so any difference in matmul rounding order flips their signs."""
+    w0, grads = torch.randn(40, 24), _grads((40, 24), 7)
+    group = {"rank": 6, "update_proj_gap": 3, "scale": 0.25, "proj_type": "full"}
+    _, ours = _run(GaLoreAdamW, w0, grads, group, lr=LR, eps=EPS)
+    _, reference = _galore_torch_adamw(w0, grads, group, lr=LR, eps=EPS)
+    state, reference_state = next(iter(ours.state.values())), next(iter(reference.state.values()))
+    left, right = reference_state["projector"].ortho_matrix
+    assert torch.equal(state["projection"], left) and torch.equal(state["projection_right"], right)
+    torch.testing.assert_close(state["exp_avg_sq"], reference_state["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_galore_adafactor_matches_galore_torch(beta1) -> None:
+    galore_torch = pytest.importorskip("galore_torch")
+    w0, grads = torch.randn(40, 24), _grads((40, 24), 7)
+    group = {"rank": 6, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}
+    ours, _ = _run(GaLoreAdafactor, w0, grads, group, lr=LR, beta1=beta1, weight_decay=0.1)
+    reference, _ = _run(galore_torch.GaLoreAdafactor, w0, grads, group, lr=LR, beta1=beta1, weight_decay=0.1,
+                        relative_step=False, scale_parameter=False, warmup_init=False)
+    torch.testing.assert_close(ours, reference)
+
+
+# --- state dicts -----------------------------------------------------------------------------------
+
+OPTIMIZER_CASES = {
+    "adamw": (GaLoreAdamW, {"weight_decay": 0.1}, {}),
+    "adamw_full_randomized_stagger": (GaLoreAdamW, {}, {"proj_type": "full", "svd": "randomized", "stagger_refresh": True}),
+    "adafactor": (GaLoreAdafactor, {"weight_decay": 0.1}, {}),
+    "adafactor_beta1": (GaLoreAdafactor, {"beta1": 0.9}, {"proj_type": "reverse_std"}),
+    "adamw8bit": (GaLoreAdamW8bit, {"weight_decay": 0.1, "min_8bit_size": 64}, {}),
+}
+
+
+def _model_like_params(seed: int) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(48, 32), (32, 48), (32, 32), (32,), (100, 32)]
+    return [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+
+
+def _build(case: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    optimizer_cls, kwargs, galore = OPTIMIZER_CASES[case]
+    groups = [{"params": params[:3], "rank": 8, "update_proj_gap": 3, "scale": 0.25, **galore}, {"params": params[3:]}]
+    return optimizer_cls(groups, lr=LR, **kwargs)
+
+
+def _train(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: range) -> None:
+    for step in steps:
+        generator = torch.Generator().manual_seed(1000 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_state_dict_round_trip_resumes_bit_identically(case: str) -> None:
+    params = _model_like_params(0)
+    optimizer = _build(case, params)
+    _train(optimizer, params, range(4))  # past one refresh (steps 0 and 3)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed_params = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    resumed = _build(case, resumed_params)
+    resumed.load_state_dict(saved["optimizer"])
+    for before, after in zip(optimizer.state.values(), resumed.state.values()):
+        assert {k: (v.dtype, v.shape) if torch.is_tensor(v) else v for k, v in before.items()} == \
+               {k: (v.dtype, v.shape) if torch.is_tensor(v) else v for k, v in after.items()}
+    _train(optimizer, params, range(4, 11))  # two more refreshes (steps 6 and 9)
+    _train(resumed, resumed_params, range(4, 11))
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_bf16_parameters_stay_bf16_and_finite(case: str) -> None:
+    params = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in _model_like_params(0)]
+    optimizer = _build(case, params)
+    grads = [torch.randn(p.shape).to(torch.bfloat16) for p in params]
+    for _ in range(2):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in params)
+
+
+def test_invalid_groups_are_rejected() -> None:
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match="rank 7 exceeds"):
+        GaLoreAdamW([{"params": [p], "rank": 7}])
+    with pytest.raises(ValueError, match="proj_type"):
+        GaLoreAdamW([{"params": [p], "rank": 2, "proj_type": "diagonal"}])
+    with pytest.raises(ValueError, match="2-D"):
+        GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(8))], "rank": 2}])
+    with pytest.raises(ValueError, match="rank must be a positive"):
+        GaLoreAdafactor([{"params": [p], "rank": 0}])

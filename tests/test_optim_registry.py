@@ -1,0 +1,146 @@
+"""build_optimizer / resolve_optimizer_name: names, --8bit, param grouping, user errors, resume for every optimizer."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import TINY_LLAMA
+from transformers import LlamaConfig
+
+from galore_train.config import TrainConfig
+from galore_train.errors import UserError
+from galore_train.model import build_model
+from galore_train.optim import (
+    OPTIMIZER_NAMES,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    build_optimizer,
+    galore_parameter_split,
+    resolve_optimizer_name,
+)
+
+# The shared tiny LLaMA with a small vocabulary: optimizer tests do not need 32,000 embedding rows.
+SMALL_LLAMA = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 512})
+TARGET_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    return build_model(SMALL_LLAMA, seed=0)
+
+
+def _cfg(**changes) -> TrainConfig:
+    return TrainConfig(**{"num_training_steps": 10, "rank": 8, "gap": 3, **changes})
+
+
+@pytest.mark.parametrize("name, eightbit, expected", [
+    ("adamw", False, "adamw"), ("adamw", True, "adam8bit"), ("adam", True, "adam8bit"),
+    ("galore_adamw", True, "galore_adamw8bit"), ("adam8bit", True, "adam8bit"),
+    ("galore_adamw8bit", True, "galore_adamw8bit"), ("galore_adafactor", False, "galore_adafactor"),
+])
+def test_resolve_optimizer_name(name: str, eightbit: bool, expected: str) -> None:
+    assert resolve_optimizer_name(name, eightbit) == expected
+
+
+def test_resolve_rejects_unknown_names_and_8bit_without_variant() -> None:
+    with pytest.raises(UserError, match="unknown optimizer 'sgd'; known: adamw, adam, adafactor"):
+        resolve_optimizer_name("sgd", False)
+    with pytest.raises(UserError, match="--8bit has no variant of 'galore_adafactor'"):
+        resolve_optimizer_name("galore_adafactor", True)
+
+
+def test_galore_split_puts_exactly_the_target_weights_in_the_galore_group(tiny_model) -> None:
+    galore, plain = galore_parameter_split(tiny_model, ["attn", "mlp"])
+    galore_names = [name for name, _ in galore]
+    assert len(galore_names) == 7 * TINY_LLAMA["num_hidden_layers"]
+    assert all(name.endswith(TARGET_SUFFIXES) for name in galore_names)
+    plain_names = {name for name, _ in plain}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= plain_names
+    assert len(galore) + len(plain) == len(list(tiny_model.parameters()))
+    attn_only, _ = galore_parameter_split(tiny_model, ["attn"])
+    assert len(attn_only) == 4 * TINY_LLAMA["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("name, cls", [("galore_adamw", GaLoreAdamW), ("galore_adafactor", GaLoreAdafactor),
+                                       ("galore_adamw8bit", GaLoreAdamW8bit)])
+def test_galore_optimizers_get_a_galore_group_with_the_config(tiny_model, name, cls) -> None:
+    cfg = _cfg(optimizer=name, scale=0.5, proj_type="reverse_std", svd="randomized", stagger_refresh=True, lr=2e-3)
+    optimizer = build_optimizer(tiny_model, cfg)
+    assert type(optimizer) is cls
+    plain, galore = optimizer.param_groups
+    assert "rank" not in plain and "model.embed_tokens.weight" in plain["param_names"]
+    assert all(n.endswith(TARGET_SUFFIXES) for n in galore["param_names"])
+    assert {k: galore[k] for k in ("rank", "update_proj_gap", "scale", "proj_type", "svd", "stagger_refresh", "lr")} == \
+           {"rank": 8, "update_proj_gap": 3, "scale": 0.5, "proj_type": "reverse_std", "svd": "randomized",
+            "stagger_refresh": True, "lr": 2e-3}
+
+
+def test_full_rank_baselines_and_hyperparameters(tiny_model) -> None:
+    import bitsandbytes as bnb
+
+    adamw = build_optimizer(tiny_model, _cfg(optimizer="adamw", beta2=0.95, weight_decay=0.1))
+    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["betas"] == (0.9, 0.95)
+    assert adamw.param_groups[0]["weight_decay"] == 0.1
+    assert type(build_optimizer(tiny_model, _cfg(optimizer="adam"))) is torch.optim.Adam
+    eightbit = build_optimizer(tiny_model, _cfg(optimizer="adamw", eightbit=True, beta1=0.8))
+    assert type(eightbit) is bnb.optim.AdamW8bit and eightbit.param_groups[0]["betas"] == (0.8, 0.999)
+    adafactor = build_optimizer(tiny_model, _cfg(optimizer="adafactor"))
+    assert type(adafactor) is GaLoreAdafactor and adafactor.param_groups[0]["beta1"] is None
+    assert all("rank" not in group for group in adafactor.param_groups)
+
+
+def test_only_trainable_parameters_are_optimized(tiny_model) -> None:
+    model = build_model(SMALL_LLAMA, seed=0)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    for name in ("adamw", "galore_adamw"):
+        optimized = {id(p) for group in build_optimizer(model, _cfg(optimizer=name)).param_groups for p in group["params"]}
+        assert id(model.model.embed_tokens.weight) not in optimized
+        assert id(model.model.layers[0].self_attn.q_proj.weight) not in optimized
+        assert len(optimized) == sum(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rank": 0}, "--rank must be positive"),
+    ({"rank": 64}, r"--rank 64 is not below min\(64, 64\) of model.layers.0.self_attn.q_proj.weight"),
+    ({"proj_type": "diagonal"}, "unknown GaLore proj_type 'diagonal'"),
+    ({"galore_targets": ["no_such_layer"]}, "'no_such_layer' matches no linear layer"),
+])
+def test_user_errors(tiny_model, changes, message) -> None:
+    with pytest.raises(UserError, match=message):
+        build_optimizer(tiny_model, _cfg(optimizer="galore_adamw", **changes))
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_every_optimizer_resumes_bit_identically_from_a_saved_state_dict(name: str) -> None:
+    """Train 4 steps, save (torch.save / torch.load(weights_only=True)), continue 4 more steps in a fresh
+    model+optimizer: identical to the uninterrupted run (GaLore: refreshes at steps 0, 3, 6)."""
+    cfg = _cfg(optimizer=name, weight_decay=0.1)
+
+    def train(model, optimizer, steps):
+        for step in steps:
+            generator = torch.Generator().manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=generator) * 0.01
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    model = build_model(SMALL_LLAMA, seed=0)
+    optimizer = build_optimizer(model, cfg)
+    train(model, optimizer, range(4))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = build_model(SMALL_LLAMA, seed=1)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = build_optimizer(resumed_model, cfg)
+    resumed.load_state_dict(saved["optimizer"])
+    train(model, optimizer, range(4, 8))
+    train(resumed_model, resumed, range(4, 8))
+    for (param_name, a), b in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), param_name
