@@ -61,7 +61,7 @@ def pretrain(**values: Any) -> None:
 
     cfg = config_from_cli(values)
     summary = Trainer(cfg).run()
-    if "val_perplexity" in summary:
+    if "val_perplexity" in summary and int(os.environ.get("RANK", "0")) == 0:
         console.print(f"final validation loss {summary['val_loss']:.4f}, perplexity {summary['val_perplexity']:.2f} "
                       f"after {summary['tokens_seen']:,} training tokens")
 

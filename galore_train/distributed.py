@@ -1,12 +1,33 @@
-"""torchrun detection and rank-0 helpers. Single-process runs need none of this and pay nothing."""
+"""Multi-process training under torchrun: process group, DDP / FSDP2 wrapping, state gathering, rank metrics.
+
+Single-process runs (no torchrun, WORLD_SIZE=1) pay nothing: every helper here is then the identity.
+
+Two data-parallel modes (`--distributed`, see docs/distributed.md):
+  ddp   every rank holds the whole model and optimizer; backward averages gradients across ranks
+        (all-reduce), so every optimizer, GaLore included, sees the same gradient on every rank.
+  fsdp  FSDP2 `fully_shard` on each decoder layer and the root: weights, gradients and optimizer state
+        are sharded (DTensors); weights are all-gathered per layer for forward/backward. Only the
+        full-rank torch optimizers (adamw, adam) run on shards: GaLore's SVD needs the whole gradient
+        matrix, so it is refused here (UserError) instead of silently projecting shard-local gradients.
+
+Checkpoints stay in one format whatever the mode: full weights (safetensors) and torch's index-keyed
+optimizer state; under FSDP they are gathered to rank 0's CPU and re-sharded on resume.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from galore_train.errors import UserError
+
+FSDP_OPTIMIZERS = ("adamw", "adam")  # torch.optim: elementwise updates, correct on DTensor shards
 
 
 @dataclass(frozen=True)
@@ -52,3 +73,178 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when `flag` is True on any rank (e.g. a stop signal that reached only some)."""
+    if not env.enabled:
+        return flag
+    return all_reduce_sum([float(flag)], env)[0] > 0
+
+
+def gather_floats(value: float, env: DistEnv) -> list[float]:
+    """One number from every rank, in rank order."""
+    if not env.enabled:
+        return [value]
+    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
+    gathered = [torch.empty_like(tensor) for _ in range(env.world_size)]
+    dist.all_gather(gathered, tensor)
+    return [t.item() for t in gathered]
+
+
+# --- wrapping ------------------------------------------------------------------------------------
+
+def check_fsdp_supported(cfg: Any) -> None:
+    """UserError for what FSDP2 sharding cannot run correctly yet (see the module docstring)."""
+    if cfg.optimizer not in FSDP_OPTIMIZERS or cfg.eightbit:
+        chosen = f"{cfg.optimizer}{' --8bit' if cfg.eightbit else ''}"
+        raise UserError(f"--distributed fsdp supports --optimizer {' or '.join(FSDP_OPTIMIZERS)} (without --8bit) for now; "
+                        f"{chosen} does not run on sharded weights yet: use --distributed ddp")
+
+
+def shard_model(model: nn.Module, cfg: Any, env: DistEnv) -> nn.Module:
+    """With `--distributed fsdp` under torchrun: FSDP2-shard `model` in place (each decoder layer, then
+    the root) and return it. Must run before the optimizer is built: sharding replaces the parameters."""
+    if not env.enabled or cfg.distributed != "fsdp":
+        return model
+    check_fsdp_supported(cfg)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
+    """The module that runs forward/backward: a DDP wrapper under torchrun, else `model` itself
+    (single process, or already FSDP-sharded). `model` stays the plain module for optimizers,
+    methods and checkpoints; DDP shares its parameters."""
+    if not env.enabled or is_sharded(model):
+        return model
+    # LLaMA's only buffers are the fixed rotary frequencies: nothing to re-broadcast before each
+    # forward, which also keeps evaluation forwards free of collectives.
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+
+def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce / reduce-scatter in this backward (earlier micro-batches)."""
+    if hasattr(module, "no_sync"):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(module)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def lockstep_batches(batches: list[dict[str, torch.Tensor]], model: nn.Module, env: DistEnv) -> list[dict[str, torch.Tensor]]:
+    """Evaluation batches padded so every rank scores the same number of them.
+
+    Ranks score every world_size-th batch; FSDP all-gathers weights inside each forward, so ranks must
+    run equally many. The padding batches have no labels: they score zero tokens. Identity unless sharded.
+    """
+    missing = -len(batches) % env.world_size
+    if not is_sharded(model) or not missing:
+        return batches
+    blank = {**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)}
+    return batches + [blank] * missing
+
+
+# --- checkpoint state ------------------------------------------------------------------------------
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its own order (= the indices of its state_dict)."""
+    names = {param: name for name, param in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_model_state(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """FSDP: the full weights, gathered on rank 0's CPU (collective: every rank must call; others get {}).
+    None when not sharded: `save_pretrained` then reads the module itself."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_state_options())
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()`; under FSDP the same index-keyed format with full tensors, gathered on
+    rank 0 (collective: every rank must call), so checkpoints do not depend on --distributed."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+    if not full:  # ranks other than 0
+        return {}
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    return {"state": {index[name]: state for name, state in full["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in full["param_groups"]]}
+
+
+def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full weights; under FSDP every rank keeps its own shard of them."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an index-keyed optimizer state (from any mode); under FSDP each rank keeps its shard."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _parameter_names(model, optimizer)
+    by_name = {"state": {names[int(i)]: s for i, s in state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
+    """Per-rank and aggregate numbers for a logged training record ({} single-process).
+
+    Every rank must call it (it gathers). `peak_memory_gb` becomes the maximum over ranks (what must fit
+    on each device), with `peak_memory_gb_per_rank` beside it; `tokens_per_second` is already the
+    aggregate (global tokens / wall time) and `tokens_per_second_per_device` = aggregate / world size
+    (ranks step in lockstep, so this is each device's throughput).
+    """
+    if not env.enabled:
+        return {}
+    metrics: dict[str, Any] = {}
+    if "tokens_per_second" in record:
+        metrics["tokens_per_second_per_device"] = record["tokens_per_second"] / env.world_size
+    if "peak_memory_gb" in record:
+        peaks = gather_floats(record["peak_memory_gb"], env)
+        metrics.update(peak_memory_gb=max(peaks), peak_memory_gb_per_rank=peaks)
+    return metrics

@@ -144,6 +144,7 @@ class Trainer:
         eval_source = document_source(cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation")
         self.eval_batches, self.eval_tokens = build_eval_batches(
             eval_source, self.tokenize, eval_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size or cfg.batch_size)
+        self.eval_batches = distributed.lockstep_batches(self.eval_batches, self.model, self.env)
         if self.resume_dir is not None:
             self._restore(trainer_state, data_states)
         self.memory = MemoryMeter(self.model, self.optimizer, self.device)
@@ -174,14 +175,15 @@ class Trainer:
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device).train()
-        return model
+        return distributed.shard_model(model, cfg, self.env)  # FSDP2 under torchrun --distributed fsdp; else as is
 
     def _training_module(self) -> nn.Module:
         """What forward and backward run through: the model, compiled with --compile.
 
         `self.model` stays the plain module: optimizers, methods and checkpoints see its parameter names.
         """
-        return torch.compile(self.model) if self.cfg.compile else self.model
+        module = distributed.wrap_model(self.model, self.env)  # DDP under torchrun
+        return torch.compile(module) if self.cfg.compile else module
 
     def _build_optimizer(self, start_step: int = 0):
         """Optimizer, LR schedule (starting at `start_step`) and, with --layerwise, its gradient hooks."""
@@ -208,7 +210,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "guard": self.guard.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": distributed.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -220,14 +222,17 @@ class Trainer:
 
     def save(self) -> Path:
         data_states = self._gather_data_states()
+        # On every rank: under FSDP, gathering the full weights and optimizer state is collective.
+        weights = distributed.full_model_state(self.model)
+        trainer_state = self._trainer_state()
         if not self.env.is_main:
             return self.checkpoint_root
 
         def write(directory: Path) -> None:
             plain = self.method.merged_model(self.model) if self.method is not None else self.model
-            plain.save_pretrained(directory)
+            plain.save_pretrained(directory, state_dict=weights)
             self.cfg.save(str(directory / "train_config.json"))
-            checkpoint.save_trainer_state(directory, self._trainer_state(), data_states)
+            checkpoint.save_trainer_state(directory, trainer_state, data_states)
 
         return checkpoint.save_checkpoint(self.checkpoint_root, self.step, write, self.cfg.keep_last)
 
@@ -246,8 +251,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.method.load_state_dict(state["method"])
         else:
-            self.model.load_state_dict(load_file(str(self.resume_dir / "model.safetensors"), device=str(self.device)))
-        self.optimizer.load_state_dict(state["optimizer"])
+            distributed.load_model_state_dict(self.model, load_file(str(self.resume_dir / "model.safetensors"), device=str(self.device)))
+        distributed.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
@@ -274,8 +279,8 @@ class Trainer:
                 loss, targets = summed_loss(self.train_model, batch)
                 loss_value = loss.item()
                 reason = self.guard.reason_to_skip(loss_value / max(targets, 1))
-                if reason is not None:
-                    return self._skip_step(reason, loss_value / max(targets, 1))
+                if distributed.any_rank(reason is not None, self.env):  # all ranks skip together, or none does
+                    return self._skip_step(reason or "another process's loss was rejected", loss_value / max(targets, 1))
                 (loss * loss_scale).backward()
                 loss_sum += loss_value
 
@@ -303,8 +308,7 @@ class Trainer:
         stack = contextlib.ExitStack()
         if self.layerwise is not None:
             stack.enter_context(self.layerwise.accumulating())
-        if hasattr(self.train_model, "no_sync"):
-            stack.enter_context(self.train_model.no_sync())
+        stack.enter_context(distributed.no_sync(self.train_model))
         return stack
 
     def _skip_step(self, reason: str, loss_value: float) -> dict[str, Any]:
@@ -352,6 +356,9 @@ class Trainer:
                 record.update(step=self.step, lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
                               tokens_per_second=window_tokens / max(elapsed, 1e-9), epoch=self.train_stream.epoch,
                               skipped_steps=self.guard.total_skips, **self.memory.read_and_reset())
+                if hasattr(self.optimizer, "svd_metrics"):  # GaLore: time in SVD, refreshes, failures
+                    record.update(self.optimizer.svd_metrics())
+                record.update(distributed.rank_metrics(record, self.env))
                 sink.log(record)
                 sink.progress(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_second']:,.0f} tok/s")
                 window_start, window_tokens = time.perf_counter(), 0
@@ -363,10 +370,10 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == plan.total_steps:
                 self.save()
                 window_start = time.perf_counter()
-            if stop.signum is not None:
+            if distributed.any_rank(stop.signum is not None, self.env):  # all ranks stop after the same step
                 saved = self.save()
-                name = signal.Signals(stop.signum).name
-                raise TrainingStopped(f"{name}: stopped after step {self.step}; checkpoint saved to {saved} (continue with --resume)", 128 + stop.signum)
+                signum = stop.signum or signal.SIGTERM  # a rank the signal has not reached yet
+                raise TrainingStopped(f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {saved} (continue with --resume)", 128 + signum)
         summary = {"run_name": self.run_name, "model": cfg.model, "optimizer": cfg.optimizer, "steps": self.step,
                    "tokens_seen": self.tokens_seen, "epochs": self.train_stream.epoch, "skipped_steps": self.guard.total_skips,
                    "bad_data_lines": BAD_LINES.count, "remapped_token_ids": self.tokenize.remapped_ids, **last_eval}

@@ -1,0 +1,330 @@
+"""Multi-process training under torchrun on CPU (gloo): 2 processes against 1, for DDP and FSDP2.
+
+Same global batch in both runs. `split_dataset_by_node` gives each rank a disjoint part of the stream:
+whole files when their count divides the world size, otherwise every world_size-th document. The
+runs here read ONE C4 shard with --shuffle-buffer 0, so rank r reads documents r, r+2, r+4, ... in
+file order. With a global batch of 8 sequences, the 1-process run (micro-batches of 4, accumulation 2)
+trains step k on documents 8k..8k+7, and each of the 2 processes (micro-batch 4, no accumulation)
+on its half of exactly those documents. Sequences are padded one by one and the loss is a sum over
+tokens scaled by the global token count, so the two runs compute the same loss and gradient up to
+fp32 summation order (matmul blocking differs between a batch of 8 and two of 4): losses are compared
+with a tolerance, while runs with equal process counts (resume, ranks against each other) must be
+bit-identical.
+
+torchrun launches cost ~10-20 s each on this 2-core machine, so the launches are module fixtures
+shared by the tests. The CLI launch goes through `torchrun -m galore_train pretrain`; the others run
+this file as a torchrun worker (see `_worker` at the bottom), which runs several Trainers in one
+launch and dumps what only the process itself can see: its GaLore projections and how often it wrote
+a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, SHARED_DATA, TINY_LLAMA, tiny_run_args
+from galore_train import distributed
+from galore_train.config import TrainConfig
+from galore_train.errors import UserError
+from galore_train.train import Trainer, plan_steps
+
+ONE_SHARD = str(SHARED_DATA / "c4" / "train" / "c4-train.00000-of-01024.docs0000-0849.json.gz")
+STEPS = 4
+LOSS_RTOL = 1e-5  # 1 vs 2 processes: fp32 summation order only (measured: ~5e-8)
+WEIGHT_ATOL = 2e-4  # Adam moves each weight by ~lr per step (3e-3); measured differences ~2e-5
+
+
+def run_args(output_dir: Path, config_file: str, **overrides) -> dict:
+    """Tiny LLaMA on one C4 shard, global batch 8 whatever the process count (see the module docstring)."""
+    values = dict(data_files=ONE_SHARD, shuffle_buffer=0, batch_size=4, total_batch_size=8, num_training_steps=STEPS,
+                  eval_every=2, save_every=2, keep_last=10)
+    return tiny_run_args(config_file, output_dir, **{**values, **overrides})
+
+
+def cli_flags(values: dict) -> list[str]:
+    """TrainConfig values -> `galore-train pretrain` flags."""
+    flags = []
+    for field in dataclasses.fields(TrainConfig):
+        value = values.get(field.name)
+        flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                flags += [flag, str(item)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def torchrun_ok(*args: str) -> subprocess.CompletedProcess:
+    result = torchrun(*args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def run_workers(tmp: Path, runs: list[dict]) -> None:
+    """Run `runs` ({"config": TrainConfig values, "dump": folder}) in one 2-process launch of `_worker`."""
+    plan = tmp / "worker_plan.json"
+    plan.write_text(json.dumps(runs))
+    torchrun_ok(__file__, str(plan))
+
+
+def records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(output_dir) if "loss" in r}
+
+
+def evals(output_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in records(output_dir) if "val_loss" in r}
+
+
+def weights(output_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def rank_dumps(folder: Path) -> list[dict]:
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+
+
+# --- the runs (module fixtures: each torchrun launch happens once) ----------------------------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def config_file(work: Path) -> str:
+    path = work / "tiny_llama.json"
+    path.write_text(json.dumps(TINY_LLAMA))
+    return str(path)
+
+
+GALORE = dict(optimizer="galore_adamw", rank=8, gap=2)  # projections refreshed at steps 0 and 2
+
+
+@pytest.fixture(scope="module")
+def one_process(work: Path, config_file: str, shared_data) -> dict[str, Path]:
+    """The 1-process references, run in this process."""
+    runs = {"adamw": work / "one-adamw", "galore": work / "one-galore"}
+    Trainer(TrainConfig(**run_args(runs["adamw"], config_file))).run()
+    trainer = Trainer(TrainConfig(**run_args(runs["galore"], config_file, **GALORE)))
+    trainer.run()
+    torch.save(projections(trainer), runs["galore"] / "projections.pt")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def ddp_cli(work: Path, config_file: str, shared_data) -> Path:
+    """`torchrun --nproc_per_node 2 -m galore_train pretrain`, DDP (the default), AdamW."""
+    output = work / "ddp-adamw"
+    torchrun_ok("-m", "galore_train", "pretrain", *cli_flags(run_args(output, config_file)))
+    return output
+
+
+@pytest.fixture(scope="module")
+def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
+    """One launch: resume the CLI run from its step-2 checkpoint; a DDP GaLore run dumping each rank's state."""
+    runs = {"resumed": work / "ddp-adamw-resumed", "galore": work / "ddp-galore"}
+    resume_from = str(ddp_cli / "checkpoints" / "step_00000002")
+    run_workers(work, [
+        {"config": run_args(runs["resumed"], config_file, resume_from=resume_from), "dump": None},
+        {"config": run_args(runs["galore"], config_file, **GALORE), "dump": str(runs["galore"])},
+    ])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def fsdp_workers(work: Path, config_file: str, shared_data) -> dict[str, Path]:
+    """One launch: an FSDP2 AdamW run, then its resume from the step-2 checkpoint."""
+    runs = {"straight": work / "fsdp-adamw", "resumed": work / "fsdp-adamw-resumed"}
+    resume_from = str(runs["straight"] / "checkpoints" / "step_00000002")
+    run_workers(work, [
+        {"config": run_args(runs["straight"], config_file, distributed="fsdp"), "dump": str(runs["straight"])},
+        {"config": run_args(runs["resumed"], config_file, distributed="fsdp", resume_from=resume_from), "dump": None},
+    ])
+    return runs
+
+
+def projections(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every GaLore projection matrix of the trainer's optimizer, by parameter name."""
+    state = trainer.optimizer.state
+    return {name: state[p]["projection"] for name, p in trainer.model.named_parameters() if "projection" in state.get(p, {})}
+
+
+# --- DDP ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ddp_matches_one_process_on_the_same_global_batches(one_process, ddp_cli):
+    one, two = one_process["adamw"], ddp_cli
+    assert list(losses(two)) == list(range(1, STEPS + 1))
+    assert losses(two) == pytest.approx(losses(one), rel=LOSS_RTOL)
+    tokens = lambda run: [r["tokens_seen"] for r in records(run) if "loss" in r]  # noqa: E731
+    assert tokens(two) == tokens(one)  # the same documents, step by step
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
+
+
+@pytest.mark.slow
+def test_eval_on_two_processes_equals_one_process(one_process, ddp_cli):
+    one, two = evals(one_process["adamw"]), evals(ddp_cli)
+    assert list(two) == [0, 2, 4]
+    # Step 0: identical weights (same seed); 9 validation batches, so rank 0 scores 5 and rank 1 scores 4.
+    assert two[0]["val_tokens"] == one[0]["val_tokens"] > 0
+    assert two[0]["val_loss"] == pytest.approx(one[0]["val_loss"], rel=1e-6)
+    assert all(two[s]["val_loss"] == pytest.approx(one[s]["val_loss"], rel=LOSS_RTOL) for s in two)
+
+
+@pytest.mark.slow
+def test_only_rank_zero_logs_and_writes_checkpoints(ddp_cli, ddp_workers):
+    logged = records(ddp_cli)
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # one line per step: rank 1 logged nothing
+    last = [r for r in logged if "loss" in r][-1]
+    assert len(last["peak_memory_gb_per_rank"]) == 2
+    assert last["peak_memory_gb"] == max(last["peak_memory_gb_per_rank"]) > 0
+    assert last["tokens_per_second_per_device"] == pytest.approx(last["tokens_per_second"] / 2)
+    root = ddp_cli / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]  # no stray temp folders
+    data_states = json.loads((root / "step_00000004" / "data_state.json").read_text())
+    assert len(data_states) == 2 and data_states[0] != data_states[1]  # each rank's own stream position
+    saves = [dump["saves"] for dump in rank_dumps(ddp_workers["galore"])]
+    assert saves == [2, 0]  # steps 2 and 4, by rank 0 alone
+
+
+@pytest.mark.slow
+def test_ddp_resume_on_two_processes_is_bit_exact(ddp_cli, ddp_workers):
+    """Straight 4 steps vs 2 steps + resume (from the same run's step-2 checkpoint) + 2 steps."""
+    straight, resumed = losses(ddp_cli), losses(ddp_workers["resumed"])
+    assert list(resumed) == [3, 4]
+    assert resumed == {s: straight[s] for s in (3, 4)}  # bit-identical
+    a, b = weights(ddp_cli), weights(ddp_workers["resumed"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert evals(ddp_workers["resumed"])[4]["val_loss"] == evals(ddp_cli)[4]["val_loss"]
+
+
+@pytest.mark.slow
+def test_ddp_galore_projections_identical_on_both_ranks(one_process, ddp_workers):
+    """Both ranks SVD the same all-reduced gradient; the projections must agree bit for bit."""
+    rank0, rank1 = (dump["projections"] for dump in rank_dumps(ddp_workers["galore"]))
+    assert len(rank0) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    # And they span the 1-process run's subspaces (up to fp32 noise in the gradient).
+    single = torch.load(one_process["galore"] / "projections.pt", weights_only=True)
+    for name, p in rank0.items():
+        q = single[name]
+        left = p if p.shape[0] > p.shape[1] else p.mT  # orthonormal columns
+        other = q if q.shape[0] > q.shape[1] else q.mT
+        assert (left.mT @ other).square().sum() / left.shape[1] > 0.99, name
+    assert losses(ddp_workers["galore"]) == pytest.approx(losses(one_process["galore"]), rel=LOSS_RTOL)
+
+
+# --- FSDP2 -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes_bit_exactly(one_process, fsdp_workers):
+    straight, resumed = fsdp_workers["straight"], fsdp_workers["resumed"]
+    assert losses(straight) == pytest.approx(losses(one_process["adamw"]), rel=LOSS_RTOL)
+    # 9 validation batches of 4 sequences: FSDP pads rank 1's share with a blank batch (5 forwards each).
+    assert evals(straight)[0]["val_tokens"] == evals(one_process["adamw"])[0]["val_tokens"]
+    assert evals(straight)[0]["val_loss"] == pytest.approx(evals(one_process["adamw"])[0]["val_loss"], rel=1e-6)
+    assert [dump["blank_eval_batches"] for dump in rank_dumps(straight)] == [1, 1]
+    # The checkpoint holds full, plain weights: loadable without FSDP, close to the 1-process run.
+    model = AutoModelForCausalLM.from_pretrained(str(straight / "checkpoints" / "step_00000004"))
+    full, single = model.state_dict(), weights(one_process["adamw"])
+    assert max((full[k] - single[k]).abs().max().item() for k in single) < WEIGHT_ATOL
+    # Resume re-shards weights and optimizer state: bit-exact continuation.
+    assert losses(resumed) == {s: losses(straight)[s] for s in (3, 4)}
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- errors and single-process identity ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_total_batch_not_divisible_is_one_line_error_under_torchrun(work, config_file, shared_data):
+    values = run_args(work / "indivisible", config_file, total_batch_size=12)  # 12 sequences, 4 x 2 per step
+    result = torchrun("-m", "galore_train", "pretrain", *cli_flags(values))
+    assert result.returncode != 0
+    message = "error: --total-batch-size 12 is not a multiple of --batch-size 4 x 2 process(es)"
+    assert result.stderr.count(message) == 2  # one per rank (their lines may interleave)
+    assert "galore_train/" not in result.stderr  # no traceback through our code
+    assert not (work / "indivisible").exists()
+
+
+def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, tmp_path):
+    cfg = TrainConfig(**tiny_run_args(tiny_config_file, tmp_path, batch_size=4, total_batch_size=12))
+    assert plan_steps(cfg, world_size=1).accumulation == 3
+    with pytest.raises(UserError, match=r"--total-batch-size 12 is not a multiple of --batch-size 4 x 2 process"):
+        plan_steps(cfg, world_size=2)
+    assert plan_steps(cfg.replace(total_batch_size=16), world_size=2).accumulation == 2
+
+
+@pytest.mark.parametrize("optimizer, eightbit", [("galore_adamw", False), ("adafactor", False), ("lora", False), ("adamw", True)])
+def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
+    with pytest.raises(UserError, match="--distributed ddp"):
+        distributed.check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, distributed="fsdp"))
+    distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", distributed="fsdp"))
+
+
+def test_single_process_helpers_change_nothing():
+    model = torch.nn.Linear(2, 2)
+    env = distributed.DistEnv()
+    cfg = TrainConfig(distributed="fsdp")
+    assert distributed.shard_model(model, cfg, env) is model and distributed.wrap_model(model, env) is model
+    batches = [{"labels": torch.zeros(1, 3)}] * 3
+    assert distributed.lockstep_batches(batches, model, distributed.DistEnv(world_size=2)) is batches  # not sharded
+    assert distributed.rank_metrics({"peak_memory_gb": 1.0, "tokens_per_second": 5.0}, env) == {}
+    assert distributed.full_model_state(model) is None
+    assert isinstance(distributed.no_sync(model), contextlib.nullcontext)
+
+
+# --- torchrun worker ---------------------------------------------------------------------------------
+
+def _worker(plan_file: str) -> None:
+    """Run each planned Trainer in this torchrun process; dump per-rank state where asked.
+
+    The process group is kept across the runs (a torchrun worker cannot re-create it reliably).
+    """
+    import galore_train.checkpoint as checkpoint
+
+    real_teardown, real_save = distributed.teardown, checkpoint.save_checkpoint
+    distributed.teardown = lambda: None
+    rank = int(os.environ["RANK"])
+    for run in json.loads(Path(plan_file).read_text()):
+        saves = []
+        checkpoint.save_checkpoint = lambda *args, **kwargs: saves.append(args[1]) or real_save(*args, **kwargs)
+        trainer = Trainer(TrainConfig(**run["config"]))
+        trainer.run()
+        if run["dump"]:
+            blank = sum(bool((batch["labels"] == -100).all()) for batch in trainer.eval_batches)
+            dump = {"saves": len(saves), "projections": projections(trainer), "blank_eval_batches": blank}
+            Path(run["dump"]).mkdir(parents=True, exist_ok=True)
+            torch.save(dump, Path(run["dump"]) / f"rank{rank}.pt")
+    real_teardown()
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
