@@ -105,6 +105,25 @@ def list_models() -> None:
     console.print(table)
 
 
+@app.command("report")
+def report_runs(
+    run_dirs: Optional[list[Path]] = typer.Argument(None, help="Run directories (--output-dir of `pretrain`); missing or unfinished ones are marked.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the markdown report to this file (default: print it)."),
+    csv: bool = typer.Option(False, "--csv", help="Also write one CSV line per run beside --output (without --output: print the CSV instead)."),
+    plots_dir: Optional[Path] = typer.Option(None, help="Write val_perplexity.png and memory.png into this folder."),
+    wandb_csv: Optional[Path] = typer.Option(None, help="Also read the runs of a W&B runs-table CSV export (no curves)."),
+    title: Optional[str] = typer.Option(None, help="Title of the report."),
+) -> None:
+    """Table-2-style report of runs: validation perplexity and memory per method and model, plus plots."""
+    from galore_train.report import report
+
+    text = report(run_dirs or [], output=output, csv=csv, plots_dir=plots_dir, wandb_csv=wandb_csv, title=title)
+    if output is None:
+        print(text, end="")
+    else:
+        console.print(f"wrote {output}" + (f" and {output.with_suffix('.csv')}" if csv else ""))
+
+
 @app.command("recipes")
 def list_recipes() -> None:
     """List the published settings `--recipe paper` fills in, with their sources."""

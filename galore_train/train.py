@@ -343,6 +343,8 @@ class Trainer:
     def _run(self, sink: MetricsSink, stop: StopRequest) -> dict[str, Any]:
         cfg, plan = self.cfg, self.plan
         self._announce(sink)
+        if self.env.is_main:  # the resolved configuration, readable before the first checkpoint exists
+            cfg.save(str(self.output_dir / "train_config.json"))
         if self.step == 0:
             sink.log({"step": 0, "tokens_seen": 0, **evaluate(self.train_model, self.eval_batches, self.device, self.env)})
         window_start, window_tokens = time.perf_counter(), 0
@@ -374,7 +376,7 @@ class Trainer:
                 saved = self.save()
                 signum = stop.signum or signal.SIGTERM  # a rank the signal has not reached yet
                 raise TrainingStopped(f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {saved} (continue with --resume)", 128 + signum)
-        summary = {"run_name": self.run_name, "model": cfg.model, "optimizer": cfg.optimizer, "steps": self.step,
+        summary = {"run_name": self.run_name, "model": cfg.model, "optimizer": cfg.optimizer, "dtype": str(self.dtype).removeprefix("torch."), "steps": self.step,
                    "tokens_seen": self.tokens_seen, "epochs": self.train_stream.epoch, "skipped_steps": self.guard.total_skips,
                    "bad_data_lines": BAD_LINES.count, "remapped_token_ids": self.tokenize.remapped_ids, **last_eval}
         sink.write_summary(summary)

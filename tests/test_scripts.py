@@ -1,0 +1,148 @@
+"""The scripts/ that reproduce the paper: every one runs under DRY_RUN=1, prints only commands, and every
+printed `galore-train pretrain` command parses with the real CLI into a valid TrainConfig, so renaming a
+flag or an optimizer breaks this test instead of a GPU job days later."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from galore_train.cli import app, config_from_cli
+from galore_train.config import TrainConfig
+from galore_train.methods import METHOD_NAMES
+from galore_train.model import load_model_config
+from galore_train.optim import resolve_optimizer_name
+from galore_train.train import plan_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+# The experiment scripts: those built on scripts/_common.sh, which gives them DRY_RUN and MAX_STEPS
+# (other scripts, like the CPU demo, really train when run).
+SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.sh") if not p.name.startswith("_") and "_common.sh" in p.read_text())
+COMMANDS = typer.main.get_command(app)
+
+
+def dry_run(script: Path, tmp_path: Path, **env: str) -> list[list[str]]:
+    """The commands the script would run (comment lines dropped), as argument lists."""
+    assert script in SCRIPTS, f"{script.name} does not use scripts/_common.sh: a dry run would really train"
+    environment = {**os.environ, "DRY_RUN": "1", "RUNS_DIR": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"), **env}
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=environment, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists(), "a dry run must not run anything"
+    lines = [line for line in result.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    return [shlex.split(line) for line in lines]
+
+
+def pretrain_args(command: list[str]) -> tuple[list[str], int]:
+    """(pretrain's flags, processes) of a `galore-train pretrain` or `torchrun ... -m galore_train pretrain` line."""
+    if command[:2] == ["galore-train", "pretrain"]:
+        return command[2:], 1
+    assert command[0] == "torchrun", command
+    at = command.index("-m")
+    assert command[at + 1:at + 3] == ["galore_train", "pretrain"], command
+    launcher = command[1:at]
+    processes = int(launcher[launcher.index("--nproc_per_node") + 1])
+    nodes = int(launcher[launcher.index("--nnodes") + 1]) if "--nnodes" in launcher else 1
+    return command[at + 3:], processes * nodes
+
+
+def parse_pretrain(args: list[str]) -> TrainConfig:
+    """The TrainConfig the real CLI builds from these flags (unknown flags and bad values raise)."""
+    command = COMMANDS.commands["pretrain"]
+    with command.make_context("pretrain", list(args)) as ctx:
+        return config_from_cli(dict(ctx.params))
+
+
+def pretrain_configs(script: Path, tmp_path: Path, **env: str) -> list[tuple[TrainConfig, int]]:
+    commands = dry_run(script, tmp_path, **env)
+    training = [c for c in commands if c[0] == "torchrun" or c[:2] == ["galore-train", "pretrain"]]
+    return [(parse_pretrain(args), processes) for args, processes in map(pretrain_args, training)]
+
+
+def test_every_paper_experiment_has_a_script() -> None:
+    names = {p.name for p in SCRIPTS}
+    assert {"paper_table2.sh", "paper_table3_7b.sh", "paper_table8_memory_1b.sh", "paper_4090_7b.sh", "mini_table2.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_dry_run_prints_valid_commands(script: Path, tmp_path: Path) -> None:
+    commands = dry_run(script, tmp_path)
+    assert all(c[0] in ("galore-train", "torchrun") for c in commands), "only galore-train / torchrun commands"
+    configs = pretrain_configs(script, tmp_path)
+    assert configs, "the script trains nothing"
+    for cfg, processes in configs:
+        load_model_config(cfg.model)  # a known model
+        if cfg.optimizer not in METHOD_NAMES:
+            resolve_optimizer_name(cfg.optimizer, cfg.eightbit)  # a known optimizer (and 8-bit variant)
+        plan = plan_steps(cfg, processes)  # the total batch divides over the processes
+        assert plan.warmup_steps == plan.total_steps // 10, "warm-up 10% of the steps"
+        assert not (cfg.layerwise and (processes > 1 or cfg.grad_clipping > 0)), "galore-train refuses these with --layerwise"
+    names = [cfg.output_dir for cfg, _ in configs]
+    assert len(set(names)) == len(names), "two runs share an output directory"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_max_steps_shortens_every_run(script: Path, tmp_path: Path) -> None:
+    for cfg, _ in pretrain_configs(script, tmp_path, MAX_STEPS="7"):
+        assert cfg.num_training_steps == 7 and cfg.max_train_tokens is None
+        assert cfg.warmup_steps is None  # 10% of the 7 steps
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_header_states_gpus_and_expected_result(script: Path) -> None:
+    header = script.read_text().split("\nsource ", 1)[0].split("\ncd ", 1)[0]
+    assert "GPU" in header and "Expected" in header
+
+
+def test_report_commands_parse(tmp_path: Path) -> None:
+    if "report" not in COMMANDS.commands:
+        pytest.skip("`galore-train report` is not registered in galore_train/cli.py yet")
+    for script in SCRIPTS:
+        for command in dry_run(script, tmp_path):
+            if command[:2] == ["galore-train", "report"]:
+                COMMANDS.commands["report"].make_context("report", command[2:])
+
+
+def test_table2_has_the_papers_settings(tmp_path: Path) -> None:
+    configs = {Path(cfg.output_dir).name: (cfg, n) for cfg, n in pretrain_configs(ROOT / "scripts/paper_table2.sh", tmp_path)}
+    assert len(configs) == 4 * 5  # 60M-1B x Full-Rank, GaLore, Low-Rank, LoRA, ReLoRA
+    expected = {"60m": (128, 10_000), "130m": (256, 20_000), "350m": (256, 60_000), "1b": (512, 100_000)}
+    for size, (rank, steps) in expected.items():
+        galore, processes = configs[f"llama_{size}-galore-lr0.01"]
+        assert (galore.optimizer, galore.rank, galore.gap, galore.scale) == ("galore_adamw", rank, 200, 0.25)
+        assert (galore.num_training_steps, galore.warmup_steps, galore.total_batch_size, galore.max_length) == (steps, steps // 10, 512, 256)
+        assert (galore.scheduler, galore.min_lr_ratio, galore.dtype) == ("cosine", 0.1, "bf16")
+        assert configs[f"llama_{size}-lora-lr0.001"][0].rank == rank
+
+
+def test_sweep_runs_the_papers_lr_grid(tmp_path: Path) -> None:
+    configs = pretrain_configs(ROOT / "scripts/paper_table2.sh", tmp_path, LR_SWEEP="1", SIZES="60m", METHODS="full")
+    assert sorted(cfg.lr for cfg, _ in configs) == [0.0001, 0.0005, 0.001, 0.005, 0.01]
+
+
+def test_7b_settings_and_multi_node_launch(tmp_path: Path) -> None:
+    env = {"NNODES": "8", "NODE_RANK": "3", "RDZV_ENDPOINT": "node0:29500"}
+    commands = dry_run(ROOT / "scripts/paper_table3_7b.sh", tmp_path, **env)
+    launch = commands[0]
+    assert launch[:3] == ["torchrun", "--nnodes", "8"] and "--rdzv_endpoint" in launch
+    configs = pretrain_configs(ROOT / "scripts/paper_table3_7b.sh", tmp_path, **env)
+    galore = next(cfg for cfg, _ in configs if "galore" in cfg.optimizer)
+    assert (galore.eightbit, galore.rank, galore.gap, galore.lr, galore.num_training_steps) == (True, 1024, 500, 0.005, 150_000)
+    assert plan_steps(galore, 64).accumulation == 1  # 64 GPUs x micro-batch 8 = 512
+    (single, processes), = pretrain_configs(ROOT / "scripts/paper_4090_7b.sh", tmp_path)
+    assert processes == 1 and single.eightbit and single.layerwise and single.activation_checkpointing
+
+
+def test_mini_table2_budget(tmp_path: Path) -> None:
+    configs = [cfg for cfg, _ in pretrain_configs(ROOT / "scripts/mini_table2.sh", tmp_path)]
+    assert len(configs) == 5 * 3 + 5  # a 3-lr sweep per method (seed 0), then seed 1 at the best lr
+    assert {c.optimizer for c in configs} == {"adamw", "galore_adamw", "low_rank", "lora", "relora"}
+    assert {c.seed for c in configs} == {0, 1}
+    tokens = {c.num_training_steps * c.total_batch_size * c.max_length for c in configs}
+    assert tokens == {102_400}, "every method sees the same token budget"
+    assert all(Path(c.data_files.replace("*", "x")).parent.is_dir() for c in configs), "the shared C4 data"
