@@ -10,7 +10,9 @@ the plain schedule.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -67,36 +69,13 @@ def lr_factor(
     return factor * ramp
 
 
-def build_scheduler(
-    optimizer: Optimizer,
-    *,
-    kind: str,
-    total_steps: int,
-    warmup_steps: int,
-    min_ratio: float,
-    restart_every: int = 0,
-    restart_warmup: int = 0,
-    restart_offset: int = 0,
-    start_step: int = 0,
-) -> LambdaLR:
-    """LambdaLR over `lr_factor`. `start_step` > 0 starts a fresh optimizer mid-run (e.g. after ReLoRA's
-    warm start rebuilt it): its groups' current lr is taken as the peak and the next step uses
+def build_scheduler(optimizer: Optimizer, *, start_step: int = 0, **schedule: Any) -> LambdaLR:
+    """LambdaLR over `lr_factor` with the given schedule keywords (kind, total_steps, warmup_steps,
+    min_ratio, restart_*). `start_step` > 0 starts a fresh optimizer mid-run (e.g. after ReLoRA's warm
+    start rebuilt it): its groups' current lr is taken as the peak and the next step uses
     `lr_factor(start_step)`."""
-
-    def factor(step: int) -> float:
-        return lr_factor(
-            step,
-            kind=kind,
-            total_steps=total_steps,
-            warmup_steps=warmup_steps,
-            min_ratio=min_ratio,
-            restart_every=restart_every,
-            restart_warmup=restart_warmup,
-            restart_offset=restart_offset,
-        )
-
     if start_step > 0:
         # LambdaLR resumes from `last_epoch` only when the groups already carry their peak lr.
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-    return LambdaLR(optimizer, factor, last_epoch=start_step - 1)
+    return LambdaLR(optimizer, functools.partial(lr_factor, **schedule), last_epoch=start_step - 1)

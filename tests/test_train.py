@@ -90,27 +90,25 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_config_file, tmp_path
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
 
 
-def nan_loss_at(monkeypatch, step):
-    original = train_module.summed_loss
+def nan_loss_at_step(monkeypatch, step):
+    """Make the training loss NaN during optimizer step `step` (1-based), as a diverging run would."""
+    original_loss, original_step = train_module.summed_loss, Trainer._train_step
+    current = {"step": 0}
+
+    def counting(self):
+        current["step"] = self.step + 1
+        return original_step(self)
 
     def poisoned(model, batch):
-        loss, count = original(model, batch)
-        return (loss * float("nan"), count) if poisoned.trainer_step() == step else (loss, count)
+        loss, count = original_loss(model, batch)
+        return (loss * float("nan"), count) if current["step"] == step else (loss, count)
 
+    monkeypatch.setattr(Trainer, "_train_step", counting)
     monkeypatch.setattr(train_module, "summed_loss", poisoned)
-    return poisoned
 
 
 def test_nan_loss_stops_without_touching_the_last_good_checkpoint(tiny_config_file, tmp_path, monkeypatch, shared_data):
-    steps_done = []
-    original_step = Trainer._train_step
-
-    def counting(self):
-        steps_done.append(self.step)
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "_train_step", counting)
-    nan_loss_at(monkeypatch, 5).trainer_step = lambda: steps_done[-1] + 1
+    nan_loss_at_step(monkeypatch, 5)
     with pytest.raises(TrainingStopped, match="loss became nan at step 5; last good checkpoint: .*step_00000004") as stopped:
         run(tiny_config_file, tmp_path / "run", save_every=2)
     assert stopped.value.exit_code == 3
@@ -119,15 +117,7 @@ def test_nan_loss_stops_without_touching_the_last_good_checkpoint(tiny_config_fi
 
 
 def test_skip_nonfinite_skips_the_update_and_counts_it(tiny_config_file, tmp_path, monkeypatch, shared_data):
-    steps_done = []
-    original_step = Trainer._train_step
-
-    def counting(self):
-        steps_done.append(self.step)
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "_train_step", counting)
-    nan_loss_at(monkeypatch, 2).trainer_step = lambda: steps_done[-1] + 1
+    nan_loss_at_step(monkeypatch, 2)
     summary = run(tiny_config_file, tmp_path / "run", skip_nonfinite=True)
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
