@@ -24,6 +24,8 @@ from galore_train.errors import TrainingStopped, UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pretrain LLaMA on C4 with GaLore and other memory-efficient optimizers.")
 console = Console()
+if not console.is_terminal:
+    console.width = 140  # piped or logged: keep tables whole
 
 
 def _flag(field: dataclasses.Field) -> str:
@@ -103,6 +105,40 @@ def list_models() -> None:
         table.add_row(name, str(c.hidden_size), str(c.intermediate_size), str(c.num_hidden_layers),
                       str(c.num_attention_heads), str(c.vocab_size), f"{count_parameters(c) / 1e6:,.1f}M")
     console.print(table)
+
+
+@app.command("memory")
+def memory(
+    model: str = typer.Option("llama_1b", help="Config name or JSON path (no weights are allocated)."),
+    optimizer: str = typer.Option("galore_adamw", help="Optimizer or method, as for pretrain."),
+    rank: int = typer.Option(512, help="GaLore / LoRA / low-rank rank."),
+    eightbit: bool = typer.Option(False, "--8bit", help="The 8-bit variant of --optimizer."),
+    layerwise: bool = typer.Option(False, "--layerwise", help="Per-parameter updates in gradient hooks."),
+    dtype: str = typer.Option("bf16", help="bf16 or fp32 weights, gradients and states."),
+    batch_size: int = typer.Option(1, help="Micro-batch size (activations)."),
+    max_length: int = typer.Option(256, help="Sequence length (activations)."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute activations in backward."),
+    proj_type: str = typer.Option("std", help="GaLore projection type."),
+    proj_bits: int = typer.Option(32, help="Bits per stored projection entry (32, 8 or 4)."),
+    fisher_history: int = typer.Option(20, help="Natural GaLore: projected gradients kept per matrix."),
+    compare: bool = typer.Option(False, "--compare", help="Every optimizer side by side for this model (a Table 2 style row)."),
+    paper: bool = typer.Option(False, "--paper", help="Reproduce the paper's Table 2 memory column, with deviations."),
+) -> None:
+    """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup."""
+    from galore_train.memory import compare_table, estimate_memory, memory_table, paper_table2
+    from galore_train.model import load_model_config
+
+    if paper:
+        console.print(paper_table2())
+        return
+    config = load_model_config(model)
+    options = dict(layerwise=layerwise, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                   activation_checkpointing=activation_checkpointing, proj_type=proj_type, proj_bits=proj_bits,
+                   fisher_history=fisher_history)
+    if compare:
+        console.print(compare_table(config, rank, title=f"{model}, rank {rank}", **options))
+    else:
+        console.print(memory_table(estimate_memory(config, optimizer, rank, eightbit=eightbit, **options)))
 
 
 @app.command("report")

@@ -256,7 +256,7 @@ def load_wandb_csv(path: Path) -> list[Run]:
 ESTIMATE_PARTS = {"weights": "weights", "grads": "gradients", "optimizer_state": "optimizer_states", "other": "activations"}
 # TrainConfig fields the estimator may take as keywords (it is asked only for those it declares).
 ESTIMATE_OPTIONS = ("eightbit", "layerwise", "batch_size", "max_length", "activation_checkpointing", "galore_targets",
-                    "proj_type", "beta1", "proj_bits", "proj_group_size")
+                    "proj_type", "beta1", "proj_bits", "proj_group_size", "fisher_history")
 
 
 def estimated_memory(run: Run) -> Optional[dict[str, float]]:

@@ -318,7 +318,7 @@ class Trainer:
         """
         self.optimizer.zero_grad(set_to_none=True)
         if self.layerwise is not None:
-            self.layerwise.discard_accumulated()
+            self.layerwise.zero_grad()  # micro-batches the updater holds
         latest = checkpoint.latest_checkpoint(self.checkpoint_root)
         where = f" at step {self.step + 1}; last good checkpoint: {latest}" if latest else f" at step {self.step + 1}; no checkpoint was saved yet"
         self.guard.reject(reason, where)

@@ -1,0 +1,224 @@
+"""Memory: the CPU meter's ledger and categories, the estimator against real optimizer states (exact)
+and measured activations, the paper's Table 2, the 7B plan, and the rendered tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_LLAMA
+from transformers import LlamaConfig
+
+from galore_train.config import TrainConfig
+from galore_train.errors import UserError
+from galore_train.memory import (
+    GIB,
+    MemoryMeter,
+    StorageLedger,
+    compare_table,
+    estimate_memory,
+    memory_table,
+    optimizer_state_tensors,
+    paper_table2,
+    render_text,
+    table2_rows,
+    unique_nbytes,
+)
+from galore_train.methods import METHOD_NAMES, build_method
+from galore_train.model import build_model, load_model_config
+from galore_train.optim import OPTIMIZER_NAMES, build_optimizer
+from galore_train.optim.layerwise import LayerwiseUpdater
+
+# Small vocabulary; intermediate 352 with rank 16 gives low-rank moments above bitsandbytes' 4096-element
+# threshold for 8-bit storage (MLP) and below it (attention), so both layouts are exercised.
+CONFIG = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 256, "intermediate_size": 352})
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RANK = 16
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int = 2) -> None:
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _measured_weights_and_state(name: str, dtype: str, **options) -> int:
+    cfg = TrainConfig(optimizer=name, rank=RANK, gap=1, num_training_steps=2, **options)
+    model = build_model(CONFIG, seed=0, dtype=DTYPES[dtype])
+    method = build_method(cfg)
+    if method is not None:
+        model = method.prepare(model)
+        cfg = cfg.replace(optimizer="adamw")
+    optimizer = build_optimizer(model, cfg)
+    _step(model, optimizer)
+    return unique_nbytes(model.parameters()) + unique_nbytes(optimizer_state_tensors(optimizer))
+
+
+# --- estimator vs real optimizer state ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES + METHOD_NAMES)
+def test_estimated_weights_and_states_equal_real_optimizer_bytes(name: str, dtype: str) -> None:
+    estimate = estimate_memory(CONFIG, name, RANK, dtype=dtype)
+    predicted = estimate.weights + estimate.optimizer_states + estimate.projections
+    assert predicted == _measured_weights_and_state(name, dtype)
+
+
+@pytest.mark.parametrize("options", [{"beta1": 0.9, "optimizer_name": "adafactor"},
+                                     {"beta1": 0.9, "optimizer_name": "galore_adafactor"},
+                                     {"eightbit": True, "optimizer_name": "lora"},
+                                     {"eightbit": True, "optimizer_name": "low_rank"},
+                                     *({"proj_type": side, "optimizer_name": "galore_adamw"} for side in ("reverse_std", "left", "full")),
+                                     {"proj_bits": 8, "proj_group_size": 100, "proj_type": "full", "optimizer_name": "galore_adamw8bit"},
+                                     {"proj_bits": 4, "proj_group_size": 64, "optimizer_name": "galore_adafactor"},
+                                     {"fisher_history": 3, "optimizer_name": "natural_galore_adamw"}])
+def test_estimate_follows_optimizer_options(options: dict) -> None:
+    name = options.pop("optimizer_name")
+    estimate = estimate_memory(CONFIG, name, RANK, dtype="fp32", **options)
+    assert estimate.weights + estimate.optimizer_states + estimate.projections == _measured_weights_and_state(name, "fp32", **options)
+
+
+def test_gradients_are_all_trainable_parameters_or_the_largest_one() -> None:
+    model = build_model(CONFIG, seed=0)
+    sizes = [p.numel() * 4 for p in model.parameters()]
+    assert estimate_memory(CONFIG, "adamw", RANK, dtype="fp32").gradients == sum(sizes)
+    assert estimate_memory(CONFIG, "adamw", RANK, dtype="fp32", layerwise=True).gradients == max(sizes)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_formula_matches_the_measured_peak(checkpointing: bool) -> None:
+    """With the paper's 32,000-token vocabulary, whose loss backward is the peak (as in every model config)."""
+    config = LlamaConfig(**TINY_LLAMA)
+    model = build_model(config, seed=0)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    ids = torch.randint(0, config.vocab_size, (4, 64))
+    meter = MemoryMeter(model, optimizer, "cpu")
+    with meter.track():
+        model(input_ids=ids, labels=ids).loss.backward()
+    measured = meter.read_and_reset()["peak_other_gb"] * GIB
+    estimate = estimate_memory(config, "adamw", RANK, dtype="fp32", batch_size=4, max_length=64,
+                               activation_checkpointing=checkpointing)
+    assert estimate.activations == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("name, layerwise", [("adamw", False), ("galore_adamw", True)])
+def test_estimated_peak_matches_the_measured_peak_of_a_training_step(name: str, layerwise: bool) -> None:
+    config = LlamaConfig(**TINY_LLAMA)
+    model = build_model(config, seed=0)
+    optimizer = build_optimizer(model, TrainConfig(optimizer=name, rank=RANK, num_training_steps=2))
+    updater = LayerwiseUpdater(model, optimizer) if layerwise else None
+    meter = MemoryMeter(model, optimizer, "cpu")
+    ids = torch.randint(0, config.vocab_size, (4, 64))
+    for _ in range(2):  # the second step runs with the optimizer state in place
+        with meter.track():
+            model(input_ids=ids, labels=ids).loss.backward()
+            if updater is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    measured = meter.read_and_reset()["peak_memory_gb"] * GIB
+    estimate = estimate_memory(config, name, RANK, dtype="fp32", layerwise=layerwise, batch_size=4, max_length=64)
+    assert estimate.peak == pytest.approx(measured, rel=0.05)
+    assert estimate.total >= estimate.peak
+
+
+def test_bad_estimator_input_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="--dtype"):
+        estimate_memory(CONFIG, "adamw", RANK, dtype="fp16")
+    with pytest.raises(UserError, match="--rank"):
+        estimate_memory(CONFIG, "galore_adamw", 64)
+    with pytest.raises(UserError, match="unknown optimizer"):
+        estimate_memory(CONFIG, "sgd", RANK)
+    with pytest.raises(UserError, match="--proj-type"):
+        estimate_memory(CONFIG, "galore_adamw", RANK, proj_type="diagonal")
+
+
+# --- the paper -----------------------------------------------------------------------------------
+
+
+def test_table2_reproduction_is_within_the_targets() -> None:
+    rows = table2_rows()
+    assert [row.model for row in rows] == ["llama_60m", "llama_130m", "llama_350m", "llama_1b"]
+    for row in rows:
+        limit = 0.02 if row.model == "llama_350m" else 0.10
+        assert abs(row.full_deviation) <= limit, row
+        assert abs(row.galore_deviation) <= limit, row
+        assert row.galore < row.full
+
+
+def test_7b_plan_fits_a_24gb_gpu_only_with_galore() -> None:
+    config = load_model_config("llama_7b")
+    plan = dict(eightbit=True, layerwise=True, activation_checkpointing=True, batch_size=1, max_length=256, dtype="bf16")
+    galore = estimate_memory(config, "galore_adamw", 1024, **plan)
+    adam8bit = estimate_memory(config, "adamw", 1024, **plan)
+    assert galore.total < 24e9  # the smaller unit: fits whichever way "24 GB" is read
+    assert adam8bit.peak > 24 * GIB  # the larger unit: does not fit either way
+    assert galore.gradients == 32000 * 4096 * 2  # layer-wise: one embedding-sized gradient
+
+
+# --- measured memory -------------------------------------------------------------------------------
+
+
+def test_ledger_counts_live_storages_and_peaks() -> None:
+    ledger = StorageLedger()
+    a = torch.zeros(1000)  # 4000 bytes
+    ledger.enter(a, "other")
+    ledger.enter(a[10:], "other")  # a view: same storage, not counted twice
+    b = torch.zeros(500)
+    ledger.enter(b, "other")
+    assert (ledger.total, ledger.live["other"]) == (6000, 6000)
+    ledger.label(b, "grads")
+    assert (ledger.live["other"], ledger.live["grads"]) == (4000, 2000)
+    del a
+    assert ledger.total == 2000 and ledger.peak_total == 6000 and ledger.peak["other"] == 6000
+    ledger.reset_peaks()
+    assert ledger.peak_total == 2000 and ledger.peak["grads"] == 2000
+
+
+def test_meter_splits_weights_grads_and_optimizer_state_exactly() -> None:
+    model = build_model(CONFIG, seed=0)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="galore_adamw", rank=RANK, num_training_steps=1))
+    meter = MemoryMeter(model, optimizer, "cpu")
+    with meter.track():
+        _step(model, optimizer, steps=1)
+    reading = meter.read_and_reset()
+    params = unique_nbytes(model.parameters())
+    assert reading["peak_weights_gb"] * GIB == params + unique_nbytes(model.buffers())  # + rotary frequencies
+    assert reading["peak_grads_gb"] * GIB == params  # the full set of gradients exists before step()
+    assert reading["peak_optimizer_state_gb"] * GIB == unique_nbytes(optimizer_state_tensors(optimizer))
+    assert reading["peak_other_gb"] > 0
+    assert reading["peak_memory_gb"] >= reading["peak_weights_gb"] + reading["peak_optimizer_state_gb"]
+
+
+def test_meter_resets_per_window_and_samples_every_n_steps() -> None:
+    model = build_model(CONFIG, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    meter = MemoryMeter(model, optimizer, "cpu", every=2)
+    for step in range(4):
+        with meter.track():
+            _step(model, optimizer, steps=1)
+        reading = meter.read_and_reset()
+        assert bool(reading) == (step % 2 == 0)
+    with meter.track():  # step 5 is measured again: a fresh window, not the earlier peaks
+        pass
+    quiet = meter.read_and_reset()
+    assert quiet["peak_grads_gb"] == 0 and quiet["peak_other_gb"] < 0.01 * quiet["peak_weights_gb"]
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+
+def test_tables_render_every_part_and_optimizer() -> None:
+    estimate = estimate_memory(CONFIG, "galore_adamw", RANK)
+    text = render_text(memory_table(estimate))
+    for part in ("weights", "gradients", "optimizer states", "projection matrices", "activations", "total", "peak"):
+        assert part in text
+    assert f"{estimate.total / GIB:.3f}" in text and f"{estimate.peak / GIB:.3f}" in text
+    comparison = render_text(compare_table(CONFIG, RANK, dtype="fp32"))
+    assert all(name in comparison for name in ("adamw", "adam8bit", "galore_adamw8bit", "lora", "low_rank"))
+    paper = render_text(paper_table2())
+    assert all(cell in paper for cell in ("0.36", "0.24", "2.06", "1.22", "7.80", "4.38"))
