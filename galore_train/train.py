@@ -62,10 +62,6 @@ class StepPlan:
     accumulation: int
     total_batch_size: int
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.total_batch_size
-
 
 def plan_steps(cfg: TrainConfig, world_size: int) -> StepPlan:
     per_step = cfg.batch_size * world_size
@@ -178,7 +174,7 @@ class Trainer:
         return distributed.shard_model(model, cfg, self.env)  # FSDP2 under torchrun --distributed fsdp; else as is
 
     def _training_module(self) -> nn.Module:
-        """What forward and backward run through: the model, compiled with --compile.
+        """What forward and backward run through: the model, DDP-wrapped under torchrun, compiled with --compile.
 
         `self.model` stays the plain module: optimizers, methods and checkpoints see its parameter names.
         """
