@@ -5,7 +5,10 @@ real C4 (../shared/data). galore-train's step includes everything it does per st
 data stream (tokenization), token-weighted loss, LR schedule, memory meter and bookkeeping. The bare
 loop gets its batches pre-tokenized. Rounds alternate between the two to share any machine noise.
 
-    python scripts/bench_loop.py [--model llama_9m] [--steps 10] [--rounds 3]
+    python scripts/bench_loop.py [--model llama_9m] [--steps 10] [--rounds 3] [--compile]
+
+With --compile a third row times galore-train's step with `--compile` (torch.compile of the model),
+after a warm-up step that pays the compilation.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +31,11 @@ from galore_train.config import TrainConfig  # noqa: E402
 from galore_train.train import Trainer  # noqa: E402
 
 
-def galore_train_trainer(args, output_dir: str) -> Trainer:
+def galore_train_trainer(args, output_dir: str, compile: bool = False) -> Trainer:
     cfg = TrainConfig(model=args.model, tokenizer=str(DATA / "t5-tokenizer"), data_files=str(DATA / "c4/train/*.json.gz"),
                       eval_data_files=str(DATA / "c4/eval/*.json.gz"), eval_tokens=256, batch_size=args.batch_size,
                       max_length=args.max_length, num_training_steps=10**6, dtype="fp32", lr=1e-3, pack=True,
-                      output_dir=output_dir, wandb_mode="disabled", seed=0)
+                      output_dir=output_dir, wandb_mode="disabled", seed=0, compile=compile)
     return Trainer(cfg)
 
 
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time galore-train with --compile")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -69,26 +72,33 @@ def main() -> None:
             bare_optimizer.step()
             bare_optimizer.zero_grad(set_to_none=True)
 
-        def ours_step() -> None:
-            with trainer.memory.track():
-                trainer._train_step()
-            trainer.memory.read_and_reset()
+        def galore_train_step(run: Trainer):
+            def step() -> None:
+                with run.memory.track():
+                    run._train_step()
+                run.memory.read_and_reset()
+            return step
 
-        bare_step(), ours_step()  # warm-up: allocator, optimizer state
-        bare_times, our_times = [], []
+        loops = {"bare PyTorch": bare_step, "galore-train": galore_train_step(trainer)}
+        if args.compile:
+            loops["--compile"] = galore_train_step(galore_train_trainer(args, tmp + "/compiled", compile=True))
+        for step in loops.values():
+            step()  # warm-up: allocator, optimizer state, compilation
+        times: dict[str, list[float]] = {name: [] for name in loops}
         for _ in range(args.rounds):
-            bare_times.append(time_steps(bare_step, args.steps))
-            our_times.append(time_steps(ours_step, args.steps))
+            for name, step in loops.items():
+                times[name].append(time_steps(step, args.steps))
 
     tokens = args.batch_size * args.max_length
-    bare, ours = statistics.median(bare_times), statistics.median(our_times)
+    median = {name: statistics.median(values) for name, values in times.items()}
     print(f"{args.model}, batch {args.batch_size} x {args.max_length} tokens, fp32, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps (median)")
     print(f"{'loop':<14}{'s/step':>10}{'tokens/s':>12}")
-    print(f"{'bare PyTorch':<14}{bare:>10.3f}{tokens / bare:>12,.0f}")
-    print(f"{'galore-train':<14}{ours:>10.3f}{tokens / ours:>12,.0f}")
-    print(f"overhead: {100 * (ours / bare - 1):+.1f}% (target <= 5%)")
-    sys.exit(0)
+    for name, seconds in median.items():
+        print(f"{name:<14}{seconds:>10.3f}{tokens / seconds:>12,.0f}")
+    print(f"overhead of galore-train's step: {100 * (median['galore-train'] / median['bare PyTorch'] - 1):+.1f}% (target <= 5%)")
+    if args.compile:
+        print(f"--compile speed-up over eager galore-train: {median['galore-train'] / median['--compile']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,17 @@ device sync per parameter per step); the training loop's non-finite-loss/grad-no
 Staggered refresh: `stagger_offsets(count, gap)` spreads per-parameter offsets evenly over the gap
 window so that a refresh step does not SVD every matrix at once.
 
+Quantized projections (Q-GaLore, `proj_bits` 8 or 4): the refreshed matrices are stored group-wise
+quantized (quantize.py: codes plus fp32 scales in "<key>_scales") and dequantized, in the gradient's
+dtype, each time they are used. The stored dtype says how: float as is, int8 8-bit, uint8 packed 4-bit.
+
+Lazy refresh (Q-GaLore, `adaptive_gap`): at each refresh the new basis is compared with the stored one
+(`subspace_similarity`; for "full" the mean of both sides). After STABLE_REFRESHES refreshes in a row
+with similarity >= cos_threshold, the parameter's interval state["proj_gap"] doubles (counter reset), up
+to MAX_GAP_FACTOR x update_proj_gap. Refreshes stay on the fixed grid (step + offset) % update_proj_gap
+== 0; state["next_refresh"] is the next one due. A grid step passed over counts one skipped SVD in
+state["svd_skipped"] (checkpointed; `svd_metrics()["svd_skipped_total"]` sums them).
+
 The last section holds `GaLoreOptimizer`, the torch.optim glue shared by the three GaLore optimizers
 (param-group convention, validation, the step loop, load_state_dict dtype fix). Layer-wise
 drivers (optim/layerwise.py) call step() with only one `.grad` set; nothing else is needed here.
@@ -51,10 +62,14 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from galore_train.optim.quantize import QUANT_BITS, QuantizedMatrix, dequantize, quantize
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("full", "randomized")
 OVERSAMPLE = 8  # extra columns of the randomized range finder
 POWER_ITERATIONS = 2
+STABLE_REFRESHES = 3  # similar refreshes in a row before a parameter's interval doubles (Q-GaLore waits for 5)
+MAX_GAP_FACTOR = 8  # the interval grows to at most 8 x update_proj_gap: a subspace is never frozen for good
 
 
 # --- subspace computations (pure functions) ------------------------------------------------------
@@ -156,10 +171,15 @@ class GaLoreProjector:
     update_proj_gap: int
     proj_type: str = "std"
     svd: str = "full"
+    proj_bits: int = 32
+    proj_group_size: int = 256
+    adaptive_gap: bool = False
+    cos_threshold: float = 0.4
 
     @classmethod
     def from_group(cls, group: dict[str, Any]) -> "GaLoreProjector":
-        return cls(group["rank"], group["update_proj_gap"], group["proj_type"], group["svd"])
+        return cls(group["rank"], group["update_proj_gap"], group["proj_type"], group["svd"], group["proj_bits"],
+                   group["proj_group_size"], group["adaptive_gap"], group["cos_threshold"])
 
     def side(self, shape: torch.Size) -> str:
         """'left', 'right' or 'full' for a gradient of this shape (see the module docstring)."""
@@ -176,8 +196,16 @@ class GaLoreProjector:
         side, (m, n) = self.side(shape), shape
         return {"left": (self.rank, n), "right": (m, self.rank), "full": (self.rank, self.rank)}[side]
 
+    def on_grid(self, state: dict[str, Any], step: int) -> bool:
+        """Whether the fixed schedule (every update_proj_gap steps, shifted by the offset) refreshes here."""
+        return (step + state.get("refresh_offset", 0)) % self.update_proj_gap == 0
+
     def refresh_due(self, state: dict[str, Any], step: int) -> bool:
-        return "projection" not in state or (step + state.get("refresh_offset", 0)) % self.update_proj_gap == 0
+        if "projection" not in state:
+            return True
+        if self.adaptive_gap and "next_refresh" in state:
+            return step >= state["next_refresh"]
+        return self.on_grid(state, step)
 
     def project(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
                 name: Optional[str] = None, out: Optional[Tensor] = None) -> Optional[Tensor]:
@@ -185,28 +213,42 @@ class GaLoreProjector:
 
         Returns None when the gradient is unusable (non-finite at a refresh): skip this update.
         """
-        if self.refresh_due(state, step) and not self._refresh(grad, state, step, stats, name):
+        due = self.refresh_due(state, step)
+        if due and not self._refresh(grad, state, step, stats, name):
             return None
+        if not due and self.adaptive_gap and self.on_grid(state, step):
+            state["svd_skipped"] = state.get("svd_skipped", 0) + 1
         side = self.side(grad.shape)
-        projection = state["projection"]
+        projection = self.matrix(state, "projection", grad.shape, grad.dtype)
         if side == "left":
             return torch.mm(projection.mT, grad, out=out)
         if side == "right":
             return torch.mm(grad, projection.mT, out=out)
-        return torch.mm(projection.mT @ grad, state["projection_right"].mT, out=out)
+        return torch.mm(projection.mT @ grad, self.matrix(state, "projection_right", grad.shape, grad.dtype).mT, out=out)
 
     def project_back_add_(self, param: Tensor, update: Tensor, state: dict[str, Any], alpha: float,
                           beta: float = 1.0) -> None:
         """param <- beta * param + alpha * back(update), as one fused matmul-accumulate (no m x n temporary)."""
         side = self.side(param.shape)
-        projection = state["projection"]
+        projection = self.matrix(state, "projection", param.shape, param.dtype)
         update = update.to(param.dtype)
         if side == "left":
             param.addmm_(projection, update, beta=beta, alpha=alpha)
         elif side == "right":
             param.addmm_(update, projection, beta=beta, alpha=alpha)
         else:
-            param.addmm_(projection @ update, state["projection_right"], beta=beta, alpha=alpha)
+            param.addmm_(projection @ update, self.matrix(state, "projection_right", param.shape, param.dtype), beta=beta, alpha=alpha)
+
+    def matrix(self, state: dict[str, Any], key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """The stored matrix `key` ("projection" or "projection_right") of a parameter of `shape`,
+        dequantized to `dtype` if it is stored quantized."""
+        stored = state[key]
+        if stored.is_floating_point():
+            return stored
+        m, n = shape
+        matrix_shape = (self.rank, n) if key == "projection_right" or self.side(shape) == "right" else (m, self.rank)
+        bits = 8 if stored.dtype == torch.int8 else 4
+        return dequantize(QuantizedMatrix(stored, state[f"{key}_scales"]), bits, self.proj_group_size, matrix_shape, dtype)
 
     def _refresh(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
                  name: Optional[str]) -> bool:
@@ -217,10 +259,17 @@ class GaLoreProjector:
             if not _all_finite(matrix):
                 stats.record_failure(name, f"non-finite gradient at step {step}; update skipped, projection kept")
                 return False
-            top = self._top_singular_vectors(matrix, step, stats, name, first="projection" not in state)
+            first = "projection" not in state
+            top = self._top_singular_vectors(matrix, step, stats, name, first)
             if top is not None:
+                if self.adaptive_gap and not first:
+                    self._track_stability(state, top)
                 self._store(state, top, grad.dtype)
+                state["projection_step"] = step  # Natural GaLore empties its history at a new basis
                 stats.refreshes += 1
+            if self.adaptive_gap:  # the next refresh: `proj_gap` on from the last grid step
+                grid_phase = (step + state.get("refresh_offset", 0)) % self.update_proj_gap
+                state["next_refresh"] = step - grid_phase + state.get("proj_gap", self.update_proj_gap)
             return True
         finally:
             stats.seconds += time.perf_counter() - start
@@ -245,18 +294,44 @@ class GaLoreProjector:
                 pass
         return random_orthonormal_top(matrix, self.rank, seed=step)
 
+    def _track_stability(self, state: dict[str, Any], top: tuple[Tensor, Tensor]) -> None:
+        """Lazy refresh bookkeeping: compare the new singular vectors with the stored basis and double
+        the parameter's interval after STABLE_REFRESHES similar refreshes in a row."""
+        left, right = top
+        shape = torch.Size((left.shape[0], right.shape[1]))
+        side = self.side(shape)
+        stored = self.matrix(state, "projection", shape, left.dtype).to(left.dtype)
+        if side == "full":
+            stored_right = self.matrix(state, "projection_right", shape, left.dtype).to(left.dtype)
+            pairs = [(left, stored), (right.mT, stored_right.mT)]
+        else:
+            pairs = [(left, stored)] if side == "left" else [(right.mT, stored.mT)]
+        similarity = sum(subspace_similarity(new, old) for new, old in pairs) / len(pairs)
+        stable = state.get("stable_refreshes", 0) + 1 if similarity >= self.cos_threshold else 0
+        gap = state.get("proj_gap", self.update_proj_gap)
+        if stable >= STABLE_REFRESHES:
+            gap, stable = min(2 * gap, MAX_GAP_FACTOR * self.update_proj_gap), 0
+        state["stable_refreshes"], state["proj_gap"] = stable, gap
+
     def _store(self, state: dict[str, Any], top: tuple[Tensor, Tensor], dtype: torch.dtype) -> None:
         left, right = top
         side = self.side((left.shape[0], right.shape[1]))
-        state["projection"] = _compact(right if side == "right" else left, dtype)
+        self._put(state, "projection", right if side == "right" else left, dtype)
         if side == "full":
-            state["projection_right"] = _compact(right, dtype)
+            self._put(state, "projection_right", right, dtype)
+
+    def _put(self, state: dict[str, Any], key: str, matrix: Tensor, dtype: torch.dtype) -> None:
+        if self.proj_bits == 32:
+            state[key] = _compact(matrix, dtype)
+        else:
+            state[key], state[f"{key}_scales"] = quantize(matrix, self.proj_bits, self.proj_group_size)
 
 
 # --- torch.optim glue shared by the GaLore optimizers ----------------------------------------------
 
 GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "full",
-                         "stagger_refresh": False}
+                         "stagger_refresh": False, "proj_bits": 32, "proj_group_size": 256, "adaptive_gap": False,
+                         "cos_threshold": 0.4}
 
 
 def check_galore_group(group: dict[str, Any]) -> None:
@@ -270,6 +345,12 @@ def check_galore_group(group: dict[str, Any]) -> None:
         raise ValueError(f"unknown GaLore proj_type {group['proj_type']!r}; known: {', '.join(PROJ_TYPES)}")
     if group["svd"] not in SVD_METHODS:
         raise ValueError(f"unknown GaLore svd {group['svd']!r}; known: {', '.join(SVD_METHODS)}")
+    if group["proj_bits"] not in QUANT_BITS + (32,):
+        raise ValueError(f"GaLore proj_bits must be 4, 8 or 32, got {group['proj_bits']!r}")
+    if not isinstance(group["proj_group_size"], int) or group["proj_group_size"] <= 0:
+        raise ValueError(f"GaLore proj_group_size must be a positive integer, got {group['proj_group_size']!r}")
+    if not 0.0 <= group["cos_threshold"] <= 1.0:
+        raise ValueError(f"GaLore cos_threshold must be within [0, 1], got {group['cos_threshold']!r}")
     names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
     for name, p in zip(names, group["params"]):
         if p.dim() != 2:
@@ -314,8 +395,13 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 self.state[p]["refresh_offset"] = offset
 
     def svd_metrics(self) -> dict[str, float]:
-        """svd_seconds / svd_refreshes since the last call, svd_failures_total since construction."""
-        return self.refresh_stats.read()
+        """svd_seconds / svd_refreshes since the last call, svd_failures_total since construction; with
+        adaptive_gap also svd_skipped_total, the SVDs the lazy refresh saved over the run (checkpointed)."""
+        metrics = self.refresh_stats.read()
+        lazy = [group for group in self.param_groups if group.get("adaptive_gap")]
+        if lazy:
+            metrics["svd_skipped_total"] = sum(self.state[p].get("svd_skipped", 0) for group in lazy for p in group["params"])
+        return metrics
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:

@@ -19,11 +19,12 @@ from galore_train.model import target_linear_modules
 from galore_train.optim.galore_adafactor import GaLoreAdafactor
 from galore_train.optim.galore_adamw import GaLoreAdamW
 from galore_train.optim.galore_adamw8bit import GaLoreAdamW8bit, import_bitsandbytes
+from galore_train.optim.natural_galore import NaturalGaLoreAdamW
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
 FULL_RANK_NAMES = ("adamw", "adam", "adafactor", "adam8bit")
-GALORE_NAMES = ("galore_adamw", "galore_adafactor", "galore_adamw8bit")
+GALORE_NAMES = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "natural_galore_adamw")
 OPTIMIZER_NAMES = FULL_RANK_NAMES + GALORE_NAMES
 _EIGHTBIT = {"adamw": "adam8bit", "adam": "adam8bit", "galore_adamw": "galore_adamw8bit"}
 
@@ -65,7 +66,9 @@ def _galore_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         raise UserError(f"--galore-targets {cfg.galore_targets} selects no trainable weight")
     _check_rank(galore, cfg.rank)
     galore_group = {"params": galore, "rank": cfg.rank, "update_proj_gap": cfg.gap, "scale": cfg.scale,
-                    "proj_type": cfg.proj_type, "svd": cfg.svd, "stagger_refresh": cfg.stagger_refresh}
+                    "proj_type": cfg.proj_type, "svd": cfg.svd, "stagger_refresh": cfg.stagger_refresh,
+                    "proj_bits": cfg.proj_bits, "proj_group_size": cfg.proj_group_size, "adaptive_gap": cfg.adaptive_gap,
+                    "cos_threshold": cfg.cos_threshold}
     return [{"params": plain}, galore_group] if plain else [galore_group]
 
 
@@ -81,6 +84,9 @@ _BUILDERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
     "galore_adamw": lambda params, cfg: GaLoreAdamW(params, lr=cfg.lr, betas=_adam_betas(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay),
     "galore_adamw8bit": lambda params, cfg: GaLoreAdamW8bit(params, lr=cfg.lr, betas=_adam_betas(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay),
     "galore_adafactor": lambda params, cfg: GaLoreAdafactor(params, lr=cfg.lr, beta1=cfg.beta1, weight_decay=cfg.weight_decay),
+    "natural_galore_adamw": lambda params, cfg: NaturalGaLoreAdamW(
+        params, lr=cfg.lr, betas=_adam_betas(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        fisher_history=cfg.fisher_history, fisher_damping=cfg.fisher_damping),
 }
 
 

@@ -1,0 +1,116 @@
+"""Natural GaLore-AdamW (Das 2024, arXiv 2410.16029): GaLore-AdamW on a natural gradient in the low-rank space.
+
+Per GaLore parameter and step t, with R_t the projected gradient (projector.py) read as one vector
+g_t of d = (rows x cols of R) values, and H the k <= s most recent such vectors, g_t included
+(s = fisher_history, a ring buffer per matrix):
+
+    F_t = lam I + (1/k) sum_i h_i h_i^T              damped empirical Fisher of the low-rank gradients (d x d)
+    g~_t = lam F_t^{-1} g_t
+         = g_t - H^T (k lam I_k + H H^T)^{-1} H g_t  (Woodbury: only a k x k system is solved)
+    then GaLore-AdamW on g~_t instead of R_t: Adam moments, projection back, scale (galore_adamw.py).
+
+The factor lam in front of F^{-1} is constant, and Adam's normalization M / sqrt(V) cancels it (up to
+eps); it keeps eps with the meaning it has in GaLore-AdamW and makes the limits exact: fisher_history
+0 or lam -> infinity give g~ = g, i.e. GaLore-AdamW itself (tested).
+
+Choices where the paper leaves room, and why:
+  * each projected gradient is one vector (the whole r x n matrix flattened), the cheapest reading of
+    "sum g g^T" that is faithful to it: one k x k Gram matrix per weight, no per-row systems;
+  * the Gram matrix H H^T is kept up to date incrementally: writing g_t into its slot makes its
+    row/column exactly H g_t, which the step needs anyway, so the preconditioner costs two
+    (k x d) matrix-vector products and a k x k Cholesky solve per matrix and step;
+  * the history is emptied when the projection is refreshed: stored vectors are coordinates in the
+    old basis and mixing bases would make the Fisher estimate meaningless; it refills in s steps;
+  * 1/k, not 1/s, while the buffer fills: the empirical mean over what has been seen;
+  * the k x k solve runs in float64 (it is tiny), the products in the gradient's dtype;
+  * only GaLore groups are preconditioned: a full-rank history of an embedding would cost s times its
+    size; plain groups run AdamW exactly as GaLore-AdamW does.
+
+State per GaLore parameter, besides GaLore-AdamW's: fisher_grads (s x d, gradient dtype; the memory
+cost, s times the low-rank gradient), fisher_gram (s x s, float64), fisher_count (int, vectors written
+since the last refresh). All tensors or ints, so torch.load(weights_only=True) round-trips them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
+from galore_train.optim.projector import GaLoreOptimizer
+
+FISHER_HISTORY = 20  # the authors' code keeps 20 projected gradients
+FISHER_DAMPING = 1e-3  # and damps with 1e-3
+
+
+def woodbury_solve(gram: Tensor, hg: Tensor, damping: float) -> Tensor:
+    """y = (k lam I + H H^T)^{-1} H g for a k x d history H, from gram = H H^T and hg = H g (float64).
+
+    Then lam F^{-1} g = g - H^T y (module docstring). Cholesky without error checks: the matrix is
+    positive definite for lam > 0; non-finite gradients give non-finite output, not an exception, so
+    the training loop's non-finite guards see them like any other poisoned update.
+    """
+    k = gram.shape[0]
+    system = gram + (k * damping) * torch.eye(k, dtype=gram.dtype, device=gram.device)
+    factor, _ = torch.linalg.cholesky_ex(system)
+    return torch.cholesky_solve(hg.unsqueeze(1), factor).squeeze(1)
+
+
+class NaturalGaLoreAdamW(GaLoreAdamW):
+    """GaLoreAdamW whose GaLore groups precondition the projected gradient with the inverse damped
+    empirical Fisher of its last `fisher_history` values (see the module docstring).
+
+    Same param-group convention as GaLoreAdamW; groups may override fisher_history / fisher_damping.
+
+    Example:
+        NaturalGaLoreAdamW([{"params": others},
+                            {"params": matrices, "rank": 128, "update_proj_gap": 200, "scale": 0.25}],
+                           lr=1e-3, fisher_history=20, fisher_damping=1e-3)
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, fisher_history: int = FISHER_HISTORY,
+                 fisher_damping: float = FISHER_DAMPING) -> None:
+        defaults = {**adam_defaults(lr, betas, eps, weight_decay), "fisher_history": fisher_history,
+                    "fisher_damping": fisher_damping}
+        GaLoreOptimizer.__init__(self, params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        history, damping = group["fisher_history"], group["fisher_damping"]
+        if not isinstance(history, int) or isinstance(history, bool) or history < 0:
+            raise ValueError(f"fisher_history must be a non-negative integer, got {history!r}")
+        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
+            raise ValueError(f"fisher_damping must be a positive number, got {damping!r}")
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if "rank" in group and group["fisher_history"] > 0:
+            self._natural_gradient_(grad, group, state)
+        super()._update(p, grad, group, state)
+
+    @staticmethod
+    def _natural_gradient_(grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """grad <- lam F^{-1} grad, in place (grad is the projected gradient's scratch buffer)."""
+        size = group["fisher_history"]
+        g = grad.view(-1)
+        if "fisher_grads" not in state:
+            state["fisher_grads"] = torch.zeros(size, g.numel(), dtype=g.dtype, device=g.device)
+            state["fisher_gram"] = torch.zeros(size, size, dtype=torch.float64, device=g.device)
+            state["fisher_count"] = 0
+        if state.get("projection_step") == state["step"] - 1:  # refreshed at this step: new coordinates
+            state["fisher_count"] = 0
+        history_buffer, gram_buffer = state["fisher_grads"], state["fisher_gram"]
+        slot = state["fisher_count"] % size
+        k = min(state["fisher_count"] + 1, size)
+        history_buffer[slot].copy_(g)
+        history = history_buffer[:k]
+        hg = torch.mv(history, g).to(torch.float64)
+        gram_buffer[slot, :k] = hg
+        gram_buffer[:k, slot] = hg
+        y = woodbury_solve(gram_buffer[:k, :k], hg, group["fisher_damping"])
+        g.addmv_(history.mT, y.to(g.dtype), alpha=-1.0)
+        state["fisher_count"] += 1
