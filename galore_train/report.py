@@ -32,7 +32,7 @@ COMPONENTS = ("weights", "grads", "optimizer_state", "other")  # the measured pa
 METHOD_LABELS = {
     "adamw": "Full-Rank", "adam": "Full-Rank (Adam)", "galore_adamw": "GaLore", "low_rank": "Low-Rank",
     "lora": "LoRA", "relora": "ReLoRA", "adafactor": "Adafactor", "adam8bit": "8-bit Adam",
-    "galore_adafactor": "GaLore-Adafactor", "galore_adamw8bit": "8-bit GaLore",
+    "galore_adafactor": "GaLore-Adafactor", "galore_adamw8bit": "8-bit GaLore", "natural_galore_adamw": "Natural GaLore",
 }
 ROW_ORDER = list(METHOD_LABELS.values())
 
@@ -88,7 +88,7 @@ class Run:
         from galore_train.methods import METHOD_NAMES
 
         optimizer = str(self.config.get("optimizer", ""))
-        return optimizer.startswith("galore") or optimizer in METHOD_NAMES
+        return "galore" in optimizer or optimizer in METHOD_NAMES
 
     def settings(self) -> dict[str, Any]:
         """The SETTING_FIELDS that apply to this run's method."""

@@ -237,7 +237,8 @@ class GaLoreProjector:
         elif side == "right":
             param.addmm_(update, projection, beta=beta, alpha=alpha)
         else:
-            param.addmm_(projection @ update, self.matrix(state, "projection_right", param.shape, param.dtype), beta=beta, alpha=alpha)
+            right = self.matrix(state, "projection_right", param.shape, param.dtype)
+            param.addmm_(projection @ update, right, beta=beta, alpha=alpha)
 
     def matrix(self, state: dict[str, Any], key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
         """The stored matrix `key` ("projection" or "projection_right") of a parameter of `shape`,

@@ -18,6 +18,7 @@ the optimizer state, so checkpoints stay tensors-only (torch.load(weights_only=T
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -47,7 +48,7 @@ def dequantize(quantized: QuantizedMatrix, bits: int, group_size: int, shape: tu
                dtype: torch.dtype = torch.float32) -> Tensor:
     """The matrix of `shape` that `quantize` encoded, in `dtype`."""
     _check(bits, group_size)
-    numel = _numel(shape)
+    numel = math.prod(shape)
     codes = _unpack_int4(quantized.codes, numel) if bits == 4 else quantized.codes
     groups = _grouped(codes.float(), group_size)
     return (groups * quantized.scales[:, None]).reshape(-1)[:numel].reshape(shape).to(dtype)
@@ -65,13 +66,6 @@ def _check(bits: int, group_size: int) -> None:
         raise ValueError(f"projection quantization supports {QUANT_BITS} bits, got {bits}")
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"the quantization group size must be a positive integer, got {group_size!r}")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel
 
 
 def _grouped(flat: Tensor, group_size: int) -> Tensor:
