@@ -1,7 +1,8 @@
 """Bit-exact resume for every optimizer and method: N steps + Ctrl-C + resume + N steps == 2N steps.
 
 Everything a step depends on must be in the checkpoint: weights, optimizer moments, GaLore projections and
-their refresh clocks, 8-bit quantization state, ReLoRA's cycle position, the LR schedule, RNG and the data
+their refresh clocks (and Q-GaLore's quantized projections and lazy-refresh intervals, Natural
+GaLore's gradient history), 8-bit quantization state, ReLoRA's cycle position, the LR schedule, RNG and the data
 position. The GaLore gap (3) makes the resumed half cross a projector refresh.
 """
 
@@ -27,6 +28,8 @@ CASES = {
     "galore_adafactor": {},
     "galore_adamw8bit": {},
     "galore_adamw-layerwise": {"optimizer": "galore_adamw", "layerwise": True},
+    "galore_adamw-int4-lazy": {"optimizer": "galore_adamw", "proj_bits": 4, "adaptive_gap": True, "gap": 1},
+    "natural_galore_adamw": {"fisher_history": 2},
     "lora": {},
     "relora": {"relora_reset": 2, "restart_warmup_steps": 1, "relora_warm_start": 1},
     "low_rank": {},
