@@ -36,6 +36,15 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
     return int(round(float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2)]))
 
 
+# Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
+RESUME_FIXED = frozenset({"model", "optimizer", "eightbit", "layerwise", "rank", "proj_type", "galore_targets",
+                          "proj_bits", "proj_group_size", "fisher_history", "distributed"})
+# Settings of run control and logging that a resumed run may change freely.
+RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "save_every", "keep_last", "output_dir", "resume", "resume_from",
+                         "log_every", "wandb_project", "run_name", "tags", "wandb_mode", "skip_nonfinite",
+                         "spike_threshold", "max_spikes", "recipe", "compile", "activation_checkpointing"})
+
+
 @dataclass
 class TrainConfig:
     # --- model and data -------------------------------------------------------------------------
@@ -130,6 +139,21 @@ class TrainConfig:
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
+
+    def resume_differences(self, saved: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """(fatal, changed): settings that differ from the checkpoint's `saved` config, as "name: old -> new".
+
+        Fatal ones lay out the saved state (a different rank cannot load the saved moments; a different
+        group size would misread quantized projections). Changed ones load but make the continuation
+        differ from an uninterrupted run (lr, gap, data, ...): allowed, and worth a warning. Settings of
+        logging, saving and evaluation cadence are neither.
+        """
+        fatal, changed = [], []
+        for name, new in self.to_dict().items():
+            if name in RESUME_FREE or name not in saved or saved[name] == new:
+                continue
+            (fatal if name in RESUME_FIXED else changed).append(f"{name}: {saved[name]!r} -> {new!r}")
+        return fatal, changed
 
     def validate(self) -> "TrainConfig":
         """Check everything that can be checked without the model or the data; raise UserError."""

@@ -8,6 +8,7 @@ only drives them, so a reader can follow one optimizer step from top to bottom i
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
@@ -118,6 +119,8 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir or Path("runs") / self.run_name)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.resume_dir = self._find_resume_dir()
+        if self.resume_dir is not None:
+            self._check_resume_settings()
 
         self.model_config = load_model_config(cfg.model)
         tokenizer = load_tokenizer(cfg.tokenizer)
@@ -146,6 +149,19 @@ class Trainer:
         self.memory = MemoryMeter(self.model, self.optimizer, self.device)
 
     # --- construction --------------------------------------------------------------------------
+    def _check_resume_settings(self) -> None:
+        """Refuse settings the checkpoint's state cannot be loaded with; warn about ones that change the run."""
+        saved_file = self.resume_dir / "train_config.json"
+        if not saved_file.is_file():
+            return
+        fatal, changed = self.cfg.resume_differences(json.loads(saved_file.read_text()))
+        if fatal:
+            raise UserError(f"cannot resume {self.resume_dir} with a different {'; '.join(fatal)} "
+                            "(its saved state was built for the old value; start a new run, or use --init-from for the weights)")
+        if changed:
+            log.warning("resuming with settings changed since the checkpoint, so the run will differ from an "
+                        "uninterrupted one: %s", "; ".join(changed))
+
     def _find_resume_dir(self) -> Optional[Path]:
         cfg = self.cfg
         if cfg.resume_from:
