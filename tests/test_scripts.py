@@ -140,9 +140,17 @@ def test_7b_settings_and_multi_node_launch(tmp_path: Path) -> None:
 
 def test_mini_table2_budget(tmp_path: Path) -> None:
     configs = [cfg for cfg, _ in pretrain_configs(ROOT / "scripts/mini_table2.sh", tmp_path)]
-    assert len(configs) == 5 * 2 + 5  # a 2-lr sweep per method (seed 0), then seed 1 at the best lr
+    assert len(configs) == 5 * 3 + 5  # a 3-lr sweep per method (seed 0), then seed 1 at the best lr
     assert {c.optimizer for c in configs} == {"adamw", "galore_adamw", "low_rank", "lora", "relora"}
     assert {c.seed for c in configs} == {0, 1}
     tokens = {c.num_training_steps * c.total_batch_size * c.max_length for c in configs}
-    assert tokens == {102_400}, "every method sees the same token budget"
+    assert tokens == {204_800}, "every method sees the same token budget"
     assert all(Path(c.data_files.replace("*", "x")).parent.is_dir() for c in configs), "the shared C4 data"
+
+
+def test_mini_optimizers_compares_every_optimizer_at_one_budget(tmp_path: Path) -> None:
+    configs = [cfg for cfg, _ in pretrain_configs(ROOT / "scripts/mini_optimizers.sh", tmp_path)]
+    assert [c.optimizer for c in configs] == ["adamw", "adam", "adafactor", "adam8bit", "galore_adamw", "galore_adafactor", "galore_adamw8bit"]
+    assert {(c.lr, c.num_training_steps * c.total_batch_size * c.max_length) for c in configs} == {(0.01, 204_800)}
+    galore = [c for c in configs if c.optimizer.startswith("galore")]
+    assert {(c.rank, c.gap, c.scale) for c in galore} == {(64, 20, 0.25)}

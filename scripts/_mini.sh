@@ -1,0 +1,78 @@
+# Shared by the CPU-scale comparisons on the shared real C4 documents (scripts/mini_*.sh): source it after
+# scripts/_common.sh, set `total_runs`, then call `mini_run` per run.
+#
+# Every mini run trains llama_9m in fp32 for STEPS steps x 4 sequences x 256 packed tokens (205K tokens at
+# the default 200 steps), warm-up 10% of the steps, cosine to 10%, no weight decay, and evaluates three
+# times on the same held-out tokens: all 100 documents of ../shared/data/c4/eval, each truncated to 256
+# tokens (19.2K tokens). Sequences are packed because the shared data holds only 1,820 documents (943K
+# tokens); truncating each to 256 would leave 358K distinct tokens. 205K tokens is ~22% of the data, so
+# no run repeats a document.
+
+DATA=${GALORE_TRAIN_SHARED_DATA:-$(cd .. && pwd)/shared/data}
+RESULTS=${RESULTS:-results}
+MODEL=llama_9m
+RANK=64  # d_model / 2, the paper's 60M ratio (128 / 256)
+STEPS=${STEPS:-200}
+RUN_STEPS=${MAX_STEPS:-$STEPS}  # what a run really does
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+done_runs=0
+reused_runs=0
+
+# mini_run NAME LR SEED FLAGS...: one run into $RUNS_DIR/NAME-lrLR-sSEED (FLAGS pick the optimizer or
+# method); prints where it is in the budget of $total_runs runs. A failed run is reported, not fatal. A run
+# that an earlier, interrupted invocation finished is reused (delete its directory to redo it).
+mini_run() {
+  local name=$1-lr$2-s$3 lr=$2 seed=$3 start=$SECONDS
+  shift 3
+  done_runs=$((done_runs + 1))
+  if [[ "$DRY_RUN" != 1 ]] && finished_run "$RUNS_DIR/$name"; then
+    reused_runs=$((reused_runs + 1))
+    note "$name: finished by an earlier invocation, reused"
+    return
+  fi
+  note "$(basename "$0" .sh): $name"
+  # shellcheck disable=SC2046  # steps expands to several flags on purpose
+  train 1 --model "$MODEL" "$@" --lr "$lr" --seed "$seed" \
+    --batch-size 4 --total-batch-size 4 --max-length 256 --pack $(steps "$STEPS" $((STEPS / 10))) \
+    --scheduler cosine --min-lr-ratio 0.1 --weight-decay 0 --dtype fp32 \
+    --eval-every $(((RUN_STEPS + 1) / 2)) --eval-tokens 20000 --eval-batch-size 16 --save-every "$RUN_STEPS" \
+    --data-files "$DATA/c4/train/*.json.gz" --eval-data-files "$DATA/c4/eval/*.json.gz" --tokenizer "$DATA/t5-tokenizer" \
+    --output-dir "$RUNS_DIR/$name" --run-name "$name" --wandb-mode disabled \
+    || echo "warning: run $name failed; the report marks it" >&2
+  local ran=$((done_runs - reused_runs))
+  [[ "$DRY_RUN" == 1 ]] || note "$name: $((SECONDS - start)) s; $done_runs/$total_runs runs in $((SECONDS / 60)) min," \
+    "projected $((SECONDS * (total_runs - reused_runs) / ran / 60)) min in all"
+}
+
+# finished_run DIR: whether DIR holds a finished run.
+finished_run() {
+  python -c 'import sys; from pathlib import Path; from galore_train.report import load_run
+sys.exit(load_run(Path(sys.argv[1])).status != "finished")' "$1"
+}
+
+# best_lr DIR...: the lr of the finished run with the lowest validation perplexity (empty if none).
+best_lr() {
+  python - "$@" <<'EOF'
+import sys
+from pathlib import Path
+from galore_train.report import load_run
+runs = [r for r in (load_run(Path(p)) for p in sys.argv[1:]) if r.status == "finished" and r.val_perplexity]
+print(min(runs, key=lambda r: r.val_perplexity).config["lr"] if runs else "")
+EOF
+}
+
+# mini_setup_notes: the "## Setup" lines every mini results file ends with.
+mini_setup_notes() {
+  cat <<EOF
+
+## Setup
+
+Written by \`scripts/$(basename "$0")\` in $((SECONDS / 60)) min ($SECONDS s) on $(nproc) CPU cores, $(date -u +%Y-%m-%d),
+torch $(python -c 'import torch; print(torch.__version__)')$( ((reused_runs == 0)) || echo ", reusing $reused_runs runs finished by an earlier, interrupted invocation").
+
+- Model $MODEL, fp32; $RUN_STEPS steps x 4 sequences x 256 tokens (packed) = $((RUN_STEPS * 1024)) tokens per run;
+  warm-up 10% of the steps, cosine to 10%, no weight decay; validation on the same held-out C4 tokens (all 100
+  documents of ../shared/data/c4/eval, each truncated to 256 tokens) every $(((RUN_STEPS + 1) / 2)) steps.
+EOF
+}
