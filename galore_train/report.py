@@ -259,13 +259,18 @@ ESTIMATE_OPTIONS = ("eightbit", "layerwise", "batch_size", "max_length", "activa
                     "proj_type", "beta1", "proj_bits", "proj_group_size", "fisher_history")
 
 
+TRAIN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "fp32": "fp32", "bf16": "bf16"}  # summary or config -> estimator
+
+
 def estimated_memory(run: Run) -> Optional[dict[str, float]]:
     """GiB by part from galore_train.memory's estimator for the run's configuration, plus
     weights_and_states (the paper's Table 2 quantity, with GaLore's projections as in the measurement)
-    and total; None when it cannot say (dtype 'auto', an unknown model, another estimator interface)."""
-    dtype = run.summary.get("dtype") or run.config.get("dtype")
-    if dtype not in ("bf16", "fp32") or not run.config.get("optimizer"):
-        return None  # 'auto' depends on the device the run had, which the run directory does not record
+    and total; None when it cannot say (dtype 'auto' of a run without a summary, an unknown model,
+    another estimator interface)."""
+    # The summary records the dtype the run resolved (torch's name); 'auto' in the config depends on the device.
+    dtype = TRAIN_DTYPES.get(str(run.summary.get("dtype"))) or TRAIN_DTYPES.get(str(run.config.get("dtype")))
+    if dtype is None or not run.config.get("optimizer"):
+        return None
     try:
         from galore_train.memory import estimate_memory
         from galore_train.model import load_model_config
@@ -357,7 +362,7 @@ def _ppl(value: Optional[float], like: Optional[float] = None) -> str:
 def _gib(value: Optional[float]) -> str:
     if value is None:
         return "—"
-    return f"{value:.2f} GiB" if value >= 0.1 else f"{value * 1024:.1f} MiB"
+    return f"{value:.2f} GiB" if value >= 1.0 else f"{value * 1024:.1f} MiB"
 
 
 def _count(value: Optional[float]) -> str:

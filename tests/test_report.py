@@ -43,7 +43,8 @@ def write_run(root: Path, name: str, *, optimizer: str = "adamw", seed: int = 0,
             records.append({"step": step, "tokens_seen": 1024 * step, "val_loss": math.log(ppl), "val_perplexity": ppl, "val_tokens": 16384})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if done == steps:
-        summary = {"run_name": name, "model": model, "optimizer": optimizer, "steps": steps, "tokens_seen": 1024 * steps,
+        resolved = {"fp32": "float32", "bf16": "bfloat16", "auto": "float32"}[dtype]  # as the trainer writes it
+        summary = {"run_name": name, "model": model, "optimizer": optimizer, "dtype": resolved, "steps": steps, "tokens_seen": 1024 * steps,
                    "epochs": 0, "skipped_steps": 0, "val_loss": math.log(final_ppl), "val_perplexity": final_ppl, "val_tokens": 16384}
         (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
@@ -123,12 +124,19 @@ def test_memory_measured_and_estimated(tmp_path: Path) -> None:
     assert float(rows[0]["peak_weights_gb"]) == pytest.approx(0.25)  # the highest window, not the last
     assert float(rows[0]["peak_optimizer_state_gb"]) == pytest.approx(0.5)
     cell = table_row(report([run]), "Memory", "GaLore")[0]
-    assert cell.startswith("0.75 GiB · est ") and cell.endswith(" · peak 0.50 GiB")
+    assert cell.startswith("768.0 MiB · est ") and cell.endswith(" · peak 512.0 MiB")
 
 
-def test_no_estimate_for_dtype_auto(tmp_path: Path) -> None:
-    run = write_run(tmp_path, "auto", dtype="auto")
-    assert " est — " in table_row(report([run]), "Memory", "Full-Rank")[0]
+def test_dtype_auto_is_estimated_with_the_dtype_the_run_resolved(tmp_path: Path) -> None:
+    from galore_train.memory import estimate_memory
+    from galore_train.model import load_model_config
+
+    finished = write_run(tmp_path, "auto", dtype="auto")
+    expected = estimate_memory(load_model_config("llama_9m"), "adamw", 64, dtype="fp32")
+    rows = list(csv.DictReader(io.StringIO(report([finished], csv=True))))
+    assert float(rows[0]["est_weights_and_states_gb"]) == pytest.approx((expected.weights + expected.optimizer_states) / GIB)
+    unfinished = write_run(tmp_path, "auto-running", dtype="auto", done=50)  # no summary yet: the device is unknown
+    assert " est — " in table_row(report([unfinished]), "Memory", "Full-Rank")[0]
 
 
 def test_csv_beside_the_markdown_and_on_its_own(tmp_path: Path) -> None:
