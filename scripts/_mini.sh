@@ -21,7 +21,8 @@ reused_runs=0
 
 # mini_run NAME LR SEED FLAGS...: one run into $RUNS_DIR/NAME-lrLR-sSEED (FLAGS pick the optimizer or
 # method); prints where it is in the budget of $total_runs runs. A failed run is reported, not fatal. A run
-# that an earlier, interrupted invocation finished is reused (delete its directory to redo it).
+# that an earlier invocation finished is reused; an unfinished one (a crash, a NaN stop) stays as it is and
+# the report marks it: delete its directory to run it again.
 mini_run() {
   local name=$1-lr$2-s$3 lr=$2 seed=$3 start=$SECONDS
   shift 3
