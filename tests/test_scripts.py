@@ -154,3 +154,21 @@ def test_mini_optimizers_compares_every_optimizer_at_one_budget(tmp_path: Path) 
     assert {(c.lr, c.num_training_steps * c.total_batch_size * c.max_length) for c in configs} == {(0.003, 204_800)}  # both families tuned to 0.003
     galore = [c for c in configs if c.optimizer.startswith("galore")]
     assert {(c.rank, c.gap, c.scale) for c in galore} == {(64, 20, 0.25)}
+
+
+@pytest.mark.slow
+def test_mini_table2_really_runs_reports_and_reuses_finished_runs(tmp_path: Path, shared_data) -> None:
+    """The mini script end to end at 2 steps a run: trains, picks the lr, reports; a rerun trains nothing."""
+    env = {**os.environ, "MAX_STEPS": "2", "METHODS": "galore", "LR_GRID": "0.01 0.003", "GALORE_TRAIN_SHARED_DATA": str(shared_data),
+           "RUNS_DIR": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results")}
+    script = ["bash", str(ROOT / "scripts/mini_table2.sh")]
+    first = subprocess.run(script, capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs[:2] == ["galore-lr0.003-s0", "galore-lr0.01-s0"] and runs[2] in ("galore-lr0.003-s1", "galore-lr0.01-s1")
+    table = (tmp_path / "results" / "mini_table2.md").read_text()
+    assert "| GaLore | " in table and "(n=2)" in table and "## Setup" in table
+    second = subprocess.run(script, capture_output=True, text=True, env=env, timeout=900)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "# mini_table2: galore" not in second.stdout and second.stdout.count("reused") == 3
+    assert "reusing 3 runs" in (tmp_path / "results" / "mini_table2.md").read_text()
