@@ -38,11 +38,12 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
 
 # Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
 RESUME_FIXED = frozenset({"model", "optimizer", "eightbit", "layerwise", "rank", "proj_type", "galore_targets",
-                          "proj_bits", "proj_group_size", "fisher_history", "distributed"})
+                          "proj_bits", "proj_group_size", "fisher_history", "relora_warm_start"})
 # Settings of run control and logging that a resumed run may change freely.
-RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "save_every", "keep_last", "output_dir", "resume", "resume_from",
-                         "log_every", "wandb_project", "run_name", "tags", "wandb_mode", "skip_nonfinite",
-                         "spike_threshold", "max_spikes", "recipe", "compile", "activation_checkpointing"})
+RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "eval_tokens", "eval_data_files", "save_every", "keep_last",
+                         "output_dir", "resume", "resume_from", "log_every", "wandb_project", "run_name", "tags",
+                         "wandb_mode", "skip_nonfinite", "spike_threshold", "max_spikes", "recipe", "compile",
+                         "activation_checkpointing", "distributed"})
 
 
 @dataclass
@@ -144,15 +145,17 @@ class TrainConfig:
         """(fatal, changed): settings that differ from the checkpoint's `saved` config, as "name: old -> new".
 
         Fatal ones lay out the saved state (a different rank cannot load the saved moments; a different
-        group size would misread quantized projections). Changed ones load but make the continuation
+        group size would misread quantized projections). Changed ones take effect and make the continuation
         differ from an uninterrupted run (lr, gap, data, ...): allowed, and worth a warning. Settings of
-        logging, saving and evaluation cadence are neither.
+        logging, saving, evaluation and parallelism (FSDP and DDP checkpoints are interchangeable) are neither.
+        `--8bit` with adamw is the same run as adam8bit: compare resolved names before calling this.
         """
         fatal, changed = [], []
         for name, new in self.to_dict().items():
-            if name in RESUME_FREE or name not in saved or saved[name] == new:
+            old = saved.get(name, new)
+            if name in RESUME_FREE or old == new or (name == "galore_targets" and sorted(old) == sorted(new)):
                 continue
-            (fatal if name in RESUME_FIXED else changed).append(f"{name}: {saved[name]!r} -> {new!r}")
+            (fatal if name in RESUME_FIXED else changed).append(f"{name}: {old!r} -> {new!r}")
         return fatal, changed
 
     def validate(self) -> "TrainConfig":

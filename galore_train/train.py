@@ -108,6 +108,14 @@ class StopRequest:
 
 # --- the trainer ---------------------------------------------------------------------------------
 
+def _built_optimizer(name: str, eightbit: bool) -> str:
+    """What --optimizer NAME [--8bit] builds, so that two spellings of one optimizer compare equal."""
+    try:
+        return resolve_optimizer_name(name, eightbit)
+    except UserError:  # a method (lora, relora, low_rank): its name and flag as given
+        return f"{name} --8bit" if eightbit else name
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg.validate()
@@ -154,10 +162,14 @@ class Trainer:
         saved_file = self.resume_dir / "train_config.json"
         if not saved_file.is_file():
             return
-        fatal, changed = self.cfg.resume_differences(json.loads(saved_file.read_text()))
+        cfg, saved = self.cfg, json.loads(saved_file.read_text())
+        if _built_optimizer(saved["optimizer"], saved["eightbit"]) == _built_optimizer(cfg.optimizer, cfg.eightbit):
+            saved.update(optimizer=cfg.optimizer, eightbit=cfg.eightbit)  # e.g. adamw --8bit == adam8bit
+        fatal, changed = cfg.resume_differences(saved)
         if fatal:
+            recipe = f"; it was trained with --recipe {saved['recipe']}: pass it again" if saved.get("recipe") != cfg.recipe else ""
             raise UserError(f"cannot resume {self.resume_dir} with a different {'; '.join(fatal)} "
-                            "(its saved state was built for the old value; start a new run, or use --init-from for the weights)")
+                            f"(its saved state was built for the old value{recipe}; or start a new run, with --init-from for the weights)")
         if changed:
             log.warning("resuming with settings changed since the checkpoint, so the run will differ from an "
                         "uninterrupted one: %s", "; ".join(changed))
@@ -264,14 +276,27 @@ class Trainer:
             self.method.load_state_dict(state["method"])
         else:
             distributed.load_model_state_dict(self.model, load_file(str(self.resume_dir / "model.safetensors"), device=str(self.device)))
+        current = [{key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups]
         distributed.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._keep_current_hyperparameters(current)
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.tokens_seen = state["tokens_seen"]
         self.guard.load_state_dict(state["guard"])
         self.train_stream.load_state_dict(data_states[self.env.rank])
+
+    def _keep_current_hyperparameters(self, current: list[dict[str, Any]]) -> None:
+        """Loading optimizer and scheduler state also loads the checkpoint's hyperparameters (peak lr, betas,
+        weight decay, GaLore's gap and scale, ...); put this run's back, so that a flag changed on resume (and
+        warned about) takes effect. Unchanged flags give back the same values bit for bit."""
+        groups = self.optimizer.param_groups
+        for group, settings in zip(groups, current):
+            group.update({key: value for key, value in settings.items() if key != "lr"})
+        self.scheduler.base_lrs = [group["initial_lr"] for group in groups]
+        for group, base, factor in zip(groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)  # what LambdaLR.step() computes
 
     # --- one optimizer step --------------------------------------------------------------------
     def _train_step(self) -> dict[str, Any]:

@@ -129,18 +129,28 @@ def test_existing_run_needs_resume(tiny_config_file, tmp_path, shared_data):
         run(tiny_config_file, tmp_path / "run", num_training_steps=1)
 
 
-def test_resume_refuses_a_different_state_layout_and_warns_about_other_changes(tiny_config_file, tmp_path, caplog, shared_data):
-    galore = dict(optimizer="galore_adamw", rank=8, gap=2, num_training_steps=2, save_every=1, eval_every=100)
+def test_resume_refuses_a_different_state_layout_and_applies_warned_changes(tiny_config_file, tmp_path, caplog, shared_data):
+    galore = dict(optimizer="galore_adamw", rank=8, gap=2, num_training_steps=2, save_every=1, eval_every=100,
+                  scheduler="constant", warmup_steps=0)
     run(tiny_config_file, tmp_path / "run", **galore)
     with pytest.raises(UserError, match=r"cannot resume .*step_00000002 with a different rank: 8 -> 4"):
         run(tiny_config_file, tmp_path / "run", **{**galore, "rank": 4, "num_training_steps": 3}, resume=True)
     with caplog.at_level("WARNING", logger="galore_train.train"):
-        summary = run(tiny_config_file, tmp_path / "run", **{**galore, "lr": 1e-3, "num_training_steps": 3, "save_every": 7},
-                      resume=True)
+        summary = run(tiny_config_file, tmp_path / "run", **{**galore, "lr": 1e-3, "gap": 5, "num_training_steps": 3,
+                                                            "save_every": 7}, resume=True)
     assert summary["steps"] == 3
     changed = [r.getMessage() for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
     assert len(changed) == 1 and "lr: 0.003 -> 0.001" in changed[0] and "num_training_steps: 2 -> 3" in changed[0]
     assert "save_every" not in changed[0], "run-control settings change freely"
+    lrs = [r["lr"] for r in records(tmp_path / "run") if "loss" in r]
+    assert lrs == [3e-3, 3e-3, 1e-3], "the changed lr takes effect (the checkpoint's optimizer state carried the old one)"
+
+
+def test_resume_accepts_another_spelling_of_the_same_optimizer(tiny_config_file, tmp_path, shared_data):
+    run(tiny_config_file, tmp_path / "run", optimizer="adam8bit", num_training_steps=1, save_every=1, eval_every=100)
+    summary = run(tiny_config_file, tmp_path / "run", optimizer="adamw", eightbit=True, num_training_steps=2, eval_every=100,
+                  resume=True)
+    assert summary["steps"] == 2
 
 
 def test_total_batch_must_divide(tiny_config_file, tmp_path):
