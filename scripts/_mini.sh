@@ -15,14 +15,17 @@ RANK=64  # d_model / 2, the paper's 60M ratio (128 / 256)
 STEPS=${STEPS:-200}
 RUN_STEPS=${MAX_STEPS:-$STEPS}  # what a run really does
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+if [[ "$RUNS_DIR" == "runs/$(basename "$0" .sh)" && "$STEPS" != 200 ]]; then
+  RUNS_DIR+="-steps$STEPS"  # never mix runs of another length into a table
+fi
 
 done_runs=0
 reused_runs=0
 
 # mini_run NAME LR SEED FLAGS...: one run into $RUNS_DIR/NAME-lrLR-sSEED (FLAGS pick the optimizer or
 # method); prints where it is in the budget of $total_runs runs. A failed run is reported, not fatal. A run
-# that an earlier invocation finished is reused; an unfinished one (a crash, a NaN stop) stays as it is and
-# the report marks it: delete its directory to run it again.
+# that an earlier invocation finished is reused, an interrupted one resumes from its checkpoint (--resume:
+# bit-exact); delete a run's directory to run it again.
 mini_run() {
   local name=$1-lr$2-s$3 lr=$2 seed=$3 start=$SECONDS
   shift 3
@@ -39,11 +42,11 @@ mini_run() {
     --scheduler cosine --min-lr-ratio 0.1 --weight-decay 0 --dtype fp32 \
     --eval-every $(((RUN_STEPS + 1) / 2)) --eval-tokens 20000 --eval-batch-size 16 --save-every "$RUN_STEPS" \
     --data-files "$DATA/c4/train/*.json.gz" --eval-data-files "$DATA/c4/eval/*.json.gz" --tokenizer "$DATA/t5-tokenizer" \
-    --output-dir "$RUNS_DIR/$name" --run-name "$name" --wandb-mode disabled \
+    --output-dir "$RUNS_DIR/$name" --run-name "$name" --wandb-mode disabled --resume \
     || echo "warning: run $name failed; the report marks it" >&2
-  local ran=$((done_runs - reused_runs))
+  local ran=$((done_runs - reused_runs))  # the remaining runs are projected at the mean time of those trained
   [[ "$DRY_RUN" == 1 ]] || note "$name: $((SECONDS - start)) s; $done_runs/$total_runs runs in $((SECONDS / 60)) min," \
-    "projected $((SECONDS * (total_runs - reused_runs) / ran / 60)) min in all"
+    "projected $(((SECONDS + (total_runs - done_runs) * SECONDS / ran) / 60)) min in all"
 }
 
 # finished_run DIR: whether DIR holds a finished run.
@@ -52,14 +55,16 @@ finished_run() {
 sys.exit(load_run(Path(sys.argv[1])).status != "finished")' "$1"
 }
 
-# best_lr DIR...: the lr of the finished run with the lowest validation perplexity (empty if none).
+# best_lr DIR...: the lr (as spelled in the run's directory name, NAME-lrLR-sSEED) of the finished run
+# with the lowest validation perplexity; empty if none finished.
 best_lr() {
   python - "$@" <<'EOF'
+import re
 import sys
 from pathlib import Path
 from galore_train.report import load_run
-runs = [r for r in (load_run(Path(p)) for p in sys.argv[1:]) if r.status == "finished" and r.val_perplexity]
-print(min(runs, key=lambda r: r.val_perplexity).config["lr"] if runs else "")
+runs = [(r, p) for p in sys.argv[1:] if (r := load_run(Path(p))).status == "finished" and r.val_perplexity]
+print(re.fullmatch(r".*-lr(.+)-s\d+", Path(min(runs, key=lambda rp: rp[0].val_perplexity)[1]).name)[1] if runs else "")
 EOF
 }
 
@@ -70,7 +75,7 @@ mini_setup_notes() {
 ## Setup
 
 Written by \`scripts/$(basename "$0")\` in $((SECONDS / 60)) min ($SECONDS s) on $(nproc) CPU cores, $(date -u +%Y-%m-%d),
-torch $(python -c 'import torch; print(torch.__version__)')$( ((reused_runs == 0)) || echo ", reusing $reused_runs runs finished by an earlier, interrupted invocation").
+torch $(python -c 'import torch; print(torch.__version__)')$( ((reused_runs == 0)) || echo ", reusing $reused_runs runs finished by an earlier invocation").
 
 - Model $MODEL, fp32; $RUN_STEPS steps x 4 sequences x 256 tokens (packed) = $((RUN_STEPS * 1024)) tokens per run;
   warm-up 10% of the steps, cosine to 10%, no weight decay; validation on the same held-out C4 tokens (all 100

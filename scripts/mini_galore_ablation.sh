@@ -24,7 +24,7 @@ mini_run galore-rank127 "$LR" 0 --optimizer galore_adamw --rank 127 --gap "$GAP"
 mini_run galore-scale1 "$LR" 0 --optimizer galore_adamw --rank "$RANK" --gap "$GAP" --scale 1.0
 
 # mini Table 2's seed-0 runs at the same lr, for reference (marked missing if mini_table2.sh has not run)
-TABLE2_RUNS=${TABLE2_RUNS:-runs/mini_table2}
+TABLE2_RUNS=${TABLE2_RUNS:-runs/mini_table2${MAX_STEPS:+-smoke$MAX_STEPS}}
 run galore-train report "$TABLE2_RUNS/full-lr$LR-s0" "$TABLE2_RUNS/galore-lr$LR-s0" \
   "$RUNS_DIR/galore-rank127-lr$LR-s0" "$RUNS_DIR/galore-scale1-lr$LR-s0" \
   --title "Mini GaLore ablation: rank vs scale (llama_9m, real C4, CPU)" --output "$RESULTS/mini_galore_ablation.md"

@@ -164,8 +164,9 @@ def test_mini_table2_really_runs_reports_and_reuses_finished_runs(tmp_path: Path
     script = ["bash", str(ROOT / "scripts/mini_table2.sh")]
     first = subprocess.run(script, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs[:2] == ["galore-lr0.003-s0", "galore-lr0.01-s0"] and runs[2] in ("galore-lr0.003-s1", "galore-lr0.01-s1")
+    runs = {p.name for p in (tmp_path / "runs").iterdir()}
+    seed_1 = runs - {"galore-lr0.003-s0", "galore-lr0.01-s0"}
+    assert len(runs) == 3 and seed_1 <= {"galore-lr0.003-s1", "galore-lr0.01-s1"} and len(seed_1) == 1
     table = (tmp_path / "results" / "mini_table2.md").read_text()
     assert "| GaLore | " in table and "(n=2)" in table and "## Setup" in table
     second = subprocess.run(script, capture_output=True, text=True, env=env, timeout=900)
