@@ -476,12 +476,13 @@ def markdown_report(runs: list[Run], plots: list[Path], output: Optional[Path], 
         parts += ["## Validation perplexity", _markdown_table(
             ["Method", *models], [[row, *(_perplexity_cell(find.get((row, m))) for m in models)] for row in rows]
             + [["Training tokens", *tokens]]),
-            "Mean over finished runs (seeds); ± is half the range of the runs; [paper] is the GaLore paper's Table 2."]
+            "Mean over finished runs (seeds); ± is half the range of the runs"
+            + ("; [paper] is the GaLore paper's Table 2." if any(PAPER_TABLE2_PERPLEXITY.get(r, {}).get(m) for r in rows for m in models) else ".")]
         parts += ["## Memory", _markdown_table(
             ["Method", *models], [[row, *(_memory_cell(find.get((row, m))) for m in models)] for row in rows]),
             "Weights + optimizer states (the paper's Table 2 memory; GaLore's projection matrices count as optimizer state) "
             "measured (highest reading of each in metrics.jsonl), `est` the same from galore_train.memory's estimator, "
-            "`peak` the measured peak of all live tensors. GiB = 2^30 bytes."]
+            "`peak` the measured peak of all live tensors. MiB = 2^20 bytes, GiB = 2^30 bytes."]
     reference = _full_rank_reference(cells)
     if reference:
         parts += ["## Relative to Full-Rank", _markdown_table(

@@ -4,7 +4,7 @@
 # Every mini run trains llama_9m in fp32 for STEPS steps x 4 sequences x 256 packed tokens (205K tokens at
 # the default 200 steps), warm-up 10% of the steps, cosine to 10%, no weight decay, and evaluates three
 # times on the same held-out tokens: all 100 documents of ../shared/data/c4/eval, each truncated to 256
-# tokens (19.2K tokens). Sequences are packed because the shared data holds only 1,820 documents (943K
+# tokens (19.1K tokens). Sequences are packed because the shared data holds only 1,820 documents (943K
 # tokens); truncating each to 256 would leave 358K distinct tokens. 205K tokens is ~22% of the data, so
 # no run repeats a document.
 

@@ -7,7 +7,7 @@
 # runs repeat mini Table 2's seed-0 runs command for command: they must score the same (determinism).
 #
 # Hardware: CPU, 2 cores, no GPU (no other GPUs needed). Budget: 7 runs of 200 steps x 4 sequences x 256
-# tokens = 205K tokens each (scripts/_mini.sh), ~2.4 min each, ~17 minutes in all.
+# tokens = 205K tokens each (scripts/_mini.sh), 150-193 s each, 20 minutes in all here.
 #
 # Settings: as in the paper, the full-rank optimizers share one lr and the GaLore ones another: the best of
 # mini Table 2's sweep {0.01, 0.003, 0.001} for Full-Rank AdamW and for GaLore-AdamW, 0.003 for both

@@ -7,11 +7,11 @@
 #
 # Hardware: CPU, 2 cores, no GPU (no other GPUs needed). Budget: 20 runs (5 methods x 3 lrs, + 5 seed-1
 # runs) of 200 steps x 4 sequences x 256 tokens = 205K tokens each (scripts/_mini.sh). Measured here on 2
-# cores: ~1,800 tokens/s, 141-203 s per run (~155 s undisturbed: ~115 s of training, 3 evaluations,
+# cores: ~1,800 tokens/s, 144-203 s per run (~155 s undisturbed: ~115 s of training, 3 evaluations,
 # start-up), 54.6 min for the 20 runs in all. The script prints the elapsed and projected time after every
 # run; if the projection passes 60 minutes (a busy machine), rerun with STEPS=150. Interrupted, it can be
-# rerun: runs that finished are reused. The committed results/mini_table2.md ends with a hand-written
-# comparison with the paper, which a rerun overwrites.
+# rerun: finished runs are reused, interrupted ones resume. results/mini_table2_paper.md holds the
+# hand-written comparison with the paper.
 #
 # Scaled from the paper (Section 5.1): rank = d_model / 2 (the paper's 60M ratio, 128 / 256), warm-up
 # 10% of the steps, cosine to 10%, GaLore scale 0.25; GaLore's gap 200 of 10K steps becomes STEPS / 10
@@ -19,7 +19,7 @@
 # subspace); ReLoRA restarts every STEPS / 4 steps with a 5-step warm-up (4 cycles). The lr grids (below)
 # span the top of the paper's {0.01, 0.005, 0.001, 0.0005, 0.0001}: tiny models on short runs favour large lrs.
 # Deviation, forced by the data: training sequences are packed (see scripts/_mini.sh). Validation scores
-# all 100 held-out documents, each truncated to 256 tokens (19.2K tokens), as the paper does.
+# all 100 held-out documents, each truncated to 256 tokens (19.1K tokens), as the paper does.
 # Expected (paper Table 2, 60M): GaLore within ~2-3% of Full-Rank, LoRA close, ReLoRA a little behind,
 # Low-Rank far behind. At this size 90% of the weights are the embedding and output layers, which every
 # method trains in full, so the methods differ only in the remaining 10% and GaLore's optimizer-memory
