@@ -13,6 +13,7 @@ RESULTS=${RESULTS:-results}
 MODEL=llama_9m
 RANK=64  # d_model / 2, the paper's 60M ratio (128 / 256)
 STEPS=${STEPS:-200}
+GAP=$((STEPS / 10))  # GaLore: 10 projection refreshes per run
 RUN_STEPS=${MAX_STEPS:-$STEPS}  # what a run really does
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [[ "$RUNS_DIR" == "runs/$(basename "$0" .sh)" && "$STEPS" != 200 ]]; then

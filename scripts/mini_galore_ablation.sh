@@ -18,7 +18,6 @@ source scripts/_common.sh
 source scripts/_mini.sh
 
 LR=${LR:-0.003}
-GAP=$((STEPS / 10))
 total_runs=2
 mini_run galore-rank127 "$LR" 0 --optimizer galore_adamw --rank 127 --gap "$GAP" --scale 0.25
 mini_run galore-scale1 "$LR" 0 --optimizer galore_adamw --rank "$RANK" --gap "$GAP" --scale 1.0

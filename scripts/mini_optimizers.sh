@@ -28,7 +28,7 @@ source scripts/_mini.sh
 FULL_LR=${FULL_LR:-0.003}
 GALORE_LR=${GALORE_LR:-0.003}
 OPTIMIZERS=${OPTIMIZERS:-"adamw adam adafactor adam8bit galore_adamw galore_adafactor galore_adamw8bit"}
-GALORE="--rank $RANK --gap $((STEPS / 10)) --scale 0.25"
+GALORE="--rank $RANK --gap $GAP --scale 0.25"
 
 total_runs=$(wc -w <<< "$OPTIMIZERS")
 dirs=()
@@ -47,6 +47,6 @@ run galore-train report "${dirs[@]}" --title "Mini optimizer table: llama_9m on 
 if [[ "$DRY_RUN" != 1 ]]; then
   {
     mini_setup_notes
-    echo "- lr $FULL_LR for the full-rank optimizers, $GALORE_LR for the GaLore ones, seed 0; GaLore rank $RANK, gap $((STEPS / 10)), scale 0.25 (every attention and MLP matrix)."
+    echo "- lr $FULL_LR for the full-rank optimizers, $GALORE_LR for the GaLore ones, seed 0; GaLore rank $RANK, gap $GAP, scale 0.25 (every attention and MLP matrix)."
   } >> "$RESULTS/mini_optimizers.md"
 fi

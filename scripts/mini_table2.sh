@@ -43,7 +43,6 @@ lr_grid() {
   esac
 }
 METHODS=${METHODS:-"full galore low_rank lora relora"}
-GAP=$((STEPS / 10))  # 10 projection refreshes per run
 RESET=$((STEPS / 4))  # 4 ReLoRA cycles per run
 
 # method_flags METHOD: the optimizer/method and its own settings.
