@@ -3,9 +3,11 @@ cross-check against the reference package galore-torch (a dev dependency, import
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +290,29 @@ def test_invalid_groups_are_rejected() -> None:
         GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(8))], "rank": 2}])
     with pytest.raises(ValueError, match="rank must be a positive"):
         GaLoreAdafactor([{"params": [p], "rank": 0}])
+
+
+# --- optimizer-state bytes vs the paper's formula (the numbers scripts/bench_optimizer.py prints) -----
+
+
+def test_every_optimizers_state_bytes_equal_the_formula() -> None:
+    """AdamW 2mn, GaLore-AdamW mr + 2nr (m <= n), Adafactor m + n, 8-bit moments 1 B + fp32 block maxima, ...:
+    measured from the state tensors after one step, with the benchmark's own code, on both sides of std."""
+    bench = _load_script("bench_optimizer")
+    generator = torch.Generator().manual_seed(0)
+    block = [(f"matrix{i}", torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+             for i, shape in enumerate([(64, 512), (512, 64), (128, 128)])]
+    rows = bench.bench_state_bytes(block, rank=32)  # every low-rank moment >= 4096 elements: 8-bit applies
+    assert [name for name, _, _ in rows] == ["adamw", "adam", "adafactor", "adam8bit", "galore_adamw",
+                                             "galore_adafactor", "galore_adamw8bit"]
+    for name, measured, formula in rows:
+        assert measured == formula, name
+    assert dict((name, measured) for name, measured, _ in rows)["galore_adamw"] == 4 * (64 * 32 + 2 * 512 * 32) * 2 + 4 * 3 * 128 * 32
+
+
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
