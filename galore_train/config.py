@@ -148,7 +148,8 @@ class TrainConfig:
         group size would misread quantized projections). Changed ones take effect and make the continuation
         differ from an uninterrupted run (lr, gap, data, ...): allowed, and worth a warning. Settings of
         logging, saving, evaluation and parallelism (FSDP and DDP checkpoints are interchangeable) are neither.
-        `--8bit` with adamw is the same run as adam8bit: compare resolved names before calling this.
+        `--8bit` with adamw is the same run as adam8bit: compare resolved names before calling this. The
+        trainer compares the model and dtype as built (the checkpoint's config.json) when it can.
         """
         fatal, changed = [], []
         for name, new in self.to_dict().items():

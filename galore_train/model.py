@@ -85,14 +85,20 @@ ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", 
                        "num_key_value_heads", "vocab_size", "hidden_act", "tie_word_embeddings")
 
 
+def architecture_differences(old: LlamaConfig, new: LlamaConfig) -> list[tuple[str, object, object]]:
+    """(field, old value, new value) for each ARCHITECTURE_FIELDS entry that differs: configs that build
+    different weights, whatever their file names."""
+    return [(name, getattr(old, name), getattr(new, name)) for name in ARCHITECTURE_FIELDS
+            if getattr(old, name) != getattr(new, name)]
+
+
 def load_pretrained_llama(source: str, expected: LlamaConfig, dtype: torch.dtype) -> LlamaForCausalLM:
     """Existing HF LLaMA weights (a directory or hub id) for continued pretraining, checked against --model."""
     try:
         found = LlamaConfig.from_pretrained(source)
     except Exception as err:
         raise UserError(f"cannot read --init-from {source!r}: {str(err).splitlines()[0]}") from None
-    differing = [f"{name} {getattr(found, name)} (--model: {getattr(expected, name)})"
-                 for name in ARCHITECTURE_FIELDS if getattr(found, name) != getattr(expected, name)]
+    differing = [f"{name} {old} (--model: {new})" for name, old, new in architecture_differences(found, expected)]
     if differing:
         raise UserError(f"--init-from {source} does not match --model: {', '.join(differing)}")
     model = LlamaForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers import LlamaConfig
 
 from galore_train import checkpoint, distributed
 from galore_train.config import TrainConfig, parse_token_count
@@ -31,7 +32,7 @@ from galore_train.guard import LossGuard
 from galore_train.memory import MemoryMeter
 from galore_train.methods import METHOD_NAMES, base_optimizer_name, build_method, scheduler_kwargs
 from galore_train.metrics import MetricsSink
-from galore_train.model import build_model, load_model_config, load_pretrained_llama
+from galore_train.model import architecture_differences, build_model, load_model_config, load_pretrained_llama
 from galore_train.optim import build_optimizer, resolve_optimizer_name
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.schedule import build_scheduler
@@ -54,6 +55,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -126,11 +131,11 @@ class Trainer:
         self.run_name = cfg.run_name or default_run_name(cfg)
         self.output_dir = Path(cfg.output_dir or Path("runs") / self.run_name)
         self.checkpoint_root = self.output_dir / "checkpoints"
+        self.model_config = load_model_config(cfg.model)
         self.resume_dir = self._find_resume_dir()
         if self.resume_dir is not None:
             self._check_resume_settings()
 
-        self.model_config = load_model_config(cfg.model)
         tokenizer = load_tokenizer(cfg.tokenizer)
         self.tokenize = Tokenize(tokenizer, cfg.max_length, self.model_config.vocab_size)
         self.step = 0
@@ -165,7 +170,11 @@ class Trainer:
         cfg, saved = self.cfg, json.loads(saved_file.read_text())
         if _built_optimizer(saved["optimizer"], saved["eightbit"]) == _built_optimizer(cfg.optimizer, cfg.eightbit):
             saved.update(optimizer=cfg.optimizer, eightbit=cfg.eightbit)  # e.g. adamw --8bit == adam8bit
+        built_differently = self._built_differently()
+        if built_differently is not None:  # compared as built, not as spelled: llama_9m == configs/llama_9m.json
+            saved.update(model=cfg.model, dtype=cfg.dtype)
         fatal, changed = cfg.resume_differences(saved)
+        fatal = (built_differently or []) + fatal
         if fatal:
             recipe = f"; it was trained with --recipe {saved['recipe']}: pass it again" if saved.get("recipe") != cfg.recipe else ""
             raise UserError(f"cannot resume {self.resume_dir} with a different {'; '.join(fatal)} "
@@ -173,6 +182,18 @@ class Trainer:
         if changed:
             log.warning("resuming with settings changed since the checkpoint, so the run will differ from an "
                         "uninterrupted one: %s", "; ".join(changed))
+
+    def _built_differently(self) -> Optional[list[str]]:
+        """How the checkpoint's model (its config.json) differs from the one this run builds: architecture
+        and dtype (`--dtype auto` resolves per device: a bf16 GPU checkpoint resumed on a CPU would be fp32).
+        None if the checkpoint has no config.json to tell."""
+        if not (self.resume_dir / "config.json").is_file():
+            return None
+        saved = LlamaConfig.from_pretrained(self.resume_dir)
+        differences = [f"model: {name} {old} -> {new}" for name, old, new in architecture_differences(saved, self.model_config)]
+        if saved.dtype != self.dtype:
+            differences.append(f"dtype: {dtype_name(saved.dtype)} -> {dtype_name(self.dtype)}")
+        return differences
 
     def _find_resume_dir(self) -> Optional[Path]:
         cfg = self.cfg
@@ -413,7 +434,7 @@ class Trainer:
                 saved = self.save()
                 signum = stop.signum or signal.SIGTERM  # a rank the signal has not reached yet
                 raise TrainingStopped(f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {saved} (continue with --resume)", 128 + signum)
-        summary = {"run_name": self.run_name, "model": cfg.model, "optimizer": cfg.optimizer, "dtype": str(self.dtype).removeprefix("torch."), "steps": self.step,
+        summary = {"run_name": self.run_name, "model": cfg.model, "optimizer": cfg.optimizer, "dtype": dtype_name(self.dtype), "steps": self.step,
                    "tokens_seen": self.tokens_seen, "epochs": self.train_stream.epoch, "skipped_steps": self.guard.total_skips,
                    "bad_data_lines": BAD_LINES.count, "remapped_token_ids": self.tokenize.remapped_ids, **last_eval}
         sink.write_summary(summary)

@@ -146,6 +146,22 @@ def test_resume_refuses_a_different_state_layout_and_applies_warned_changes(tiny
     assert lrs == [3e-3, 3e-3, 1e-3], "the changed lr takes effect (the checkpoint's optimizer state carried the old one)"
 
 
+def test_resume_compares_the_model_as_built_not_as_spelled(tiny_config_file, tmp_path, shared_data):
+    """Another path to the same architecture resumes; the same path edited to another architecture, or
+    another dtype (`--dtype auto` on another device), is refused in one line instead of crashing mid-step."""
+    args = dict(optimizer="galore_adamw", rank=8, gap=2, num_training_steps=1, save_every=1, eval_every=100)
+    run(tiny_config_file, tmp_path / "run", **args)
+    same_architecture = tmp_path / "renamed.json"
+    same_architecture.write_text(Path(tiny_config_file).read_text())
+    assert run(str(same_architecture), tmp_path / "run", **{**args, "num_training_steps": 2}, resume=True)["steps"] == 2
+    with pytest.raises(UserError, match=r"with a different dtype: float32 -> bfloat16 \(its saved state"):
+        run(str(same_architecture), tmp_path / "run", **{**args, "num_training_steps": 3, "dtype": "bf16"}, resume=True)
+    edited = json.loads(same_architecture.read_text())
+    same_architecture.write_text(json.dumps({**edited, "hidden_size": 2 * edited["hidden_size"]}))
+    with pytest.raises(UserError, match=rf"with a different model: hidden_size {edited['hidden_size']} -> {2 * edited['hidden_size']}"):
+        run(str(same_architecture), tmp_path / "run", **{**args, "num_training_steps": 3}, resume=True)
+
+
 def test_resume_accepts_another_spelling_of_the_same_optimizer(tiny_config_file, tmp_path, shared_data):
     run(tiny_config_file, tmp_path / "run", optimizer="adam8bit", num_training_steps=1, save_every=1, eval_every=100)
     summary = run(tiny_config_file, tmp_path / "run", optimizer="adamw", eightbit=True, num_training_steps=2, eval_every=100,
