@@ -31,3 +31,15 @@ def test_validation_names_the_flag(changes, message):
 def test_round_trip_through_dict():
     cfg = TrainConfig(num_training_steps=10, rank=64, tags=["a"])
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("changes, fatal, changed", [
+    ({"proj_group_size": 128}, ["proj_group_size: 256 -> 128"], []),  # quantized projections would be misread
+    ({"proj_bits": 8}, ["proj_bits: 32 -> 8"], []),
+    ({"lr": 0.01, "gap": 50}, [], ["lr: 0.001 -> 0.01", "gap: 200 -> 50"]),  # take effect, with a warning
+    ({"eval_every": 7, "distributed": "fsdp"}, [], []),  # run control: free
+    ({"galore_targets": ["mlp", "attn"]}, [], []),  # the same set in another order
+])
+def test_resume_differences_sort_fatal_from_warned(changes, fatal, changed):
+    saved = TrainConfig(galore_targets=["attn", "mlp"])
+    assert saved.replace(**changes).resume_differences(saved.to_dict()) == (fatal, changed)
