@@ -14,6 +14,7 @@ from torch import nn
 from galore_train.data import IGNORE_INDEX
 from galore_train.distributed import DistEnv, all_reduce_sum
 from galore_train.errors import UserError
+from galore_train.model import resolve_dtype
 
 
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -50,7 +51,6 @@ def score_checkpoint(path: Path, *, eval_data_files: Optional[str], tokenizer: O
     from galore_train.checkpoint import latest_checkpoint
     from galore_train.config import TrainConfig
     from galore_train.data import Tokenize, build_eval_batches, document_source, load_tokenizer
-    from galore_train.train import resolve_dtype
 
     path = Path(path)
     if not (path / "config.json").exists():

@@ -142,3 +142,22 @@ def target_linear_modules(model: nn.Module, targets: Iterable[str]) -> dict[str,
         if count == 0:
             raise UserError(f"--galore-targets entry {target!r} matches no linear layer of the model")
     return found
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 where the GPU computes it natively; fp32 on CPU (bf16 matmuls are ~50x slower there).
+
+    bf16 means pure bf16 weights, gradients and optimizer states, as in the paper's runs and memory
+    figures (no fp32 master copy); fp32 is plain fp32.
+    """
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

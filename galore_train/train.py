@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 from galore_train import checkpoint, distributed
-from galore_train.config import TrainConfig, parse_token_count
+from galore_train.config import TrainConfig, plan_steps
 from galore_train.data import PretrainingStream, Tokenize, build_eval_batches, document_source, load_tokenizer, BAD_LINES
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import evaluate, summed_loss
@@ -32,56 +31,12 @@ from galore_train.guard import LossGuard
 from galore_train.memory import MemoryMeter
 from galore_train.methods import METHOD_NAMES, base_optimizer_name, build_method, scheduler_kwargs
 from galore_train.metrics import MetricsSink
-from galore_train.model import architecture_differences, build_model, load_model_config, load_pretrained_llama
+from galore_train.model import architecture_differences, build_model, dtype_name, load_model_config, load_pretrained_llama, resolve_dtype
 from galore_train.optim import build_optimizer, resolve_optimizer_name
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
-
-
-# --- derived settings ----------------------------------------------------------------------------
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the GPU computes it natively; fp32 on CPU (bf16 matmuls are ~50x slower there).
-
-    bf16 means pure bf16 weights, gradients and optimizer states, as in the paper's runs and memory
-    figures (no fp32 master copy); fp32 is plain fp32.
-    """
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    total_steps: int
-    warmup_steps: int
-    accumulation: int
-    total_batch_size: int
-
-
-def plan_steps(cfg: TrainConfig, world_size: int) -> StepPlan:
-    per_step = cfg.batch_size * world_size
-    total_batch = cfg.total_batch_size or per_step
-    if total_batch % per_step:
-        raise UserError(f"--total-batch-size {total_batch} is not a multiple of --batch-size {cfg.batch_size} x {world_size} process(es)")
-    if cfg.num_training_steps is not None:
-        steps = cfg.num_training_steps
-    else:
-        steps = math.ceil(parse_token_count(cfg.max_train_tokens) / (total_batch * cfg.max_length))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else steps // 10
-    if warmup >= steps and steps > 1:
-        raise UserError(f"--warmup-steps {warmup} must be smaller than the {steps} training steps")
-    return StepPlan(total_steps=steps, warmup_steps=warmup, accumulation=total_batch // per_step, total_batch_size=total_batch)
 
 
 def default_run_name(cfg: TrainConfig) -> str:

@@ -37,7 +37,8 @@ from conftest import ROOT, SHARED_DATA, TINY_LLAMA, tiny_run_args
 from galore_train import distributed
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.train import Trainer, plan_steps
+from galore_train.config import plan_steps
+from galore_train.train import Trainer
 
 ONE_SHARD = str(SHARED_DATA / "c4" / "train" / "c4-train.00000-of-01024.docs0000-0849.json.gz")
 STEPS = 4

@@ -18,7 +18,7 @@ from galore_train.config import TrainConfig
 from galore_train.methods import METHOD_NAMES
 from galore_train.model import load_model_config
 from galore_train.optim import resolve_optimizer_name
-from galore_train.train import plan_steps
+from galore_train.config import plan_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 # The experiment scripts: those built on scripts/_common.sh, which gives them DRY_RUN and MAX_STEPS
