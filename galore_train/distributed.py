@@ -20,7 +20,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -106,6 +106,23 @@ def gather_floats(value: float, env: DistEnv) -> list[float]:
     gathered = [torch.empty_like(tensor) for _ in range(env.world_size)]
     dist.all_gather(gathered, tensor)
     return [t.item() for t in gathered]
+
+
+def gather_objects(value: Any, env: DistEnv) -> list[Any]:
+    """One picklable value from every rank, in rank order (e.g. each rank's data-stream position)."""
+    if not env.enabled:
+        return [value]
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def all_finite(tensors: Iterable[torch.Tensor], env: DistEnv) -> bool:
+    """Whether every element of `tensors` is finite on every rank (FSDP: each rank checks its shards).
+    One device sync, not one per tensor."""
+    checks = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]
+    finite = bool(torch.stack(checks).all()) if checks else True
+    return not any_rank(not finite, env)
 
 
 # --- wrapping ------------------------------------------------------------------------------------
@@ -222,14 +239,13 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
             "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in full["param_groups"]]}
 
 
-def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load full weights; under FSDP every rank keeps its own shard of them."""
-    if not is_sharded(model):
-        model.load_state_dict(state)
-        return
+def load_full_weights(model: nn.Module, read: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """FSDP: full weights into the sharded model; only rank 0 calls `read` (they stay on its CPU), and
+    torch broadcasts them one tensor at a time, each rank keeping its shard (collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    state = read() if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Loss guard: decide, before any gradient reaches the weights, whether a step's loss is usable.
 
-A non-finite loss stops the run (default) or skips the step (`--skip-nonfinite`). With
+A non-finite loss stops the run (default) or skips the step (`--skip-nonfinite`); so does a non-finite
+gradient norm with a finite loss (an overflow inside backward), checked before the update is applied. With
 `--spike-threshold F`, a loss above F x the running mean of accepted losses is skipped as well: long
 8-bit/layer-wise runs are known to blow up after a single bad batch, and one skipped update is cheap
 next to restarting days of training. `--max-spikes` consecutive skips stop the run, since then the
@@ -38,6 +39,11 @@ class LossGuard:
         if loss > self.spike_threshold * self.running_mean:
             return f"loss spiked to {loss:.4f} (> {self.spike_threshold} x running mean {self.running_mean:.4f})"
         return None
+
+    @staticmethod
+    def reason_to_skip_gradient(grad_norm: float) -> Optional[str]:
+        """None if the step's gradient norm is finite, else why the step must not be applied."""
+        return None if math.isfinite(grad_norm) else f"gradient norm became {grad_norm} (loss was finite)"
 
     def reject(self, reason: str, where: str) -> None:
         """Count a skipped step, or stop the run when skipping is off or has gone on too long."""

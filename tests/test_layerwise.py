@@ -56,7 +56,7 @@ def _train(model, opt, scheduler, updater, batches) -> list[float]:
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            norms.append(float(updater.pop_grad_norm()))
+            norms.append(float(updater.finish()))
         scheduler.step()
     return norms
 
@@ -146,22 +146,22 @@ def test_layerwise_optimizer_state_round_trips_through_a_checkpoint(optimizer: s
     _assert_same_weights(straight[0], resumed[0])
 
 
-def test_zero_grad_drops_held_micro_batches() -> None:
+def test_abandon_drops_held_micro_batches() -> None:
     """An abandoned step (e.g. a NaN loss in a later micro-batch) must not leak into the next one."""
     clean, dirty = _setup("adamw", True), _setup("adamw", True)
     ids = _batches(1, 1, seed=7)[0][0]
     with dirty[3].accumulating():
         dirty[0](input_ids=ids, labels=ids).loss.backward()
-    dirty[3].zero_grad()
+    dirty[3].abandon()
     batches = _batches(steps=1, accumulation=1)
     _train(*clean, batches)
     _train(*dirty, batches)
     _assert_same_weights(clean[0], dirty[0])
 
 
-def test_remove_restores_normal_backward() -> None:
+def test_close_restores_normal_backward() -> None:
     model, _, _, updater = _setup("adamw", True)
-    updater.remove()
+    updater.close()
     ids = _batches(1, 1)[0][0]
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters())

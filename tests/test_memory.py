@@ -47,9 +47,8 @@ def _measured_weights_and_state(name: str, dtype: str, **options) -> int:
     cfg = TrainConfig(optimizer=name, rank=RANK, gap=1, num_training_steps=2, **options)
     model = build_model(CONFIG, seed=0, dtype=DTYPES[dtype])
     method = build_method(cfg)
-    if method is not None:
-        model = method.prepare(model)
-        cfg = cfg.replace(optimizer="adamw")
+    model = method.prepare(model)
+    cfg = cfg.replace(optimizer=method.optimizer_name())
     optimizer = build_optimizer(model, cfg)
     _step(model, optimizer)
     return unique_nbytes(model.parameters()) + unique_nbytes(optimizer_state_tensors(optimizer))

@@ -117,7 +117,10 @@ def test_memory_helper_agrees_with_the_prepared_model(name):
 
 
 def test_registry_and_loop_helpers():
-    assert build_method(method_config("adamw")) is None
+    full = build_method(method_config("adamw"))
+    assert not full.changes_model and full.optimizer_name() == "adamw" and full.merged_model(model := object()) is model
+    assert build_method(method_config("galore_adamw")).optimizer_name() == "galore_adamw"
+    assert build_method(method_config("relora")).optimizer_name() == "adamw"
     assert base_optimizer_name(method_config("lora")) == "adamw"
     assert scheduler_kwargs(method_config("lora")) == {}
     assert scheduler_kwargs(method_config("relora", relora_reset=50, restart_warmup_steps=5, relora_warm_start=7)) == {

@@ -1,17 +1,17 @@
 """Training methods that change the model instead of the optimizer: `--optimizer lora|relora|low_rank`.
 
-The training loop stays method-agnostic: `build_method(cfg)` gives a Method (or None), the optimizer
-is the regular `base_optimizer_name(cfg)` over the trainable parameters, and `scheduler_kwargs(cfg)`
+The training loop stays method-agnostic: `build_method(cfg)` gives a Method (`FullModel`, a no-op, for
+plain optimizers), the optimizer is the regular `method.optimizer_name()` over the trainable parameters, and `scheduler_kwargs(cfg)`
 goes into `schedule.build_scheduler` (ReLoRA's jagged restarts). See docs/methods.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.methods.base import Method
+from galore_train.methods.base import BASE_OPTIMIZER, FullModel, Method
 from galore_train.methods.lora import LoRA
 from galore_train.methods.low_rank import LowRank
 from galore_train.methods.relora import ReLoRA
@@ -22,17 +22,17 @@ METHOD_NAMES = tuple(_METHODS)
 __all__ = ["METHOD_NAMES", "Method", "MatrixParams", "base_optimizer_name", "build_method", "matrix_parameter_counts", "scheduler_kwargs"]
 
 
-def build_method(cfg: TrainConfig) -> Optional[Method]:
-    """The Method named by --optimizer, or None for a plain optimizer. Raises UserError on bad options."""
+def build_method(cfg: TrainConfig) -> Method:
+    """The Method named by --optimizer, or FullModel for a plain optimizer. Raises UserError on bad options."""
     if cfg.optimizer not in _METHODS:
-        return None
+        return FullModel(cfg)
     _check_options(cfg)
     return _METHODS[cfg.optimizer](cfg)
 
 
 def base_optimizer_name(cfg: TrainConfig) -> str:
     """The optimizer that trains a method's parameters (--8bit still applies to it)."""
-    return "adamw"
+    return BASE_OPTIMIZER
 
 
 def scheduler_kwargs(cfg: TrainConfig) -> dict[str, Any]:

@@ -19,14 +19,21 @@ from galore_train.config import TrainConfig
 # A target layer's merged (weight, bias), in the layer's dtype.
 MergedLinear = tuple[torch.Tensor, Optional[torch.Tensor]]
 
+BASE_OPTIMIZER = "adamw"  # trains a method's parameters (--8bit still applies to it)
+
 
 class Method:
     """Base class. Subclasses set `name` and implement `prepare`, `is_wrapped` and `merged_linear`."""
 
     name: str = ""
+    changes_model = True  # its weights are not the plain LLaMA's: checkpoints also keep the wrapped ones
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+
+    def optimizer_name(self) -> str:
+        """The --optimizer registry name of what trains this method's parameters."""
+        return BASE_OPTIMIZER
 
     def prepare(self, model: LlamaForCausalLM, completed_steps: int = 0) -> nn.Module:
         """Rewrite the target linears of `model` in place and set requires_grad; return `model`.
@@ -83,3 +90,22 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{self.name} keeps no state, got {sorted(state)}")
+
+
+class FullModel(Method):
+    """No method: the model as built, every weight trained by the optimizer named with --optimizer."""
+
+    name = "full"
+    changes_model = False
+
+    def optimizer_name(self) -> str:
+        return self.cfg.optimizer
+
+    def prepare(self, model: LlamaForCausalLM, completed_steps: int = 0) -> nn.Module:
+        return model
+
+    def is_wrapped(self, module: nn.Module) -> bool:
+        return False
+
+    def merged_model(self, model: nn.Module) -> LlamaForCausalLM:
+        return model

@@ -17,10 +17,19 @@ and the invariant above holds; the backward of the last micro-batch then adds th
 Accumulation therefore keeps a full gradient set between micro-batches: correct, but the memory
 saving on gradients only materialises with one micro-batch per step.
 
+Non-finite gradients: each hook checks its gradient's norm before stepping (one device sync per
+parameter, the price of never applying a NaN). From the first non-finite gradient on, no parameter of
+this step is updated, and `finish()` returns a non-finite norm so the loop skips or stops the step as
+for a non-finite loss. What cannot be undone: parameters whose hooks ran earlier in this backward
+(layers nearer the output) keep their update of this step; it was computed from finite gradients.
+
 Not supported, refused with a UserError: global gradient-norm clipping (it needs every gradient
 before the first update) and multi-process data parallelism (the gradient all-reduce happens in
 DDP's own hooks, after ours would have stepped). The global gradient norm is still available for
-logging: the hooks sum each gradient's squared norm (`pop_grad_norm`).
+logging: the hooks sum each gradient's squared norm (`finish`).
+
+The training loop drives this class and `galore_train.updates.PlainUpdates` through the same four
+calls: `accumulating()`, `finish()`, `abandon()`, `close()`.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ class LayerwiseUpdater:
             with updater.accumulating():
                 loss(micro_batch).backward()
         loss(batches[-1]).backward()      # parameters are updated during this backward
+        grad_norm = updater.finish()
         scheduler.step()
     """
 
@@ -68,6 +78,7 @@ class LayerwiseUpdater:
         self._accumulating = False
         self._held: dict[nn.Parameter, torch.Tensor] = {}
         self._sq_norm: torch.Tensor | float = 0.0
+        self._poisoned = False  # a non-finite gradient was seen in this step: update nothing more
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         for p in params:
             p.grad = None  # the invariant "every other gradient is None" starts here
@@ -82,23 +93,26 @@ class LayerwiseUpdater:
         finally:
             self._accumulating = False
 
-    def pop_grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the gradients applied since the last call (call once per optimizer step)."""
-        norm = torch.as_tensor(self._sq_norm).sqrt()
+    def finish(self) -> float:
+        """Global L2 norm of this step's gradients (call once per optimizer step, after the last backward).
+        Non-finite when a gradient was: the parameters from that one on were not updated."""
+        norm = float(torch.as_tensor(self._sq_norm).sqrt())
         self._sq_norm = 0.0
+        self._poisoned = False
         return norm
 
-    def zero_grad(self) -> None:
+    def abandon(self) -> None:
         """Forget the gradients held from earlier micro-batches (a step abandoned half-way, e.g. on a
         non-finite loss); `optimizer.zero_grad()` cannot see them."""
         self._held.clear()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def remove(self) -> None:
+    def close(self) -> None:
         """Detach the hooks; the model and optimizer go back to normal training."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.zero_grad()
+        self.abandon()
 
     def _on_gradient(self, param: nn.Parameter) -> None:
         if self._accumulating:
@@ -119,7 +133,10 @@ class LayerwiseUpdater:
         held = self._held.pop(param, None)
         if held is not None:
             param.grad = held.add_(param.grad)
-        # Norm in the gradient's own dtype (float accumulation inside): no full-size fp32 copy, no sync.
-        self._sq_norm = self._sq_norm + torch.linalg.vector_norm(param.grad).float().square()
-        self.optimizer.step()
+        # Norm in the gradient's own dtype (float accumulation inside): no full-size fp32 copy.
+        sq_norm = torch.linalg.vector_norm(param.grad).float().square()
+        self._sq_norm = self._sq_norm + sq_norm
+        self._poisoned = self._poisoned or not bool(torch.isfinite(sq_norm))  # the one sync per parameter
+        if not self._poisoned:
+            self.optimizer.step()
         param.grad = None

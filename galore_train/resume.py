@@ -1,0 +1,159 @@
+"""Resuming a run: find its checkpoint, check that this run can continue it, and put its state back.
+
+A checkpoint folder (checkpoint.py writes it) holds the weights as Hugging Face safetensors, the run's
+train_config.json, trainer_state.pt (optimizer, schedule, loss guard, RNG, method state) and
+data_state.json (one stream position per process). Everything here is read-only on the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import LlamaConfig
+
+from galore_train import checkpoint, distributed
+from galore_train.config import TrainConfig
+from galore_train.errors import UserError
+from galore_train.model import architecture_differences, dtype_name
+from galore_train.optim import resolve_optimizer_name
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained splits large models (transformers 4: > 5 GB)
+
+
+def find_checkpoint(cfg: TrainConfig, output_dir: Path) -> Optional[Path]:
+    """The checkpoint to continue (--resume-from, or the run's latest with --resume), or None to start fresh."""
+    if cfg.resume_from:
+        path = Path(cfg.resume_from)
+        if not (path / "trainer_state.pt").is_file():
+            raise UserError(f"--resume-from {path} is not a galore-train checkpoint")
+        return path
+    root = output_dir / "checkpoints"
+    if cfg.resume:
+        return checkpoint.latest_checkpoint(root)  # None: nothing saved yet, start fresh
+    if (output_dir / "metrics.jsonl").exists() or checkpoint.list_checkpoints(root):
+        raise UserError(f"{output_dir} already holds a run: pass --resume to continue it, or choose another --output-dir")
+    return None
+
+
+def _built_optimizer(name: str, eightbit: bool) -> str:
+    """What --optimizer NAME [--8bit] builds, so that two spellings of one optimizer compare equal."""
+    try:
+        return resolve_optimizer_name(name, eightbit)
+    except UserError:  # a method (lora, relora, low_rank): its name and flag as given
+        return f"{name} --8bit" if eightbit else name
+
+
+def _built_differently(path: Path, model_config: LlamaConfig, dtype: torch.dtype) -> Optional[list[str]]:
+    """How the checkpoint's model (its config.json) differs from the one this run builds: architecture
+    and dtype (`--dtype auto` resolves per device: a bf16 GPU checkpoint resumed on a CPU would be fp32).
+    None if the checkpoint has no config.json to tell."""
+    if not (path / "config.json").is_file():
+        return None
+    saved = LlamaConfig.from_pretrained(path)
+    differences = [f"model: {name} {old} -> {new}" for name, old, new in architecture_differences(saved, model_config)]
+    if saved.dtype != dtype:
+        differences.append(f"dtype: {dtype_name(saved.dtype)} -> {dtype_name(dtype)}")
+    return differences
+
+
+def check_compatible(path: Path, cfg: TrainConfig, model_config: LlamaConfig, dtype: torch.dtype) -> None:
+    """Refuse settings the checkpoint's state cannot be loaded with; warn about ones that change the run."""
+    saved_file = path / "train_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    if _built_optimizer(saved["optimizer"], saved["eightbit"]) == _built_optimizer(cfg.optimizer, cfg.eightbit):
+        saved.update(optimizer=cfg.optimizer, eightbit=cfg.eightbit)  # e.g. adamw --8bit == adam8bit
+    built_differently = _built_differently(path, model_config, dtype)
+    if built_differently is not None:  # compared as built, not as spelled: llama_9m == configs/llama_9m.json
+        saved.update(model=cfg.model, dtype=cfg.dtype)
+    fatal, changed = cfg.resume_differences(saved)
+    fatal = (built_differently or []) + fatal
+    if fatal:
+        recipe = f"; it was trained with --recipe {saved['recipe']}: pass it again" if saved.get("recipe") != cfg.recipe else ""
+        raise UserError(f"cannot resume {path} with a different {'; '.join(fatal)} "
+                        f"(its saved state was built for the old value{recipe}; or start a new run, with --init-from for the weights)")
+    if changed:
+        log.warning("resuming with settings changed since the checkpoint, so the run will differ from an "
+                    "uninterrupted one: %s", "; ".join(changed))
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors file(s) of a checkpoint: one, or the shards its index names."""
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / WEIGHTS_FILE]
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Copy a checkpoint's weights into `model` in place, one tensor at a time.
+
+    Resuming 7B on a 24 GB GPU leaves no room for a second copy of the weights beside the model (2 x
+    13.5 GB in bf16): each tensor is read from the memory-mapped file to the CPU and copied into its
+    parameter, so the device holds the model plus nothing. Under FSDP only rank 0 reads the files and
+    each tensor is broadcast and sharded in turn (distributed.load_full_weights): no rank materialises
+    the full model on its device.
+    """
+    files = weight_files(path)
+    if distributed.is_sharded(model):
+        distributed.load_full_weights(model, lambda: _read_all(files))
+        return
+    targets = model.state_dict()
+    found: set[str] = set()
+    with torch.no_grad():
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name in reader.keys():
+                    if name in targets:
+                        targets[name].copy_(reader.get_tensor(name))
+                        found.add(name)
+    if found != set(targets):
+        missing = sorted(set(targets) - found)
+        raise UserError(f"{path} does not hold the weights of this model (missing {', '.join(missing[:3])}"
+                        f"{' ...' if len(missing) > 3 else ''})")
+
+
+def _read_all(files: list[Path]) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as reader:
+            weights.update({name: reader.get_tensor(name) for name in reader.keys()})
+    return weights
+
+
+def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, state: dict[str, Any]) -> None:
+    """Load the optimizer and schedule state, keeping this run's hyperparameters.
+
+    Loading also loads the checkpoint's hyperparameters (peak lr, betas, weight decay, GaLore's gap and
+    scale, ...); this run's are put back, so that a flag changed on resume (and warned about) takes
+    effect. Unchanged flags give back the same values bit for bit.
+    """
+    current = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    distributed.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update({key: value for key, value in settings.items() if key != "lr"})
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # what LambdaLR.step() computes
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])

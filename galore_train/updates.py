@@ -1,0 +1,66 @@
+"""How one optimizer step's gradients reach the weights: after backward (plain) or inside it (layer-wise).
+
+The training loop drives both through the same calls, so it never asks which one it has:
+
+    with updates.accumulating():      # earlier micro-batches: gradients only accumulate
+        loss.backward()
+    loss.backward()                   # last micro-batch (layer-wise: the weights change during it)
+    grad_norm = updates.finish()      # the step's gradient norm; a non-finite one is never applied
+    updates.abandon()                 # instead, for a step dropped half-way (e.g. a non-finite loss)
+    updates.close()                   # before the optimizer is replaced (ReLoRA's warm start)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import ContextManager, Protocol
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from galore_train.optim.layerwise import LayerwiseUpdater
+
+
+class WeightUpdates(Protocol):
+    def accumulating(self) -> ContextManager[None]: ...
+
+    def finish(self) -> float: ...
+
+    def abandon(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PlainUpdates:
+    """`optimizer.step()` after backward, with global gradient-norm clipping (0 = off)."""
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer, *, grad_clipping: float) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.max_norm = grad_clipping if grad_clipping > 0 else float("inf")
+
+    def accumulating(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def finish(self) -> float:
+        """Clip, step and clear the gradients; a non-finite norm (a NaN/inf gradient with a finite loss)
+        skips the step: such a gradient would turn every weight it touches into NaN."""
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def abandon(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        self.abandon()
+
+
+def build_updates(model: nn.Module, optimizer: Optimizer, *, layerwise: bool, grad_clipping: float) -> WeightUpdates:
+    if layerwise:
+        return LayerwiseUpdater(model, optimizer, grad_clipping=grad_clipping)
+    return PlainUpdates(model, optimizer, grad_clipping=grad_clipping)
