@@ -13,7 +13,8 @@ import pytest
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.report import load_run, report
+from galore_train.report import report
+from galore_train.runs import load_run
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
