@@ -12,13 +12,13 @@ import csv as csv_module
 import inspect
 import json
 import math
-import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from galore_train.config import TrainConfig, parse_token_count
+from galore_train.checkpoint import latest_checkpoint
+from galore_train.config import TrainConfig, plan_steps
 from galore_train.errors import UserError
 
 GIB = 2**30
@@ -149,26 +149,24 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    steps = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
-             if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / "train_config.json").is_file()]
-    return max(steps)[1] if steps else None
-
-
 def planned_steps(config: dict[str, Any]) -> Optional[int]:
-    """Optimizer steps the run was set up for (the token budget needs --total-batch-size to say)."""
-    if config.get("num_training_steps"):
-        return int(config["num_training_steps"])
-    tokens, batch, length = config.get("max_train_tokens"), config.get("total_batch_size"), config.get("max_length")
-    if tokens and batch and length:
-        return math.ceil(parse_token_count(tokens) / (batch * length))
-    return None
+    """Optimizer steps the run was set up for, by the trainer's own plan; None when the config cannot say:
+    a token budget without --total-batch-size divides by the process count, which no file of the run records."""
+    cfg = TrainConfig.from_dict(config)
+    if cfg.num_training_steps is None and not (cfg.max_train_tokens and cfg.total_batch_size):
+        return None
+    try:
+        # How the total batch splits into micro-batches and processes does not change the step count.
+        return int(plan_steps(cfg.replace(batch_size=1), world_size=1).total_steps)
+    except (UserError, TypeError, ValueError, ZeroDivisionError):  # a hand-edited or foreign config
+        return None
 
 
 def load_run(run_dir: Path) -> Run:
     """Read one run directory; never raises for missing or half-written files."""
-    checkpoint = _latest_checkpoint(run_dir)
-    config = _read_json(checkpoint / "train_config.json") if checkpoint else _read_json(run_dir / "train_config.json")
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    # Before its first checkpoint (or without a config in it), the run's own copy, written at every start.
+    config = (_read_json(checkpoint / "train_config.json") if checkpoint else {}) or _read_json(run_dir / "train_config.json")
     records = _read_jsonl(run_dir / "metrics.jsonl")
     summary = _read_json(run_dir / "summary.json")
     if not (config or records or summary):
