@@ -19,8 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-
 from galore_train.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -93,6 +91,8 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 
 def save_trainer_state(directory: Path, state: dict[str, Any], data_states: list[dict[str, Any]]) -> None:
+    import torch  # here, not at the top: finding checkpoints (the report, the scripts) needs no torch
+
     torch.save(state, directory / "trainer_state.pt")
     with open(directory / "data_state.json", "w") as f:
         json.dump(data_states, f)
@@ -100,6 +100,8 @@ def save_trainer_state(directory: Path, state: dict[str, Any], data_states: list
 
 def load_trainer_state(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Tensors and plain values only: loads with torch.load's default weights_only=True."""
+    import torch
+
     try:
         state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
         with open(directory / "data_state.json") as f:

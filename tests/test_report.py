@@ -13,7 +13,8 @@ import pytest
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.report import load_run, report
+from galore_train.report import report
+from galore_train.runs import load_run
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -179,6 +180,39 @@ def test_resumed_run_keeps_the_last_eval_of_a_step(tmp_path: Path) -> None:
     loaded = load_run(run)
     assert loaded.evals[-1] == (102400, 590.0) and len(loaded.evals) == 3
     assert loaded.peaks["memory"] == pytest.approx(0.5)
+
+
+def edit_config(run: Path, **changes: object) -> None:
+    for path in run.glob("checkpoints/step_*/train_config.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_total_steps_of_a_token_budget(tmp_path: Path) -> None:
+    budget = write_run(tmp_path, "budget", done=50)
+    edit_config(budget, num_training_steps=None, max_train_tokens="1M")  # total batch 8 x 128 tokens
+    per_process = write_run(tmp_path, "per-process", done=50)  # total batch = batch size x the processes (unrecorded)
+    edit_config(per_process, num_training_steps=None, max_train_tokens="1M", total_batch_size=None)
+    text = report([budget, per_process])
+    assert table_row(text, "Runs", str(budget))[0] == "unfinished (step 50/977)"
+    assert table_row(text, "Runs", str(per_process))[0] == "unfinished (step 50)"
+
+
+def test_a_run_before_its_first_checkpoint(tmp_path: Path) -> None:
+    run = write_run(tmp_path, "early", done=10)
+    checkpoint = run / "checkpoints" / "step_00000010"
+    (checkpoint / "train_config.json").rename(run / "train_config.json")  # the copy a run writes when it starts
+    checkpoint.rmdir()
+    assert table_row(report([run]), "Runs", str(run))[:3] == ["unfinished (step 10/100)", "llama_9m", "Full-Rank"]
+
+
+def test_the_config_of_the_checkpoint_latest_names(tmp_path: Path) -> None:
+    """As a resume does: a run resumed from step 50 and saved again there continues from step 50."""
+    run = write_run(tmp_path, "resumed-earlier")
+    newest = json.loads((run / "checkpoints" / "step_00000100" / "train_config.json").read_text())
+    (run / "checkpoints" / "step_00000050").mkdir()
+    (run / "checkpoints" / "step_00000050" / "train_config.json").write_text(json.dumps({**newest, "lr": 0.002}))
+    (run / "checkpoints" / "latest").write_text("step_00000050\n")
+    assert load_run(run).config["lr"] == 0.002
 
 
 def test_wandb_export(tmp_path: Path) -> None:
