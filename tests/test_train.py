@@ -135,7 +135,7 @@ def test_resume_refuses_a_different_state_layout_and_applies_warned_changes(tiny
     run(tiny_config_file, tmp_path / "run", **galore)
     with pytest.raises(UserError, match=r"cannot resume .*step_00000002 with a different rank: 8 -> 4"):
         run(tiny_config_file, tmp_path / "run", **{**galore, "rank": 4, "num_training_steps": 3}, resume=True)
-    with caplog.at_level("WARNING", logger="galore_train.train"):
+    with caplog.at_level("WARNING", logger="galore_train.resume"):
         summary = run(tiny_config_file, tmp_path / "run", **{**galore, "lr": 1e-3, "gap": 5, "num_training_steps": 3,
                                                             "save_every": 7}, resume=True)
     assert summary["steps"] == 3
