@@ -114,7 +114,7 @@ class TrainConfig:
     output_dir: Optional[str] = option(None, "Run directory (default: runs/<run name>).", section="Run control")
     resume: bool = option(False, "Continue the run in --output-dir from its latest checkpoint.", section="Run control")
     resume_from: Optional[str] = option(None, "Continue from this checkpoint directory.", section="Run control")
-    skip_nonfinite: bool = option(False, "Skip optimizer steps whose loss is NaN/inf instead of stopping.", section="Run control")
+    skip_nonfinite: bool = option(False, "Skip optimizer steps whose loss or gradient norm is NaN/inf instead of stopping.", section="Run control")
     spike_threshold: Optional[float] = option(None, "Skip a step whose loss exceeds this factor x the running mean.", section="Run control")
     max_spikes: int = option(10, "Stop after this many consecutive skipped steps.", section="Run control")
     distributed: str = option("ddp", "ddp or fsdp (under torchrun).", section="Run control")
