@@ -129,6 +129,8 @@ def all_finite(tensors: Iterable[torch.Tensor], env: DistEnv) -> bool:
 
 def check_fsdp_supported(cfg: Any) -> None:
     """UserError for what FSDP2 sharding cannot run correctly yet (see the module docstring)."""
+    if cfg.layerwise:
+        raise UserError("--layerwise does not run under --distributed fsdp yet: use --distributed ddp")
     if cfg.optimizer not in FSDP_OPTIMIZERS or cfg.eightbit:
         chosen = f"{cfg.optimizer}{' --8bit' if cfg.eightbit else ''}"
         raise UserError(f"--distributed fsdp supports --optimizer {' or '.join(FSDP_OPTIMIZERS)} (without --8bit) for now; "
@@ -157,16 +159,40 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
+def wrap_model(model: nn.Module, env: DistEnv, *, layerwise: bool = False) -> nn.Module:
     """The module that runs forward/backward: a DDP wrapper under torchrun, else `model` itself
     (single process, or already FSDP-sharded). `model` stays the plain module for optimizers,
-    methods and checkpoints; DDP shares its parameters."""
+    methods and checkpoints; DDP shares its parameters.
+
+    Layer-wise updates average each gradient in their own hooks (`gradient_averager`), which must run
+    before the update, so the model is not wrapped: its weights are broadcast from rank 0 here, as
+    DDP's constructor would."""
     if not env.enabled or is_sharded(model):
+        return model
+    if layerwise:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
         return model
     # LLaMA's only buffers are the fixed rotary frequencies: nothing to re-broadcast before each
     # forward, which also keeps evaluation forwards free of collectives.
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+
+def gradient_averager(env: DistEnv) -> Optional[Callable[[torch.Tensor], None]]:
+    """In-place mean of a gradient over ranks, as DDP computes it (divide, then sum); None single-process.
+
+    Used by layer-wise updates, one parameter at a time inside backward: simpler than DDP's buckets, at
+    the cost of no overlap between this all-reduce and the rest of backward."""
+    if not env.enabled:
+        return None
+
+    def average(grad: torch.Tensor) -> None:
+        grad.div_(env.world_size)
+        dist.all_reduce(grad)
+
+    return average
 
 
 def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:

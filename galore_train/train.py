@@ -126,8 +126,8 @@ class Trainer:
             self.optimizer, kind=cfg.scheduler, total_steps=self.plan.total_steps, warmup_steps=self.plan.warmup_steps,
             min_ratio=cfg.min_lr_ratio, start_step=start_step, **scheduler_kwargs(cfg))
         # With --layerwise the optimizer steps inside backward, from per-parameter gradient hooks.
-        self.updates = build_updates(self.model, self.optimizer, layerwise=cfg.layerwise, grad_clipping=cfg.grad_clipping)
-        module = distributed.wrap_model(self.model, self.env)
+        self.updates = build_updates(self.model, self.optimizer, self.env, layerwise=cfg.layerwise, grad_clipping=cfg.grad_clipping)
+        module = distributed.wrap_model(self.model, self.env, layerwise=cfg.layerwise)
         self.train_model = torch.compile(module) if cfg.compile else module
 
     def _rebuild_optimizer(self) -> None:

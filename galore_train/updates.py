@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from galore_train import distributed
+from galore_train.distributed import DistEnv
 from galore_train.optim.layerwise import LayerwiseUpdater
 
 
@@ -60,7 +62,8 @@ class PlainUpdates:
         self.abandon()
 
 
-def build_updates(model: nn.Module, optimizer: Optimizer, *, layerwise: bool, grad_clipping: float) -> WeightUpdates:
+def build_updates(model: nn.Module, optimizer: Optimizer, env: DistEnv, *, layerwise: bool, grad_clipping: float) -> WeightUpdates:
+    """Layer-wise under torchrun: the hooks average each gradient across ranks (the model is not DDP-wrapped)."""
     if layerwise:
-        return LayerwiseUpdater(model, optimizer, grad_clipping=grad_clipping)
+        return LayerwiseUpdater(model, optimizer, grad_clipping=grad_clipping, reduce=distributed.gradient_averager(env))
     return PlainUpdates(model, optimizer, grad_clipping=grad_clipping)

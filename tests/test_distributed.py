@@ -152,12 +152,15 @@ def ddp_cli(work: Path, config_file: str, shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
-    """One launch: resume the CLI run from its step-2 checkpoint; a DDP GaLore run dumping each rank's state."""
-    runs = {"resumed": work / "ddp-adamw-resumed", "galore": work / "ddp-galore"}
+    """One launch: resume the CLI run from its step-2 checkpoint; a DDP GaLore run dumping each rank's state,
+    and the same run with layer-wise updates (micro-batches of 2: accumulation 2 on each rank)."""
+    runs = {"resumed": work / "ddp-adamw-resumed", "galore": work / "ddp-galore", "layerwise": work / "ddp-galore-layerwise"}
     resume_from = str(ddp_cli / "checkpoints" / "step_00000002")
     run_workers(work, [
         {"config": run_args(runs["resumed"], config_file, resume_from=resume_from), "dump": None},
         {"config": run_args(runs["galore"], config_file, **GALORE), "dump": str(runs["galore"])},
+        {"config": run_args(runs["layerwise"], config_file, **GALORE, layerwise=True, batch_size=2),
+         "dump": str(runs["layerwise"])},
     ])
     return runs
 
@@ -248,6 +251,19 @@ def test_ddp_galore_projections_identical_on_both_ranks(one_process, ddp_workers
     assert losses(ddp_workers["galore"]) == pytest.approx(losses(one_process["galore"]), rel=LOSS_RTOL)
 
 
+@pytest.mark.slow
+def test_layerwise_under_ddp_equals_plain_ddp(ddp_workers):
+    """Each hook averages its gradient across ranks before the update: the same run as DDP's, with refreshes
+    (steps 0 and 2) and gradient accumulation, and the same projections on both ranks."""
+    layerwise, plain = losses(ddp_workers["layerwise"]), losses(ddp_workers["galore"])
+    assert list(layerwise) == list(range(1, STEPS + 1))
+    assert layerwise == pytest.approx(plain, rel=LOSS_RTOL)
+    rank0, rank1 = (dump["projections"] for dump in rank_dumps(ddp_workers["layerwise"]))
+    assert len(rank0) == 14 and all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    a, b = weights(ddp_workers["layerwise"]), weights(ddp_workers["galore"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
+
+
 # --- FSDP2 -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -293,6 +309,8 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
         distributed.check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, distributed="fsdp"))
+    with pytest.raises(UserError, match="--layerwise does not run under --distributed fsdp"):
+        distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", layerwise=True, distributed="fsdp"))
     distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", distributed="fsdp"))
 
 

@@ -173,9 +173,10 @@ def test_global_gradient_clipping_is_refused() -> None:
         LayerwiseUpdater(model, torch.optim.AdamW(model.parameters()), grad_clipping=1.0)
 
 
-def test_multi_process_training_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multi_process_training_needs_a_gradient_reduction(monkeypatch: pytest.MonkeyPatch) -> None:
     model = build_model(CONFIG, seed=0)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    with pytest.raises(UserError, match="single-process"):
+    with pytest.raises(UserError, match="gradient reduction across processes"):
         LayerwiseUpdater(model, torch.optim.AdamW(model.parameters()))
+    LayerwiseUpdater(model, torch.optim.AdamW(model.parameters()), reduce=lambda grad: None)

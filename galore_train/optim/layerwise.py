@@ -23,9 +23,13 @@ this step is updated, and `finish()` returns a non-finite norm so the loop skips
 for a non-finite loss. What cannot be undone: parameters whose hooks ran earlier in this backward
 (layers nearer the output) keep their update of this step; it was computed from finite gradients.
 
+Several processes (data parallel): DDP's wrapper would all-reduce gradients in its own hooks, after
+ours had stepped, so the model is not DDP-wrapped; instead each hook averages its completed gradient
+across ranks (`reduce`, from the training loop) before the update. Every rank then applies the same
+averaged gradient, as under DDP.
+
 Not supported, refused with a UserError: global gradient-norm clipping (it needs every gradient
-before the first update) and multi-process data parallelism (the gradient all-reduce happens in
-DDP's own hooks, after ours would have stepped). The global gradient norm is still available for
+before the first update) and a DDP-wrapped model. The global gradient norm is still available for
 logging: the hooks sum each gradient's squared norm (`finish`).
 
 The training loop drives this class and `galore_train.updates.PlainUpdates` through the same four
@@ -35,7 +39,7 @@ calls: `accumulating()`, `finish()`, `abandon()`, `close()`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,18 +48,19 @@ from torch.optim import Optimizer
 
 from galore_train.errors import UserError
 
+GradientReduce = Callable[[torch.Tensor], None]  # averages a gradient across processes, in place
 
-def check_layerwise_supported(model: nn.Module, grad_clipping: float) -> None:
+
+def check_layerwise_supported(model: nn.Module, grad_clipping: float, reduce: Optional[GradientReduce]) -> None:
     """Raise UserError for the combinations layer-wise updates cannot honour."""
     if grad_clipping > 0:
         raise UserError(
             "--layerwise cannot clip the global gradient norm (each parameter is updated before the "
             "others' gradients exist); use --grad-clipping 0 with --layerwise"
         )
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    wrapped = isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__.startswith("FullyShardedDataParallel")
-    if distributed or wrapped:
-        raise UserError("--layerwise is single-process only for now; run without torchrun or drop --layerwise")
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if isinstance(model, nn.parallel.DistributedDataParallel) or (several and reduce is None):
+        raise UserError("--layerwise needs the unwrapped model and a gradient reduction across processes")
 
 
 class LayerwiseUpdater:
@@ -72,9 +77,11 @@ class LayerwiseUpdater:
         scheduler.step()
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, *, grad_clipping: float = 0.0) -> None:
-        check_layerwise_supported(model, grad_clipping)
+    def __init__(self, model: nn.Module, optimizer: Optimizer, *, grad_clipping: float = 0.0,
+                 reduce: Optional[GradientReduce] = None) -> None:
+        check_layerwise_supported(model, grad_clipping, reduce)
         self.optimizer = optimizer
+        self._reduce = reduce
         self._accumulating = False
         self._held: dict[nn.Parameter, torch.Tensor] = {}
         self._sq_norm: torch.Tensor | float = 0.0
@@ -133,6 +140,8 @@ class LayerwiseUpdater:
         held = self._held.pop(param, None)
         if held is not None:
             param.grad = held.add_(param.grad)
+        if self._reduce is not None:
+            self._reduce(param.grad)
         # Norm in the gradient's own dtype (float accumulation inside): no full-size fp32 copy.
         sq_norm = torch.linalg.vector_norm(param.grad).float().square()
         self._sq_norm = self._sq_norm + sq_norm
