@@ -51,7 +51,7 @@ RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "eval_tokens", "eval_d
 class TrainConfig:
     # --- model and data -------------------------------------------------------------------------
     model: str = option("llama_60m", "Config name from configs/ (see `galore-train models`) or a path to a LlamaConfig JSON.", section="Model and data")
-    init_from: Optional[str] = option(None, "Start from existing LLaMA weights (HF directory or hub id) instead of random init.", section="Model and data")
+    init_from: Optional[str] = option(None, "Start from existing LLaMA weights instead of random init: a checkpoint folder, a run folder or its checkpoints/ folder (= its latest checkpoint), or a hub id.", section="Model and data")
     tokenizer: str = option("t5-base", "Tokenizer: hub id, a local directory, or a path to a spiece.model.", section="Model and data")
     dataset: str = option("allenai/c4", "Hub dataset to stream when --data-files is not given.", section="Model and data")
     dataset_config: str = option("en", "Hub dataset configuration.", section="Model and data")
