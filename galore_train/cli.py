@@ -52,7 +52,8 @@ def config_from_cli(values: dict[str, Any], context: typer.Context) -> TrainConf
 
         # The command's own context, and the source compared by name: typer >= 0.2x runs a private copy of
         # click, whose context stack and ParameterSource are not the `click` package's.
-        explicit = {name for name in values if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+        explicit = {name for name in values
+                    if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
         cfg = apply_recipe(cfg, explicit)
     return cfg.validate()
 
@@ -68,8 +69,8 @@ def pretrain(ctx: typer.Context, **values: Any) -> None:
                       f"after {summary['tokens_seen']:,} training tokens")
 
 
-pretrain.__signature__ = inspect.Signature([inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-                                            *_config_parameters()])
+_context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+pretrain.__signature__ = inspect.Signature([_context, *_config_parameters()])
 app.command(context_settings={"max_content_width": 120})(pretrain)
 
 

@@ -126,6 +126,7 @@ def test_relora_reset_alone_needs_no_warmup_flag(extra):
     """`--optimizer relora --relora-reset 10` once stopped on the never-set default warm-up of 100."""
     from galore_train.methods import build_method, scheduler_kwargs
 
-    cfg = parse_pretrain("--model", "llama_60m", "--optimizer", "relora", "--relora-reset", "10", "--num-training-steps", "100", *extra)
+    cfg = parse_pretrain("--model", "llama_60m", "--optimizer", "relora", "--relora-reset", "10",
+                         "--num-training-steps", "100", *extra)
     build_method(cfg)
     assert scheduler_kwargs(cfg)["restart_warmup"] == 1 and cfg.restart_warmup_steps is None

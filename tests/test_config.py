@@ -51,4 +51,5 @@ def test_resume_from_a_checkpoint_saved_with_the_old_fixed_warmup_default():
     """Checkpoints from before the derived default hold restart_warmup_steps=100: the same run, no warning."""
     saved = {**TrainConfig().to_dict(), "restart_warmup_steps": 100}
     assert TrainConfig().resume_differences(saved) == ([], [])
-    assert TrainConfig(relora_reset=10).resume_differences({**saved, "relora_reset": 10}) == ([], ["restart_warmup_steps: 100 -> 1"])
+    changed = ["restart_warmup_steps: 100 -> 50"]  # an old run with 500-step cycles re-warmed for 100: now 50
+    assert TrainConfig(relora_reset=500).resume_differences({**saved, "relora_reset": 500}) == ([], changed)

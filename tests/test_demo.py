@@ -44,7 +44,8 @@ def write_distribution(site: Path, requires: list[str]) -> None:
     """A stand-in installed galore-train with these Requires-Dist lines (found first on PYTHONPATH)."""
     info = site / "galore_train-0.1.0.dist-info"
     info.mkdir(parents=True)
-    lines = ["Metadata-Version: 2.1", "Name: galore-train", "Version: 0.1.0", *(f"Requires-Dist: {r}" for r in requires)]
+    lines = ["Metadata-Version: 2.1", "Name: galore-train", "Version: 0.1.0"]
+    lines += [f"Requires-Dist: {r}" for r in requires]
     (info / "METADATA").write_text("\n".join(lines) + "\n")
 
 
@@ -58,7 +59,8 @@ def write_distribution(site: Path, requires: list[str]) -> None:
 def test_guard_checks_every_requirement(tmp_path: Path, requires: list[str], ok: bool) -> None:
     write_distribution(tmp_path, requires)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "_installed.py")], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "_installed.py")], env=env, capture_output=True,
+                            text=True)
     assert (result.returncode == 0) == ok, result.stderr
     assert ok or "not installed:" in result.stderr
 

@@ -4,8 +4,8 @@ import pytest
 from transformers import LlamaConfig
 
 from galore_train.errors import UserError
-from galore_train.model import (build_model, count_parameters, init_weights_source, known_model_names, load_model_config,
-                                target_linear_modules)
+from galore_train.model import (build_model, count_parameters, init_weights_source, known_model_names,
+                                load_model_config, target_linear_modules)
 
 PAPER_SIZES = {  # hidden / intermediate / layers / heads, from the GaLore paper's configs
     "llama_9m": (128, 352, 4, 4), "llama_20m": (256, 688, 4, 4), "llama_35m": (384, 1024, 6, 8),
