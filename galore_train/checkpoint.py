@@ -81,6 +81,14 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """What users type for a checkpoint: the checkpoint folder itself, or a run folder or its checkpoints/
+    folder, which mean their latest checkpoint. `path` unchanged when it is none of these."""
+    if (path / "config.json").exists():
+        return path
+    return latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints (never fewer than one); remove stale temporary folders."""
     for stale in root.glob(".tmp-step_*"):

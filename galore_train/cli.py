@@ -13,7 +13,6 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -44,31 +43,34 @@ def _config_parameters() -> list[inspect.Parameter]:
     return parameters
 
 
-def config_from_cli(values: dict[str, Any]) -> TrainConfig:
-    """Build the TrainConfig; a recipe fills only what the user did not set explicitly."""
+def config_from_cli(values: dict[str, Any], context: typer.Context) -> TrainConfig:
+    """Build the TrainConfig; a recipe fills only what the user did not set explicitly (on `context`'s command line)."""
     values["galore_targets"] = [part for entry in values["galore_targets"] for part in entry.split(",") if part]
     cfg = TrainConfig(**values)
     if cfg.recipe:
         from galore_train.recipes import apply_recipe
 
-        context = click.get_current_context()
-        explicit = {name for name in values if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        # The command's own context, and the source compared by name: typer >= 0.2x runs a private copy of
+        # click, whose context stack and ParameterSource are not the `click` package's.
+        explicit = {name for name in values
+                    if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
         cfg = apply_recipe(cfg, explicit)
     return cfg.validate()
 
 
-def pretrain(**values: Any) -> None:
+def pretrain(ctx: typer.Context, **values: Any) -> None:
     """Train a LLaMA from scratch (or from --init-from weights) on C4."""
     from galore_train.train import Trainer
 
-    cfg = config_from_cli(values)
+    cfg = config_from_cli(values, ctx)
     summary = Trainer(cfg).run()
     if "val_perplexity" in summary and int(os.environ.get("RANK", "0")) == 0:
         console.print(f"final validation loss {summary['val_loss']:.4f}, perplexity {summary['val_perplexity']:.2f} "
                       f"after {summary['tokens_seen']:,} training tokens")
 
 
-pretrain.__signature__ = inspect.Signature(_config_parameters())
+_context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+pretrain.__signature__ = inspect.Signature([_context, *_config_parameters()])
 app.command(context_settings={"max_content_width": 120})(pretrain)
 
 

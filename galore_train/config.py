@@ -47,11 +47,23 @@ RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "eval_tokens", "eval_d
                          "activation_checkpointing", "distributed"})
 
 
+# ReLoRA's scripts re-warm for 100 steps after each restart, with restarts every 1000 or more steps.
+MAX_DEFAULT_RESTART_WARMUP = 100
+
+
+def restart_warmup(restart_warmup_steps: Optional[int], relora_reset: int) -> int:
+    """ReLoRA's re-warm-up after each restart: the explicit value, else a tenth of the cycle (ReLoRA's ratio),
+    at most 100: so the default fits any valid --relora-reset (it must stay shorter than the cycle)."""
+    if restart_warmup_steps is not None:
+        return restart_warmup_steps
+    return min(MAX_DEFAULT_RESTART_WARMUP, relora_reset // 10)
+
+
 @dataclass
 class TrainConfig:
     # --- model and data -------------------------------------------------------------------------
     model: str = option("llama_60m", "Config name from configs/ (see `galore-train models`) or a path to a LlamaConfig JSON.", section="Model and data")
-    init_from: Optional[str] = option(None, "Start from existing LLaMA weights (HF directory or hub id) instead of random init.", section="Model and data")
+    init_from: Optional[str] = option(None, "Start from existing LLaMA weights instead of random init: a checkpoint folder, a run folder or its checkpoints/ folder (= its latest checkpoint), or a hub id.", section="Model and data")
     tokenizer: str = option("t5-base", "Tokenizer: hub id, a local directory, or a path to a spiece.model.", section="Model and data")
     dataset: str = option("allenai/c4", "Hub dataset to stream when --data-files is not given.", section="Model and data")
     dataset_config: str = option("en", "Hub dataset configuration.", section="Model and data")
@@ -103,7 +115,7 @@ class TrainConfig:
     lora_dropout: float = option(0.1, "LoRA/ReLoRA dropout on the adapter input.", section="GaLore and low-rank methods")
     relora_reset: int = option(5000, "ReLoRA: merge and restart the adapters every N steps (ReLoRA's own runs: about a tenth of the run, e.g. 1000 of 10k).", section="GaLore and low-rank methods")
     optimizer_reset_ratio: float = option(0.999, "ReLoRA: fraction of adapter optimizer state pruned (by magnitude) at a restart.", section="GaLore and low-rank methods")
-    restart_warmup_steps: int = option(100, "ReLoRA: learning-rate warm-up after each restart.", section="GaLore and low-rank methods")
+    restart_warmup_steps: Optional[int] = option(None, "ReLoRA: learning-rate warm-up after each restart (default: a tenth of --relora-reset, at most 100 as in ReLoRA's 1000-step cycles).", section="GaLore and low-rank methods")
     relora_warm_start: int = option(0, "ReLoRA: full-rank training steps before the adapters are attached.", section="GaLore and low-rank methods")
 
     # --- run control ----------------------------------------------------------------------------
@@ -153,8 +165,11 @@ class TrainConfig:
         trainer compares the model and dtype as built (the checkpoint's config.json) when it can.
         """
         fatal, changed = [], []
-        for name, new in self.to_dict().items():
-            old = saved.get(name, new)
+        ours, theirs = self.to_dict(), {**self.to_dict(), **saved}
+        for values in (ours, theirs):  # a derived default compares as the value it stands for
+            values["restart_warmup_steps"] = restart_warmup(values["restart_warmup_steps"], values["relora_reset"])
+        for name, new in ours.items():
+            old = theirs[name]
             if name in RESUME_FREE or old == new or (name == "galore_targets" and sorted(old) == sorted(new)):
                 continue
             (fatal if name in RESUME_FIXED else changed).append(f"{name}: {old!r} -> {new!r}")

@@ -17,6 +17,7 @@ optimizer state; under FSDP they are gathered to rank 0's CPU and re-sharded on 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -174,10 +175,21 @@ def wrap_model(model: nn.Module, env: DistEnv, *, layerwise: bool = False) -> nn
             for tensor in model.state_dict().values():
                 dist.broadcast(tensor, src=0)
         return model
-    # LLaMA's only buffers are the fixed rotary frequencies: nothing to re-broadcast before each
-    # forward, which also keeps evaluation forwards free of collectives.
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **_no_forward_buffer_sync())
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword to skip re-broadcasting buffers before every forward (and so keep evaluation
+    forwards free of collectives): LLaMA's only buffers are the rotary frequencies, computed from the
+    config, identical on every rank and never changed.
+
+    torch >= 2.13 calls it `forward_sync_buffers` (and warns on the older name); torch 2.6-2.12, which
+    pyproject allows and GPU users keep with their CUDA build, know only `broadcast_buffers`, whose False
+    also skips the broadcast at construction: a copy of identical values, so nothing is lost.
+    """
+    accepted = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in accepted else {"broadcast_buffers": False}
 
 
 def gradient_averager(env: DistEnv) -> Optional[Callable[[torch.Tensor], None]]:

@@ -48,13 +48,11 @@ def score_checkpoint(path: Path, *, eval_data_files: Optional[str], tokenizer: O
     """`galore-train eval`: the run's own validation tokens (unless overridden) on a saved checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from galore_train.checkpoint import latest_checkpoint
+    from galore_train.checkpoint import resolve_checkpoint
     from galore_train.config import TrainConfig
     from galore_train.data import Tokenize, build_eval_batches, document_source, load_tokenizer
 
-    path = Path(path)
-    if not (path / "config.json").exists():
-        path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+    path = resolve_checkpoint(Path(path))
     config_file = path / "train_config.json"
     if not config_file.is_file():
         raise UserError(f"{path} is not a galore-train checkpoint (no train_config.json)")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from galore_train.checkpoint import resolve_checkpoint
 from galore_train.errors import UserError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -92,8 +93,36 @@ def architecture_differences(old: LlamaConfig, new: LlamaConfig) -> list[tuple[s
             if getattr(old, name) != getattr(new, name)]
 
 
+def _looks_like_path(source: str) -> bool:
+    """Not a hub id: those are "name" or "owner/name", never start with "." or "~", never hold a backslash.
+    An "owner/name" whose "owner" folder exists here is taken as a path too."""
+    path = Path(source)
+    return (source.startswith((".", "~")) or path.is_absolute() or source.count("/") > 1 or "\\" in source
+            or (len(path.parts) > 1 and path.parent.exists()))
+
+
+def init_weights_source(source: str) -> str:
+    """--init-from as from_pretrained takes it: a local folder of weights, or the hub id unchanged.
+
+    A run folder or its checkpoints/ folder means its latest checkpoint (as `galore-train eval --checkpoint`);
+    a folder without config.json would otherwise load as a default-sized LlamaConfig.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        folder = resolve_checkpoint(path)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--init-from {source} holds no model weights (no config.json, no checkpoint): "
+                            "give a checkpoint folder, a run folder or its checkpoints/ folder")
+        return str(folder)
+    if _looks_like_path(source):
+        raise UserError(f"--init-from {source}: no such file or directory")
+    return source
+
+
 def load_pretrained_llama(source: str, expected: LlamaConfig, dtype: torch.dtype) -> LlamaForCausalLM:
-    """Existing HF LLaMA weights (a directory or hub id) for continued pretraining, checked against --model."""
+    """Existing HF LLaMA weights (a folder, a run's latest checkpoint, or a hub id) for continued pretraining,
+    checked against --model."""
+    source = init_weights_source(source)
     try:
         found = LlamaConfig.from_pretrained(source)
     except Exception as err:

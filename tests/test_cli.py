@@ -52,6 +52,7 @@ def test_models_lists_configs_with_parameter_counts():
     (["--scheduler", "step"], "--scheduler must be one of"),
     (["--optimizer", "sgd"], "sgd"),
     (["--max-train-tokens", "lots"], "cannot read token count"),
+    (["--init-from", "./runs/no-such-run"], "--init-from ./runs/no-such-run: no such file or directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_config_file, tmp_path, extra, message, shared_data):
     result = cli(*tiny_args(tiny_config_file, tmp_path / "run", "--num-training-steps", "2", *extra))
@@ -102,3 +103,30 @@ def test_eval_scores_a_checkpoint_as_json(tiny_config_file, tmp_path, shared_dat
     assert scored["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     missing = cli("eval", "--checkpoint", str(tmp_path / "nothing"))
     assert_one_line_error(missing, "is not a galore-train checkpoint")
+
+
+def parse_pretrain(*args):
+    """The TrainConfig `galore-train pretrain ARGS` builds (in-process, nothing runs)."""
+    import typer
+
+    from galore_train.cli import app, config_from_cli
+
+    with typer.main.get_command(app).commands["pretrain"].make_context("pretrain", list(args)) as ctx:
+        return config_from_cli(dict(ctx.params), ctx)
+
+
+def test_paper_recipe_fills_in_what_the_command_line_does_not_set():
+    """Through the real command line: typer's own copy of click once made this a RuntimeError."""
+    cfg = parse_pretrain("--model", "llama_60m", "--optimizer", "galore_adamw", "--recipe", "paper", "--lr", "0.02")
+    assert (cfg.lr, cfg.rank, cfg.gap, cfg.total_batch_size, cfg.max_train_tokens) == (0.02, 128, 200, 512, "1.1B")
+
+
+@pytest.mark.parametrize("extra", [[], ["--recipe", "paper"]])
+def test_relora_reset_alone_needs_no_warmup_flag(extra):
+    """`--optimizer relora --relora-reset 10` once stopped on the never-set default warm-up of 100."""
+    from galore_train.methods import build_method, scheduler_kwargs
+
+    cfg = parse_pretrain("--model", "llama_60m", "--optimizer", "relora", "--relora-reset", "10",
+                         "--num-training-steps", "100", *extra)
+    build_method(cfg)
+    assert scheduler_kwargs(cfg)["restart_warmup"] == 1 and cfg.restart_warmup_steps is None

@@ -39,7 +39,17 @@ def test_round_trip_through_dict():
     ({"lr": 0.01, "gap": 50}, [], ["lr: 0.001 -> 0.01", "gap: 200 -> 50"]),  # take effect, with a warning
     ({"eval_every": 7, "distributed": "fsdp"}, [], []),  # run control: free
     ({"galore_targets": ["mlp", "attn"]}, [], []),  # the same set in another order
+    ({"restart_warmup_steps": 100}, [], []),  # the derived default (reset 5000) stated explicitly
+    ({"relora_reset": 300}, [], ["relora_reset: 5000 -> 300", "restart_warmup_steps: 100 -> 30"]),  # derived anew
 ])
 def test_resume_differences_sort_fatal_from_warned(changes, fatal, changed):
     saved = TrainConfig(galore_targets=["attn", "mlp"])
     assert saved.replace(**changes).resume_differences(saved.to_dict()) == (fatal, changed)
+
+
+def test_resume_from_a_checkpoint_saved_with_the_old_fixed_warmup_default():
+    """Checkpoints from before the derived default hold restart_warmup_steps=100: the same run, no warning."""
+    saved = {**TrainConfig().to_dict(), "restart_warmup_steps": 100}
+    assert TrainConfig().resume_differences(saved) == ([], [])
+    changed = ["restart_warmup_steps: 100 -> 50"]  # an old run with 500-step cycles re-warmed for 100: now 50
+    assert TrainConfig(relora_reset=500).resume_differences({**saved, "relora_reset": 500}) == ([], changed)

@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -337,6 +338,44 @@ def test_teardown_lets_gloo_workers_finish_before_destroying_the_group(tmp_path,
     assert not torch.distributed.is_initialized()
     distributed.teardown()  # nothing left to destroy: no error, no second drain
     assert len(calls) == 1
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A 1-process gloo group: enough for DDP to wrap and run (a torchrun launch is not needed)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield distributed.DistEnv(world_size=2)  # wrap_model only wraps "under torchrun"
+    torch.distributed.destroy_process_group()
+
+
+class BufferedLinear(torch.nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(4, 2)
+        self.register_buffer("frequencies", torch.arange(4.0), persistent=False)  # like LLaMA's rotary buffer
+
+
+class DDPBefore213(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel as torch 2.6-2.12 declare it: no `forward_sync_buffers` (new in 2.13)."""
+
+    def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True, init_sync=True,
+                 process_group=None, bucket_cap_mb=None, find_unused_parameters=False, check_reduction=False,
+                 gradient_as_bucket_view=False, static_graph=False, delay_all_reduce_named_params=None,
+                 param_to_hook_all_reduce=None, mixed_precision=None, device_mesh=None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the installed torch deprecates broadcast_buffers
+            super().__init__(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+
+
+@pytest.mark.parametrize("older_torch", [False, True], ids=["installed torch", "torch 2.6-2.12"])
+def test_ddp_wraps_without_buffer_broadcasts_on_every_supported_torch(one_process_group, monkeypatch, older_torch):
+    """Passing forward_sync_buffers=False unconditionally was a TypeError at every launch on torch < 2.13."""
+    if older_torch:
+        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", DDPBefore213)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # and no deprecated keyword on the installed torch
+        wrapped = distributed.wrap_model(BufferedLinear(), one_process_group)
+    assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.broadcast_buffers is False
+    wrapped(torch.ones(3, 4)).sum().backward()  # forward and the gradient all-reduce run
 
 
 # --- torchrun worker ---------------------------------------------------------------------------------

@@ -130,10 +130,20 @@ def test_registry_and_loop_helpers():
     }
 
 
+@pytest.mark.parametrize("reset, warmup", [(5000, 100), (1000, 100), (300, 30), (10, 1), (5, 0)])
+def test_default_restart_warmup_fits_every_reset(reset, warmup):
+    """`--relora-reset 10` alone once stopped on the default warm-up of 100: the default is now derived."""
+    cfg = method_config("relora", relora_reset=reset)
+    assert cfg.restart_warmup_steps is None
+    build_method(cfg)  # no UserError
+    assert scheduler_kwargs(cfg)["restart_warmup"] == warmup
+
+
 @pytest.mark.parametrize(
     "changes",
     [
-        dict(optimizer="relora", relora_reset=10, restart_warmup_steps=10),
+        dict(optimizer="relora", relora_reset=10, restart_warmup_steps=10),  # an explicit value must fit
+        dict(optimizer="relora", relora_reset=10, restart_warmup_steps=-1),
         dict(optimizer="relora", relora_warm_start=-1),
         dict(optimizer="lora", lora_dropout=1.0),
         dict(optimizer="relora", lora_alpha=0.0),

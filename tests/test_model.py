@@ -4,8 +4,8 @@ import pytest
 from transformers import LlamaConfig
 
 from galore_train.errors import UserError
-from galore_train.model import (build_model, count_parameters, known_model_names, load_model_config,
-                                target_linear_modules)
+from galore_train.model import (build_model, count_parameters, init_weights_source, known_model_names,
+                                load_model_config, target_linear_modules)
 
 PAPER_SIZES = {  # hidden / intermediate / layers / heads, from the GaLore paper's configs
     "llama_9m": (128, 352, 4, 4), "llama_20m": (256, 688, 4, 4), "llama_35m": (384, 1024, 6, 8),
@@ -77,3 +77,37 @@ def test_targets_are_attention_and_mlp_linears_only(tiny_config_file):
     assert list(target_linear_modules(model, ["mlp"])) == [n for n in names if ".mlp." in n]
     with pytest.raises(UserError, match="matches no linear layer"):
         target_linear_modules(model, ["cross_attn"])
+
+
+def fake_run(root, steps):
+    """A run folder's checkpoint layout (config.json stands for the weights); `latest` names the last step."""
+    for step in steps:
+        folder = root / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (root / "checkpoints" / "latest").write_text(f"step_{steps[-1]:08d}\n")
+    return root / "checkpoints" / f"step_{steps[-1]:08d}"
+
+
+def test_init_from_a_run_or_its_checkpoints_folder_means_the_latest_checkpoint(tmp_path):
+    latest = fake_run(tmp_path / "run", [1, 2])
+    for typed in (tmp_path / "run", tmp_path / "run" / "checkpoints", latest):
+        assert init_weights_source(str(typed)) == str(latest)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no model weights"):
+        init_weights_source(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("typed", ["{tmp}/missing", "./missing-run", "~/no-such-galore-run", "a/b/c", "runs/missing"])
+def test_init_from_a_missing_path_says_so(tmp_path, monkeypatch, typed):
+    """Not the hub's "Repo id must be in the form ...": anything that looks like a path is reported as one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # "runs/missing" exists partially
+    with pytest.raises(UserError, match="no such file or directory"):
+        init_weights_source(typed.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize("hub_id", ["gpt2", "meta-llama/Llama-2-7b-hf"])
+def test_init_from_a_hub_id_goes_to_the_hub(tmp_path, monkeypatch, hub_id):
+    monkeypatch.chdir(tmp_path)
+    assert init_weights_source(hub_id) == hub_id

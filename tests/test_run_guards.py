@@ -101,8 +101,9 @@ def test_init_from_round_trip(tiny_config_file, tmp_path, shared_data):
 def test_init_from_mismatch_names_the_fields(tiny_config_file, tmp_path, shared_data):
     Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "first", num_training_steps=1))).run()
     saved = tmp_path / "first" / "checkpoints" / "step_00000001"
-    with pytest.raises(UserError, match=r"does not match --model: hidden_size 64 \(--model: 128\)"):
-        Trainer(TrainConfig(**tiny_run_args("llama_9m", tmp_path / "second", init_from=str(saved))))
+    for typed in (saved, saved.parent, tmp_path / "first"):  # the run folder and its checkpoints/ mean the latest
+        with pytest.raises(UserError, match=r"does not match --model: hidden_size 64 \(--model: 128\)"):
+            Trainer(TrainConfig(**tiny_run_args("llama_9m", tmp_path / "second", init_from=str(typed))))
 
 
 # --- torch.compile ---------------------------------------------------------------------------------

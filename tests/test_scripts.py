@@ -55,7 +55,7 @@ def parse_pretrain(args: list[str]) -> TrainConfig:
     """The TrainConfig the real CLI builds from these flags (unknown flags and bad values raise)."""
     command = COMMANDS.commands["pretrain"]
     with command.make_context("pretrain", list(args)) as ctx:
-        return config_from_cli(dict(ctx.params))
+        return config_from_cli(dict(ctx.params), ctx)
 
 
 def pretrain_configs(script: Path, tmp_path: Path, **env: str) -> list[tuple[TrainConfig, int]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from galore_train.config import TrainConfig
+from galore_train.config import TrainConfig, restart_warmup
 from galore_train.errors import UserError
 from galore_train.methods.base import BASE_OPTIMIZER, FullModel, Method
 from galore_train.methods.lora import LoRA
@@ -41,7 +41,7 @@ def scheduler_kwargs(cfg: TrainConfig) -> dict[str, Any]:
         return {}
     return {
         "restart_every": cfg.relora_reset,
-        "restart_warmup": cfg.restart_warmup_steps,
+        "restart_warmup": restart_warmup(cfg.restart_warmup_steps, cfg.relora_reset),
         "restart_offset": cfg.relora_warm_start,
     }
 
@@ -80,7 +80,7 @@ def _check_options(cfg: TrainConfig) -> None:
         return
     if cfg.relora_warm_start < 0:
         raise UserError(f"--relora-warm-start must be >= 0, got {cfg.relora_warm_start}")
-    if not 0 <= cfg.restart_warmup_steps < cfg.relora_reset:
+    if cfg.restart_warmup_steps is not None and not 0 <= cfg.restart_warmup_steps < cfg.relora_reset:  # derived: fits
         raise UserError(
             f"--restart-warmup-steps must be >= 0 and smaller than --relora-reset ({cfg.relora_reset}), got {cfg.restart_warmup_steps}"
         )
