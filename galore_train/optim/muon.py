@@ -49,19 +49,20 @@ class MuonAdamW(torch.optim.Optimizer):
                                   adjust_lr_fn=ADJUST_LR) if muon_groups else None
         self._adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps,
                                         weight_decay=weight_decay) if adamw_groups else None
-        super().__init__([group for inner in self._inner() for group in inner.param_groups], {})
+        super().__init__(groups, {})  # the same group dicts, now filled in by the inner optimizers, in order
         self._link()
 
     def _inner(self) -> list[torch.optim.Optimizer]:
         return [inner for inner in (self._muon, self._adamw) if inner is not None]
 
     def _link(self) -> None:
-        """Point the inner optimizers at this optimizer's group dicts (in order) and state."""
-        start = 0
+        """Point the inner optimizers at this optimizer's group dicts and state."""
+        if self._muon is not None:
+            self._muon.param_groups = [group for group in self.param_groups if group.get("muon")]
+        if self._adamw is not None:
+            self._adamw.param_groups = [group for group in self.param_groups if not group.get("muon")]
         for inner in self._inner():
-            inner.param_groups = self.param_groups[start:start + len(inner.param_groups)]
             inner.state = self.state
-            start += len(inner.param_groups)
 
     @classmethod
     def state_layout(cls, shape: tuple[int, ...], group: dict[str, Any],
