@@ -107,14 +107,15 @@ class TrainConfig:
     relora_warm_start: int = option(0, "ReLoRA: full-rank training steps before the adapters are attached.", section="GaLore and low-rank methods")
 
     # --- beyond GaLore: Fira, APOLLO, Muon, the norm-growth limiter (docs/beyond_galore.md) ------
-    fira_residual: str = option("code", "Fira: out-of-subspace residual G - scale P P^T G as in the authors' code (what "
-                                "produced their numbers), or 'paper': G - P P^T G.", section="GaLore and low-rank methods")
-    apollo_proj: str = option("random", "APOLLO: projection from a seeded Gaussian (no SVD, nothing stored), or 'svd' "
-                              "(GaLore's projector).", section="GaLore and low-rank methods")
-    apollo_scale_type: str = option("channel", "APOLLO: channel-wise or tensor-wise gradient scaling (apollo_mini is "
-                                    "always tensor-wise, rank 1).", section="GaLore and low-rank methods")
-    apollo_scale: Optional[float] = option(None, "APOLLO: gradient scale factor (default: 1 for apollo_adamw, sqrt(128) "
-                                           "for apollo_mini; --scale is GaLore's and Fira's).",
+    fira_residual: str = option("code", "Fira: out-of-subspace residual G - scale P P^T G as in the authors' code "
+                                "(what produced their numbers), or 'paper': G - P P^T G.",
+                                section="GaLore and low-rank methods")
+    apollo_proj: str = option("random", "APOLLO: projection from a seeded Gaussian (no SVD, nothing stored), or "
+                              "'svd' (GaLore's projector).", section="GaLore and low-rank methods")
+    apollo_scale_type: str = option("channel", "APOLLO: channel-wise or tensor-wise gradient scaling (apollo_mini "
+                                    "is always tensor-wise, rank 1).", section="GaLore and low-rank methods")
+    apollo_scale: Optional[float] = option(None, "APOLLO: gradient scale factor (default: 1 for apollo_adamw, "
+                                           "sqrt(128) for apollo_mini; --scale is GaLore's and Fira's).",
                                            section="GaLore and low-rank methods")
     norm_growth_limit: Optional[float] = option(None, "Limit each matrix's update norm to this factor x its previous "
                                                 "one (fira_adamw, apollo_adamw, apollo_mini; default 1.01; 0 = off).",

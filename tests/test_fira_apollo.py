@@ -156,7 +156,8 @@ def test_apollo_matches_the_paper_equations(side, proj, scale_type):
 
 def test_apollo_mini_is_rank_one_tensor_wise_with_the_paper_scale():
     shape, grads = (8, 12), _gradients((8, 12), steps=5)
-    got = _run(ApolloAdamW, shape, grads, {"rank": 1, "update_proj_gap": 2, "scale": MINI_SCALE, "scale_type": "tensor"})
+    group = {"rank": 1, "update_proj_gap": 2, "scale": MINI_SCALE, "scale_type": "tensor"}
+    got = _run(ApolloAdamW, shape, grads, group)
     expected, _ = apollo_reference(_initial(shape), grads, 1, 2, math.sqrt(128), "left", "random", True)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
@@ -179,7 +180,8 @@ def test_fira_on_gradients_inside_the_subspace_at_scale_one_is_galore_adamw():
     group = {"rank": 3, "update_proj_gap": 2, "scale": 1.0}
     galore = _run(GaLoreAdamW, (8, 12), inside, group)
     for residual in ("code", "paper"):
-        torch.testing.assert_close(_run(FiraAdamW, (8, 12), inside, group, residual=residual), galore, rtol=0, atol=1e-6)
+        fira = _run(FiraAdamW, (8, 12), inside, group, residual=residual)
+        torch.testing.assert_close(fira, galore, rtol=0, atol=1e-6)
     outside = _gradients((8, 12), steps=6)  # the check can fail: general gradients have a residual
     assert not torch.allclose(_run(FiraAdamW, (8, 12), outside, group), _run(GaLoreAdamW, (8, 12), outside, group))
 
@@ -209,7 +211,9 @@ def test_norm_growth_limiter():
 
 def test_gaussian_projection_is_seeded_by_seed_position_and_window():
     shape = torch.Size((64, 96))
-    draw = lambda *key: gaussian_projection(shape, "left", 8, projection_seed(*key), torch.device("cpu"), torch.float32)  # noqa: E731
+    def draw(*key):
+        return gaussian_projection(shape, "left", 8, projection_seed(*key), torch.device("cpu"), torch.float32)
+
     assert torch.equal(draw(0, 3, 5), draw(0, 3, 5))  # every process, every resume
     assert not torch.equal(draw(0, 3, 5), draw(0, 3, 6)) and not torch.equal(draw(0, 3, 5), draw(0, 4, 5))
     assert not torch.equal(draw(0, 3, 5), draw(1, 3, 5))
@@ -238,7 +242,8 @@ def test_registry_groups_carry_each_method_defaults():
     muon = build_optimizer(model, _cfg("muon"))
     plain, matrices = muon.param_groups
     assert type(muon) is MuonAdamW and matrices["muon"] and "model.embed_tokens.weight" in plain["param_names"]
-    assert all(p.dim() == 2 for p in matrices["params"]) and len(matrices["params"]) == 7 * TINY_LLAMA["num_hidden_layers"]
+    assert all(p.dim() == 2 for p in matrices["params"])
+    assert len(matrices["params"]) == 7 * TINY_LLAMA["num_hidden_layers"]
 
 
 def _train(model, optimizer, steps):
@@ -252,7 +257,8 @@ def _train(model, optimizer, steps):
 
 @pytest.mark.parametrize("name, changes", [
     ("fira_adamw", {}), ("fira_adamw", {"fira_residual": "paper", "proj_bits": 8}),
-    ("apollo_adamw", {"stagger_refresh": True}), ("apollo_adamw", {"apollo_proj": "svd", "apollo_scale_type": "tensor"}),
+    ("apollo_adamw", {"stagger_refresh": True}),
+    ("apollo_adamw", {"apollo_proj": "svd", "apollo_scale_type": "tensor"}),
     ("apollo_mini", {}), ("muon", {}),
 ])
 def test_state_layout_is_the_real_state(name, changes):
@@ -282,13 +288,13 @@ def test_state_dict_round_trip_continues_bit_identically(name, dtype):
     resumed_model.load_state_dict(saved["model"])
     resumed = build_optimizer(resumed_model, cfg)
     resumed.load_state_dict(saved["optimizer"])
-    for p, q in zip(model.parameters(), resumed_model.parameters()):
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
         for key, value in optimizer.state[p].items():
             if isinstance(value, torch.Tensor):
                 assert resumed.state[q][key].dtype == value.dtype, key
     _train(model, optimizer, range(4, 8))
     _train(resumed_model, resumed, range(4, 8))
-    for (param_name, a), b in zip(model.named_parameters(), resumed_model.parameters()):
+    for (param_name, a), b in zip(model.named_parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b), param_name
 
 
@@ -317,7 +323,8 @@ def test_bad_settings_are_user_errors(name, changes, message):
         build_optimizer(build_model(SMALL_LLAMA, seed=0), _cfg(name, **changes))
 
 
-@pytest.mark.parametrize("flag, value", [("fira_residual", "both"), ("apollo_proj", "qr"), ("apollo_scale_type", "row")])
+@pytest.mark.parametrize("flag, value", [("fira_residual", "both"), ("apollo_proj", "qr"),
+                                         ("apollo_scale_type", "row")])
 def test_bad_choices_are_refused_with_the_config(flag, value):
     with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be one of"):
         _cfg("adamw", **{flag: value}).validate()

@@ -26,8 +26,8 @@ update_proj_gap steps draws a new one. It is drawn in float32 and cast to the gr
 Defaults: apollo_adamw scale 1 (the paper's APOLLO); APOLLO-Mini is rank 1, tensor-wise, scale sqrt(128)
 (MINI_SCALE): an Adam direction of r x n entries of size ~1 has norm ~sqrt(r n) where the full-rank one
 has ~sqrt(m n), so a rank-r ratio is ~sqrt(r / m) of AdamW's; the paper compensates rank 1 with this fixed
-gradient scale factor. Public APOLLO-Mini configurations write `scale: 128` because the authors'
-optimizer takes the square root of it; here `scale` is the factor itself.
+gradient scale factor. Public APOLLO-Mini configurations of the authors' package write `scale: 128`
+(apparently square-rooted there; not verified); here `scale` is the factor itself.
 
 State per APOLLO parameter: the two moments (r x n or m x r, gradient dtype), the limiter's float32
 scalar and, with proj "svd" only, the projection. APOLLO-Mini: 2 max(m, n) + 1 values (O(m + n)).
