@@ -347,3 +347,28 @@ def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, share
     summary = Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / name, optimizer=name, rank=8, gap=3,
                                                   lr=1e-2, num_training_steps=6))).run()
     assert summary["steps"] == 6 and math.isfinite(summary["val_perplexity"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["apollo_adamw", "muon"])
+def test_trainer_resume_is_bit_exact(name, tiny_config_file, tmp_path, monkeypatch, shared_data):
+    from test_train import final_weights, interrupt_after, records
+
+    from galore_train.errors import TrainingStopped
+    from galore_train.train import Trainer
+
+    def run(output_dir, **overrides):
+        values = tiny_run_args(tiny_config_file, output_dir, optimizer=name, rank=8, gap=3, lr=1e-2,
+                               num_training_steps=6, save_every=100, eval_every=100, **overrides)
+        return Trainer(TrainConfig(**values)).run()
+
+    run(tmp_path / "straight")
+    interrupt_after(monkeypatch, 4)
+    with pytest.raises(TrainingStopped):
+        run(tmp_path / "split")
+    monkeypatch.undo()
+    run(tmp_path / "split", resume=True)
+    assert [r["loss"] for r in records(tmp_path / "split") if "loss" in r] == \
+           [r["loss"] for r in records(tmp_path / "straight") if "loss" in r]
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

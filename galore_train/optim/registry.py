@@ -16,7 +16,7 @@ from torch import nn
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import target_linear_modules
-from galore_train.optim.apollo import MINI_SCALE, ApolloAdamW
+from galore_train.optim.apollo import APOLLO_SCALE, MINI_SCALE, ApolloAdamW
 from galore_train.optim.fira import FiraAdamW
 from galore_train.optim.galore_adafactor import GaLoreAdafactor
 from galore_train.optim.galore_adamw import GaLoreAdamW
@@ -124,7 +124,7 @@ def _beyond_groups(model: nn.Module, cfg: TrainConfig, name: str) -> list[dict[s
     matrices["norm_growth_limit"] = _norm_growth_limit(cfg)
     if name != "fira_adamw":
         matrices.update(proj=cfg.apollo_proj, scale_type="tensor" if mini else cfg.apollo_scale_type,
-                        scale=cfg.apollo_scale if cfg.apollo_scale is not None else MINI_SCALE if mini else 1.0)
+                        scale=cfg.apollo_scale if cfg.apollo_scale is not None else MINI_SCALE if mini else APOLLO_SCALE)
     return groups
 
 
