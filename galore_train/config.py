@@ -118,6 +118,21 @@ class TrainConfig:
     restart_warmup_steps: Optional[int] = option(None, "ReLoRA: learning-rate warm-up after each restart (default: a tenth of --relora-reset, at most 100 as in ReLoRA's 1000-step cycles).", section="GaLore and low-rank methods")
     relora_warm_start: int = option(0, "ReLoRA: full-rank training steps before the adapters are attached.", section="GaLore and low-rank methods")
 
+    # --- beyond GaLore: Fira, APOLLO, Muon, the norm-growth limiter (docs/beyond_galore.md) ------
+    fira_residual: str = option("code", "Fira: out-of-subspace residual G - scale P P^T G as in the authors' code "
+                                "(what produced their numbers), or 'paper': G - P P^T G.",
+                                section="GaLore and low-rank methods")
+    apollo_proj: str = option("random", "APOLLO: projection from a seeded Gaussian (no SVD, nothing stored), or "
+                              "'svd' (GaLore's projector).", section="GaLore and low-rank methods")
+    apollo_scale_type: str = option("channel", "APOLLO: channel-wise or tensor-wise gradient scaling (apollo_mini "
+                                    "is always tensor-wise, rank 1).", section="GaLore and low-rank methods")
+    apollo_scale: Optional[float] = option(None, "APOLLO: gradient scale factor (default: 1 for apollo_adamw, "
+                                           "sqrt(128) for apollo_mini; --scale is GaLore's and Fira's).",
+                                           section="GaLore and low-rank methods")
+    norm_growth_limit: Optional[float] = option(None, "Limit each matrix's update norm to this factor x its previous "
+                                                "one (fira_adamw, apollo_adamw, apollo_mini; default 1.01; 0 = off).",
+                                                section="GaLore and low-rank methods")
+
     # --- run control ----------------------------------------------------------------------------
     eval_every: int = option(1000, "Evaluate every N optimizer steps (and at the end).", section="Run control")
     eval_batch_size: Optional[int] = option(None, "Sequences per evaluation batch (default: --batch-size).", section="Run control")
@@ -192,6 +207,9 @@ class TrainConfig:
             "proj_type": ("std", "reverse_std", "left", "right", "full"),
             "svd": ("full", "randomized"),
             "distributed": ("ddp", "fsdp"),
+            "fira_residual": ("code", "paper"),  # beyond GaLore (issue 18)
+            "apollo_proj": ("random", "svd"),
+            "apollo_scale_type": ("channel", "tensor"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

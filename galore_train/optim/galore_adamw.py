@@ -46,6 +46,18 @@ class GaLoreAdamW(GaLoreOptimizer):
         super().__init__(params, adam_defaults(lr, betas, eps, weight_decay))
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        normalized, c1, c2 = self._adam_direction(grad, group, state)
+        self._apply(p, normalized, group, state, step_size=group["lr"] * c2 / c1)
+
+    @staticmethod
+    def _adam_direction(grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[Tensor, float, float]:
+        """Update the moments with `grad`; return (N', c1, c2) with (c2 / c1) N' = N, the bias-corrected Adam direction.
+
+        N = (M / c1) / (sqrt(V) / c2 + eps) = (c2 / c1) * M / (sqrt(V) + eps c2) with the bias corrections
+        c1 = 1 - b1^t, c2 = sqrt(1 - b2^t): N' = M / (sqrt(V) + eps c2) and the step size lr c2 / c1 give the same value
+        with one pass fewer. For GaLore groups the projected gradient is dead after the moments, so N' is
+        computed in its buffer (p.grad is never written); Fira and APOLLO reuse this.
+        """
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
@@ -53,11 +65,8 @@ class GaLoreAdamW(GaLoreOptimizer):
         beta1, beta2 = group["betas"]
         exp_avg.lerp_(grad, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        # N = (M / c1) / (sqrt(V) / c2 + eps) = (c2 / c1) * M / (sqrt(V) + eps c2) with the bias
-        # corrections c1 = 1 - b1^t, c2 = sqrt(1 - b2^t): the same value with one pass fewer. The
-        # projected gradient is dead now, so N is computed in its buffer (p.grad is never written).
         c1, c2 = 1.0 - beta1 ** state["step"], math.sqrt(1.0 - beta2 ** state["step"])
         normalized = grad if "rank" in group else torch.empty_like(grad)
         torch.sqrt(exp_avg_sq, out=normalized).add_(group["eps"] * c2)
         torch.div(exp_avg, normalized, out=normalized)
-        self._apply(p, normalized, group, state, step_size=group["lr"] * c2 / c1)
+        return normalized, c1, c2

@@ -8,7 +8,7 @@ same base optimizer. Only parameters with requires_grad are optimized.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -16,16 +16,22 @@ from torch import nn
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import target_linear_modules
+from galore_train.optim.apollo import APOLLO_SCALE, MINI_SCALE, ApolloAdamW
+from galore_train.optim.fira import FiraAdamW
 from galore_train.optim.galore_adafactor import GaLoreAdafactor
 from galore_train.optim.galore_adamw import GaLoreAdamW
 from galore_train.optim.galore_adamw8bit import GaLoreAdamW8bit, import_bitsandbytes
+from galore_train.optim.muon import MuonAdamW
 from galore_train.optim.natural_galore import NaturalGaLoreAdamW
+from galore_train.optim.norm_growth import DEFAULT_LIMIT
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
 FULL_RANK_NAMES = ("adamw", "adam", "adafactor", "adam8bit")
 GALORE_NAMES = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "natural_galore_adamw")
-OPTIMIZER_NAMES = FULL_RANK_NAMES + GALORE_NAMES
+BEYOND_NAMES = ("fira_adamw", "apollo_adamw", "apollo_mini", "muon")  # beyond GaLore (issue 18), built below
+NORM_GROWTH_NAMES = BEYOND_NAMES[:3]  # the optimizers that take --norm-growth-limit
+OPTIMIZER_NAMES = FULL_RANK_NAMES + GALORE_NAMES + BEYOND_NAMES
 _EIGHTBIT = {"adamw": "adam8bit", "adam": "adam8bit", "galore_adamw": "galore_adamw8bit"}
 
 
@@ -87,14 +93,50 @@ _BUILDERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
     "natural_galore_adamw": lambda params, cfg: NaturalGaLoreAdamW(
         params, lr=cfg.lr, betas=_adam_betas(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay,
         fisher_history=cfg.fisher_history, fisher_damping=cfg.fisher_damping),
+    # --- beyond GaLore (issue 18): param groups from _beyond_groups -------------------------------
+    "fira_adamw": lambda params, cfg: FiraAdamW(params, lr=cfg.lr, betas=_adam_betas(cfg), eps=cfg.eps,
+                                                weight_decay=cfg.weight_decay, residual=cfg.fira_residual),
+    "apollo_adamw": lambda params, cfg: ApolloAdamW(params, lr=cfg.lr, betas=_adam_betas(cfg), eps=cfg.eps,
+                                                    weight_decay=cfg.weight_decay, proj_seed=cfg.seed),
+    "apollo_mini": lambda params, cfg: ApolloAdamW(params, lr=cfg.lr, betas=_adam_betas(cfg), eps=cfg.eps,
+                                                   weight_decay=cfg.weight_decay, proj_seed=cfg.seed),
+    "muon": lambda params, cfg: MuonAdamW(params, lr=cfg.lr, betas=_adam_betas(cfg), eps=cfg.eps,
+                                          weight_decay=cfg.weight_decay),
 }
+
+
+# --- beyond GaLore (issue 18) -------------------------------------------------------------------
+
+def _norm_growth_limit(cfg: TrainConfig) -> Optional[float]:
+    """--norm-growth-limit as a param-group value: unset -> Fira's and APOLLO's 1.01, 0 -> None (off)."""
+    if cfg.norm_growth_limit is None:
+        return DEFAULT_LIMIT
+    return cfg.norm_growth_limit or None
+
+
+def _beyond_groups(model: nn.Module, cfg: TrainConfig, name: str) -> list[dict[str, Any]]:
+    """Param groups of the BEYOND_NAMES: GaLore's split; the target matrices get the method's keys."""
+    mini = name == "apollo_mini"
+    groups = _galore_groups(model, cfg.replace(rank=1) if name in ("muon", "apollo_mini") else cfg)  # muon: no rank
+    if name == "muon":
+        return groups[:-1] + [{"params": groups[-1]["params"], "muon": True}]
+    matrices = groups[-1]
+    matrices["norm_growth_limit"] = _norm_growth_limit(cfg)
+    if name != "fira_adamw":
+        matrices.update(proj=cfg.apollo_proj, scale_type="tensor" if mini else cfg.apollo_scale_type,
+                        scale=cfg.apollo_scale if cfg.apollo_scale is not None else MINI_SCALE if mini else APOLLO_SCALE)
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named by cfg.optimizer (and cfg.eightbit) over the model's trainable parameters."""
     name = resolve_optimizer_name(cfg.optimizer, cfg.eightbit)
-    if name in GALORE_NAMES:
-        params: Any = _galore_groups(model, cfg)
+    if cfg.norm_growth_limit and name not in NORM_GROWTH_NAMES:
+        raise UserError(f"--norm-growth-limit applies to {', '.join(NORM_GROWTH_NAMES)}, not {name}")
+    if name in BEYOND_NAMES:
+        params: Any = _beyond_groups(model, cfg, name)
+    elif name in GALORE_NAMES:
+        params = _galore_groups(model, cfg)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     if not params:

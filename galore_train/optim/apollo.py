@@ -1,0 +1,162 @@
+"""APOLLO-AdamW and APOLLO-Mini (Zhu et al. 2024, arXiv 2412.05270), written from the paper's equations.
+
+AdamW's update is the gradient times an element-wise scaling; APOLLO coarsens it to one factor per
+channel (or per tensor) and estimates the factors from Adam moments of a low-rank projection only.
+Per APOLLO parameter (m x n) and step t:
+
+    R_t  = P_t^T G_t  (left)  or  G_t Q_t^T  (right)   projection as in GaLore (projector.py sides), from
+                                                     a seeded Gaussian with entries N(0, 1/r) ("random",
+                                                     no SVD) or GaLore's SVD projector ("svd")
+    N_t  = bias-corrected Adam direction of R_t      (moments r x n or m x r; galore_adamw.py)
+    s_t  = ||N_t[:, j]|| / ||R_t[:, j]||             per channel j ("channel"; channels as in fira.py)
+           ||N_t|| / ||R_t||                         or one factor ("tensor")
+    U_t  = scale * G_t diag(s_t), limited            the raw full-rank gradient, scaled; norm-growth
+                                                     limiter (norm_growth.py, gamma = 1.01)
+    W_t  = (1 - lr wd) W_{t-1} - lr U_t
+
+Nothing is projected back: the projection only feeds the moments that estimate s. U is applied with one
+broadcasting multiply-accumulate (no m x n temporary); its norm for the limiter follows from the channel
+norms of G: ||G diag(s)||^2 = sum_j s_j^2 ||G[:, j]||^2.
+
+The Gaussian projection is regenerated, never stored: its seed is a hash of (proj_seed, the parameter's
+position in the optimizer, the refresh window (step + refresh_offset) // update_proj_gap), so every
+process and every resume draws the same matrix (on the same device type) and a refresh every
+update_proj_gap steps draws a new one. It is drawn in float32 and cast to the gradient's dtype.
+
+Defaults: apollo_adamw scale 1 (the paper's APOLLO); APOLLO-Mini is rank 1, tensor-wise, scale sqrt(128)
+(MINI_SCALE): an Adam direction of r x n entries of size ~1 has norm ~sqrt(r n) where the full-rank one
+has ~sqrt(m n), so a rank-r ratio is ~sqrt(r / m) of AdamW's; the paper compensates rank 1 with this fixed
+gradient scale factor. Public APOLLO-Mini configurations of the authors' package write `scale: 128`
+(apparently square-rooted there; not verified); here `scale` is the factor itself.
+
+State per APOLLO parameter: the two moments (r x n or m x r, gradient dtype), the limiter's float32
+scalar and, with proj "svd" only, the projection. APOLLO-Mini: 2 max(m, n) + 1 values (O(m + n)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from galore_train.optim.fira import (
+    StateLayout,
+    adam_layout,
+    channel_dim,
+    channel_norms,
+    check_one_sided,
+    limiter_layout,
+    norm_ratio,
+    svd_projection_layout,
+)
+from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
+from galore_train.optim.norm_growth import DEFAULT_LIMIT, check_norm_growth_limit, norm_growth_factor
+from galore_train.optim.projector import GaLoreOptimizer, GaLoreProjector
+
+PROJECTIONS = ("random", "svd")
+SCALE_TYPES = ("channel", "tensor")
+APOLLO_SCALE = 1.0
+MINI_SCALE = math.sqrt(128)
+
+
+def projection_seed(seed: int, position: int, window: int) -> int:
+    """A 63-bit generator seed for (seed, parameter position, refresh window), the same in every process."""
+    digest = hashlib.blake2b(f"{seed}:{position}:{window}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def gaussian_projection(shape: torch.Size, side: str, rank: int, seed: int, device: torch.device,
+                        dtype: torch.dtype) -> Tensor:
+    """P (m x r, side "left") or Q (r x n, "right") with N(0, 1/r) entries: E[P P^T] = I, so ||R|| ~ ||G||."""
+    m, n = shape
+    generator = torch.Generator(device=device).manual_seed(seed)
+    size = (m, rank) if side == "left" else (rank, n)
+    matrix = torch.randn(size, generator=generator, device=device, dtype=torch.float32)
+    return matrix.div_(math.sqrt(rank)).to(dtype)
+
+
+class ApolloAdamW(GaLoreAdamW):
+    """AdamW whose GaLore-style groups ("rank" key) run APOLLO; other groups run AdamW exactly.
+
+    Param-group keys: GaLore's (rank, update_proj_gap, scale, proj_type, ...) plus `proj` ("random" |
+    "svd"), `scale_type` ("channel" | "tensor"), `norm_growth_limit` (gamma, or None for off) and
+    `proj_seed`. Example (APOLLO-Mini):
+        ApolloAdamW([{"params": others},
+                     {"params": matrices, "rank": 1, "scale": MINI_SCALE, "scale_type": "tensor"}], lr=1e-2)
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, proj: str = "random", scale_type: str = "channel",
+                 norm_growth_limit: Optional[float] = DEFAULT_LIMIT, proj_seed: int = 0) -> None:
+        self._positions: dict[Tensor, int] = {}  # parameter -> position in the optimizer (seeds)
+        defaults = {**adam_defaults(lr, betas, eps, weight_decay), "proj": proj, "scale_type": scale_type,
+                    "norm_growth_limit": norm_growth_limit, "proj_seed": proj_seed}
+        GaLoreOptimizer.__init__(self, params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "rank" in param_group:
+            param_group.setdefault("scale", APOLLO_SCALE)  # before GaLore's default (0.25) fills it
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            self._positions[p] = len(self._positions)
+        if group["proj"] not in PROJECTIONS:
+            raise ValueError(f"unknown APOLLO proj {group['proj']!r}; known: {', '.join(PROJECTIONS)}")
+        if group["scale_type"] not in SCALE_TYPES:
+            raise ValueError(f"unknown APOLLO scale_type {group['scale_type']!r}; known: {', '.join(SCALE_TYPES)}")
+        check_norm_growth_limit(group["norm_growth_limit"])
+        if "rank" not in group:
+            return
+        check_one_sided(group, "APOLLO")
+        if group["proj"] == "random" and (group["adaptive_gap"] or group["proj_bits"] != 32):
+            raise ValueError("APOLLO's random projection is regenerated, not stored: adaptive_gap and proj_bits "
+                             "apply to proj 'svd' only")
+
+    @classmethod
+    def state_layout(cls, shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype) -> StateLayout:
+        """The state tensors of a parameter of `shape` and `dtype` in `group` (after add_param_group filled
+        the defaults); plain values (step, refresh bookkeeping) are not listed."""
+        if "rank" not in group:
+            return adam_layout(shape, dtype)
+        low_rank = GaLoreProjector.from_group(group).low_rank_shape(torch.Size(shape))
+        projection = svd_projection_layout(shape, group, dtype) if group["proj"] == "svd" else {}
+        return {**adam_layout(low_rank, dtype), **projection, **limiter_layout(group)}
+
+    def _step_parameter(self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector],
+                        name: Optional[str]) -> None:
+        if projector is None or group["proj"] == "svd":
+            super()._step_parameter(p, group, projector, name)
+            return
+        state = self.state[p]
+        step = state.get("step", 0)
+        side = projector.side(p.shape)
+        window = (step + state.get("refresh_offset", 0)) // projector.update_proj_gap
+        seed = projection_seed(group["proj_seed"], self._positions[p], window)
+        matrix = gaussian_projection(p.shape, side, projector.rank, seed, p.grad.device, p.grad.dtype)
+        out = self._scratch_buffer(projector.low_rank_shape(p.shape), p.grad)
+        if side == "left":
+            torch.mm(matrix.mT, p.grad, out=out)
+        else:
+            torch.mm(p.grad, matrix.mT, out=out)
+        state["step"] = step + 1
+        self._update(p, out, group, state)
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if "rank" not in group:
+            super()._update(p, grad, group, state)
+            return
+        dim = channel_dim(GaLoreProjector.from_group(group).side(p.shape)) if group["scale_type"] == "channel" else None
+        projected_norms = channel_norms(grad, dim)  # before the Adam direction overwrites R's buffer
+        normalized, c1, c2 = self._adam_direction(grad, group, state)
+        factors = norm_ratio(channel_norms(normalized, dim), projected_norms) * (group["scale"] * c2 / c1)
+        limit = group["norm_growth_limit"]
+        if limit is not None:
+            update_norm = torch.linalg.vector_norm(factors * channel_norms(p.grad, dim))
+            factors = factors * norm_growth_factor(update_norm, state, limit)
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        if decay != 1.0:
+            p.mul_(decay)
+        p.addcmul_(p.grad, factors.to(p.dtype), value=-group["lr"])

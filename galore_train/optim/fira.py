@@ -1,0 +1,135 @@
+"""Fira-AdamW (Chen et al. 2024, arXiv 2410.01623): GaLore-AdamW plus the gradient GaLore throws away.
+
+Per GaLore parameter and step t, with R_t = P_t^T G_t and the GaLore-AdamW direction N_t (galore_adamw.py;
+P, the sides and the refresh in projector.py):
+
+    S_t    = G_t - c P_t R_t                     the out-of-subspace residual; c = 1 (paper) or c = scale
+                                                 (the authors' code), see RESIDUALS
+    phi_t  = ||N_t[:, j]|| / ||R_t[:, j]||       per channel j (the paper's column-wise norm-based scaling:
+                                                 Adam's effect on the norm, measured in the subspace)
+    U_t    = phi_t * S_t, limited                the norm-growth limiter (norm_growth.py, gamma = 1.01)
+    W_t    = (1 - lr wd) W_{t-1} - lr (scale P_t N_t + U_t)
+
+Channels are the dimension the projection keeps: the columns of G for a left projection (R is r x n), the
+rows for a right one (R is m x r), so "column-wise" with GaLore's std side for m <= n as in the paper; a
+two-sided ("full") projection keeps none and is refused. phi_j = 0 where ||R[:, j]|| = 0.
+
+The residual coefficient: the paper writes S = G - P P^T G; the authors' code subtracts scale * P P^T G,
+so with scale 0.25 three quarters of the in-subspace gradient also take the phi-scaled SGD path. That is
+what produced the published perplexities, so it is the default ("code"); "paper" gives the equation. At
+scale 1 the two coincide, and on gradients inside the subspace Fira is then GaLore-AdamW (tested).
+
+State per GaLore parameter: GaLore-AdamW's (moments of R, the projection) plus one float32 scalar for the
+limiter. S is an m x n temporary of each step, not state. Plain groups run AdamW exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
+from galore_train.optim.norm_growth import DEFAULT_LIMIT, PREVIOUS_NORM, check_norm_growth_limit, limit_norm_growth_
+from galore_train.optim.projector import GaLoreOptimizer, GaLoreProjector
+
+RESIDUALS = ("code", "paper")
+StateLayout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # state key -> (shape, dtype), tensors only
+
+
+def channel_dim(side: str) -> int:
+    """The dimension a channel-wise norm of R reduces: 0 for a left projection (one norm per column of
+    R = P^T G, i.e. of G), 1 for a right one (one per row)."""
+    return 0 if side == "left" else 1
+
+
+def channel_norms(t: Tensor, dim: Optional[int]) -> Tensor:
+    """float32 L2 norms over `dim`, kept 2-D so they broadcast against G (dim None: the whole tensor, 1 x 1)."""
+    if dim is None:
+        return torch.linalg.vector_norm(t, dtype=torch.float32).reshape(1, 1)
+    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=torch.float32)
+
+
+def norm_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator, 0 where the denominator is 0 (no gradient in that channel: nothing to scale)."""
+    return torch.where(denominator > 0, numerator / denominator, torch.zeros_like(numerator))
+
+
+def check_one_sided(group: dict[str, Any], name: str) -> None:
+    if group["proj_type"] == "full":
+        raise ValueError(f"{name} scales by channel along the unprojected dimension; proj_type 'full' projects both")
+
+
+def adam_layout(shape: tuple[int, ...], dtype: torch.dtype) -> StateLayout:
+    return {"exp_avg": (tuple(shape), dtype), "exp_avg_sq": (tuple(shape), dtype)}
+
+
+def svd_projection_layout(shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype) -> StateLayout:
+    """What GaLoreProjector stores for a one-sided projection: the matrix in `dtype`, or Q-GaLore codes + scales."""
+    projector = GaLoreProjector.from_group(group)
+    m, n = shape
+    matrix = (m, projector.rank) if projector.side(torch.Size(shape)) == "left" else (projector.rank, n)
+    if projector.proj_bits == 32:
+        return {"projection": (matrix, dtype)}
+    numel = math.prod(matrix)
+    groups = -(-numel // projector.proj_group_size)
+    codes = ((numel,), torch.int8) if projector.proj_bits == 8 else ((-(-numel // 2),), torch.uint8)  # 2 per byte
+    return {"projection": codes, "projection_scales": ((groups,), torch.float32)}
+
+
+def limiter_layout(group: dict[str, Any]) -> StateLayout:
+    return {} if group["norm_growth_limit"] is None else {PREVIOUS_NORM: ((), torch.float32)}
+
+
+class FiraAdamW(GaLoreAdamW):
+    """GaLore-AdamW whose GaLore groups also apply the phi-scaled, norm-growth-limited residual.
+
+    Param-group keys as GaLoreAdamW's plus `residual` ("code" | "paper") and `norm_growth_limit` (gamma,
+    or None for off). Example:
+        FiraAdamW([{"params": others},
+                   {"params": matrices, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}],
+                  lr=1e-2)
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, residual: str = "code",
+                 norm_growth_limit: Optional[float] = DEFAULT_LIMIT) -> None:
+        defaults = {**adam_defaults(lr, betas, eps, weight_decay), "residual": residual,
+                    "norm_growth_limit": norm_growth_limit}
+        GaLoreOptimizer.__init__(self, params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["residual"] not in RESIDUALS:
+            raise ValueError(f"unknown Fira residual {group['residual']!r}; known: {', '.join(RESIDUALS)}")
+        check_norm_growth_limit(group["norm_growth_limit"])
+        if "rank" in group:
+            check_one_sided(group, "Fira")
+
+    @classmethod
+    def state_layout(cls, shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype) -> StateLayout:
+        """The state tensors of a parameter of `shape` and `dtype` in `group` (after add_param_group filled
+        the defaults); plain values (step, refresh bookkeeping) are not listed."""
+        if "rank" not in group:
+            return adam_layout(shape, dtype)
+        low_rank = GaLoreProjector.from_group(group).low_rank_shape(torch.Size(shape))
+        return {**adam_layout(low_rank, dtype), **svd_projection_layout(shape, group, dtype), **limiter_layout(group)}
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if "rank" not in group:
+            super()._update(p, grad, group, state)
+            return
+        projector = GaLoreProjector.from_group(group)
+        dim = channel_dim(projector.side(p.shape))
+        projected_norms = channel_norms(grad, dim)  # before the Adam direction overwrites R's buffer
+        residual = p.grad.clone(memory_format=torch.contiguous_format)
+        coefficient = 1.0 if group["residual"] == "paper" else group["scale"]
+        projector.project_back_add_(residual, grad, state, alpha=-coefficient)
+        normalized, c1, c2 = self._adam_direction(grad, group, state)
+        phi = norm_ratio(channel_norms(normalized, dim), projected_norms) * (c2 / c1)  # with N bias-corrected
+        limit_norm_growth_(residual.mul_(phi.to(residual.dtype)), state, group["norm_growth_limit"])
+        self._apply(p, normalized, group, state, step_size=group["lr"] * c2 / c1)
+        p.add_(residual, alpha=-group["lr"])

@@ -1,0 +1,58 @@
+"""The norm-growth limiter (Fira, Chen et al. 2024, arXiv 2410.01623; reused by APOLLO, arXiv 2412.05270).
+
+Per matrix and step t, with U_t the update the optimizer is about to apply and gamma > 1:
+
+    if ||U_t|| > gamma ||U_{t-1}||:   U_t <- U_t * gamma ||U_{t-1}|| / ||U_t||
+
+where ||U_{t-1}|| is the norm of the update actually applied at the previous step (after limiting). It
+stops the sudden jumps of low-rank updates (a new projection, a scaling factor that spikes) that show as
+loss spikes, and it needs nothing from the other parameters: it is the per-matrix substitute for global
+gradient clipping, which layer-wise updates cannot do (optim/layerwise.py).
+
+State: one float32 scalar tensor per parameter, `state[PREVIOUS_NORM]`. Choices the paper leaves open:
+  * the first update of a parameter is never limited (nothing to compare with);
+  * a previous norm of 0 (an all-zero update) counts as "no history": the next update is not limited,
+    where a literal reading would freeze the parameter at zero for good.
+Everything stays on the device (no .item()): the factor is a tensor the caller multiplies in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+PREVIOUS_NORM = "norm_growth_prev"  # the state key: ||U_{t-1}|| after limiting, float32 scalar
+DEFAULT_LIMIT = 1.01  # Fira's and APOLLO's gamma
+
+
+def check_norm_growth_limit(limit: Optional[float]) -> None:
+    """ValueError unless `limit` is None (off) or a finite number >= 1 (below 1 every update would shrink)."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit < 1.0:
+        raise ValueError(f"norm_growth_limit must be a number >= 1 (or None for off), got {limit!r}")
+
+
+def norm_growth_factor(norm: Tensor, state: dict[str, Any], limit: Optional[float]) -> Optional[Tensor]:
+    """The factor (float32 scalar tensor, <= 1) to multiply an update of norm `norm` by, and record the
+    limited norm as this parameter's previous one. None when the limiter is off (limit None)."""
+    if limit is None:
+        return None
+    norm = norm.detach().to(torch.float32)
+    previous = state.get(PREVIOUS_NORM)
+    if previous is None:
+        factor = torch.ones_like(norm)
+    else:
+        ceiling = limit * previous
+        factor = torch.where((previous > 0) & (norm > ceiling), ceiling / norm, torch.ones_like(norm))
+    state[PREVIOUS_NORM] = norm * factor
+    return factor
+
+
+def limit_norm_growth_(update: Tensor, state: dict[str, Any], limit: Optional[float]) -> Tensor:
+    """`update`, scaled in place so its norm grows by at most `limit` per step (see the module docstring)."""
+    factor = norm_growth_factor(torch.linalg.vector_norm(update, dtype=torch.float32), state, limit)
+    return update if factor is None else update.mul_(factor.to(update.dtype))
