@@ -116,15 +116,15 @@ class Run:
 
 def method_label(config: dict[str, Any]) -> str:
     """Paper-style row name: the optimizer actually built, plus ' (layer-wise)'."""
+    from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
+
     name = str(config.get("optimizer", "?"))
     if config.get("eightbit"):
-        from galore_train.optim.registry import resolve_optimizer_name
-
         try:
             name = resolve_optimizer_name(name, True)
         except UserError:
-            pass  # an old or foreign name: show it as it is
-    label = METHOD_LABELS.get(name, name)
+            pass  # a method (its 8-bit optimizer is no row of its own), an old or a foreign name: as it is
+    label = OPTIMIZERS[name].label if name in OPTIMIZERS else name
     return label + " (layer-wise)" if config.get("layerwise") else label
 
 

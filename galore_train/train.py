@@ -28,12 +28,13 @@ from galore_train.data import PretrainingStream, Tokenize, build_eval_batches, d
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import evaluate, summed_loss
 from galore_train.guard import LossGuard
-from galore_train.memory import MemoryMeter
+from galore_train.meter import MemoryMeter
 from galore_train.methods import METHOD_NAMES, base_optimizer_name, build_method, scheduler_kwargs
 from galore_train.metrics import MetricsSink
 from galore_train.model import architecture_differences, build_model, dtype_name, load_model_config, load_pretrained_llama, resolve_dtype
-from galore_train.optim import build_optimizer, resolve_optimizer_name
 from galore_train.optim.layerwise import LayerwiseUpdater
+from galore_train.optimizers import build_optimizer
+from galore_train.registry import resolve_optimizer_name
 from galore_train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ merged, so the final checkpoint loads with `AutoModelForCausalLM.from_pretrained
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -20,13 +20,33 @@ from galore_train.config import TrainConfig
 MergedLinear = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
-class Method:
-    """Base class. Subclasses set `name` and implement `prepare`, `is_wrapped` and `merged_linear`."""
+class MatrixParams(NamedTuple):
+    """Parameter counts of one target matrix (out_features x in_features) under a method."""
 
-    name: str = ""
+    stored: int  # elements held in memory as weights
+    trainable: int  # elements with gradients and optimizer state
+
+
+class Method:
+    """Base class. Subclasses implement `prepare`, `is_wrapped`, `merged_linear` and `matrix_parameter_counts`;
+    the registry (galore_train/registry.py) names them."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def check_options(cls, cfg: TrainConfig) -> None:
+        """Raise UserError for options of `cfg` this method cannot run with."""
+
+    @classmethod
+    def scheduler_kwargs(cls, cfg: TrainConfig) -> dict[str, Any]:
+        """Extra keyword arguments for schedule.build_scheduler."""
+        return {}
+
+    @classmethod
+    def matrix_parameter_counts(cls, out_features: int, in_features: int, rank: int) -> MatrixParams:
+        """Counts of one target matrix, for the memory estimator (LLaMA's linears have no bias)."""
+        raise NotImplementedError
 
     def prepare(self, model: LlamaForCausalLM, completed_steps: int = 0) -> nn.Module:
         """Rewrite the target linears of `model` in place and set requires_grad; return `model`.
@@ -82,4 +102,4 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            raise ValueError(f"{self.name} keeps no state, got {sorted(state)}")
+            raise ValueError(f"{self.cfg.optimizer} keeps no state, got {sorted(state)}")
