@@ -1,5 +1,5 @@
-"""`galore-train` command line. `pretrain`'s flags are generated from TrainConfig's fields, so every
-option is declared once (config.py) and documented once (its help text)."""
+"""`galore-train` command line. `pretrain`'s flags, and `memory`'s training-setup flags, are generated from
+TrainConfig's fields, so every option is declared once (config.py) with one default and one help text."""
 
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ def _flag(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
-def _config_parameters() -> list[inspect.Parameter]:
-    """One typer option per TrainConfig field, with its help text and section."""
+def _config_parameters(names: Optional[tuple[str, ...]] = None) -> list[inspect.Parameter]:
+    """One typer option per TrainConfig field (or per field in `names`), with its help text and section."""
     hints = typing.get_type_hints(TrainConfig)
     parameters = []
     for field in dataclasses.fields(TrainConfig):
+        if names is not None and field.name not in names:
+            continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         option = typer.Option(default, _flag(field), help=field.metadata["help"], rich_help_panel=field.metadata["section"],
                               show_default=default not in (None, [], False))
@@ -43,9 +45,14 @@ def _config_parameters() -> list[inspect.Parameter]:
     return parameters
 
 
+def _split_targets(values: dict[str, Any]) -> dict[str, Any]:
+    """--galore-targets may be repeated or comma-separated."""
+    return {**values, "galore_targets": [part for entry in values["galore_targets"] for part in entry.split(",") if part]}
+
+
 def config_from_cli(values: dict[str, Any], context: typer.Context) -> TrainConfig:
     """Build the TrainConfig; a recipe fills only what the user did not set explicitly (on `context`'s command line)."""
-    values["galore_targets"] = [part for entry in values["galore_targets"] for part in entry.split(",") if part]
+    values = _split_targets(values)
     cfg = TrainConfig(**values)
     if cfg.recipe:
         from galore_train.recipes import apply_recipe
@@ -109,38 +116,50 @@ def list_models() -> None:
     console.print(table)
 
 
-@app.command("memory")
-def memory(
-    model: str = typer.Option("llama_1b", help="Config name or JSON path (no weights are allocated)."),
-    optimizer: str = typer.Option("galore_adamw", help="Optimizer or method, as for pretrain."),
-    rank: int = typer.Option(512, help="GaLore / LoRA / low-rank rank."),
-    eightbit: bool = typer.Option(False, "--8bit", help="The 8-bit variant of --optimizer."),
-    layerwise: bool = typer.Option(False, "--layerwise", help="Per-parameter updates in gradient hooks."),
-    dtype: str = typer.Option("bf16", help="bf16 or fp32 weights, gradients and states."),
-    batch_size: int = typer.Option(1, help="Micro-batch size (activations)."),
-    max_length: int = typer.Option(256, help="Sequence length (activations)."),
-    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute activations in backward."),
-    proj_type: str = typer.Option("std", help="GaLore projection type."),
-    proj_bits: int = typer.Option(32, help="Bits per stored projection entry (32, 8 or 4)."),
-    fisher_history: int = typer.Option(20, help="Natural GaLore: projected gradients kept per matrix."),
-    compare: bool = typer.Option(False, "--compare", help="Every optimizer side by side for this model (a Table 2 style row)."),
-    paper: bool = typer.Option(False, "--paper", help="Reproduce the paper's Table 2 memory column, with deviations."),
-) -> None:
-    """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup."""
-    from galore_train.memory import compare_table, estimate_memory, memory_table, paper_table2
+# The TrainConfig fields `memory` takes: the estimator's arguments (tests/test_cli.py keeps them in step).
+ESTIMATE_OPTIONS = ("layerwise", "dtype", "batch_size", "max_length", "activation_checkpointing", "galore_targets",
+                    "proj_type", "proj_bits", "proj_group_size", "beta1", "fisher_history")
+MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
+_MEMORY_EXTRAS = [
+    inspect.Parameter("compare", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--compare", help="Every optimizer side by side for this model (a Table 2 style row).")),
+    inspect.Parameter("paper", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--paper", help="Reproduce the paper's Table 2 memory column, with deviations.")),
+]
+
+
+def memory(compare: bool, paper: bool, **values: Any) -> None:
+    """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup:
+    the same flags and defaults as `pretrain` (--dtype auto is estimated as bf16, the GPU case)."""
+    from galore_train.memory import estimate_memory
+    from galore_train.memory_tables import compare_table, memory_table, paper_table2
     from galore_train.model import load_model_config
 
     if paper:
         console.print(paper_table2())
         return
-    config = load_model_config(model)
-    options = dict(layerwise=layerwise, dtype=dtype, batch_size=batch_size, max_length=max_length,
-                   activation_checkpointing=activation_checkpointing, proj_type=proj_type, proj_bits=proj_bits,
-                   fisher_history=fisher_history)
+    cfg = TrainConfig(**_split_targets(values))
+    config = load_model_config(cfg.model)
+    options = {name: getattr(cfg, name) for name in ESTIMATE_OPTIONS}
     if compare:
-        console.print(compare_table(config, rank, title=f"{model}, rank {rank}", **options))
+        console.print(compare_table(config, cfg.rank, title=f"{cfg.model}, rank {cfg.rank}", **options))
     else:
-        console.print(memory_table(estimate_memory(config, optimizer, rank, eightbit=eightbit, **options)))
+        console.print(memory_table(estimate_memory(config, cfg.optimizer, cfg.rank, eightbit=cfg.eightbit, **options)))
+
+
+memory.__signature__ = inspect.Signature(_config_parameters(MEMORY_FIELDS) + _MEMORY_EXTRAS)
+app.command("memory", context_settings={"max_content_width": 120})(memory)
+
+
+@app.command("optimizers")
+def list_optimizers() -> None:
+    """List the --optimizer names (optimizers and methods) with the state each keeps per weight."""
+    from galore_train.registry import OPTIMIZERS
+
+    table = Table("name", "kind", "--8bit", "state per m x n target weight (m <= n, rank r)")
+    for spec in OPTIMIZERS.values():
+        table.add_row(spec.name, spec.kind, spec.other_8bit, spec.state)
+    console.print(table)
 
 
 @app.command("report")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from galore_train.errors import UserError
+from galore_train.registry import EIGHTBIT_VARIANTS, OPTIMIZERS
 
 
 def option(default: Any, help: str, flag: Optional[str] = None, section: str = "Training") -> Any:
@@ -76,8 +77,8 @@ class TrainConfig:
     seed: int = option(0, "Seed for model init, data order and dropout.", section="Model and data")
 
     # --- optimisation ---------------------------------------------------------------------------
-    optimizer: str = option("adamw", "Optimizer or method (see `galore-train optimizers`).")
-    eightbit: bool = option(False, "Use the 8-bit variant of --optimizer (adamw -> adam8bit, galore_adamw -> galore_adamw8bit).", flag="--8bit")
+    optimizer: str = option("adamw", f"Optimizer or method: {', '.join(OPTIMIZERS)} (see `galore-train optimizers`).")
+    eightbit: bool = option(False, f"Use the 8-bit variant of --optimizer ({', '.join(f'{name} -> {variant}' for name, variant in EIGHTBIT_VARIANTS.items())}).", flag="--8bit")
     layerwise: bool = option(False, "Update each parameter inside its gradient hook and free the gradient at once.")
     lr: float = option(1e-3, "Peak learning rate.")
     weight_decay: float = option(0.0, "Decoupled weight decay.")

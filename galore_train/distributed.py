@@ -28,8 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from galore_train.errors import UserError
-
-FSDP_OPTIMIZERS = ("adamw", "adam")  # torch.optim: elementwise updates, correct on DTensor shards
+from galore_train.registry import FSDP_NAMES
 
 
 @dataclass(frozen=True)
@@ -132,9 +131,9 @@ def check_fsdp_supported(cfg: Any) -> None:
     """UserError for what FSDP2 sharding cannot run correctly yet (see the module docstring)."""
     if cfg.layerwise:
         raise UserError("--layerwise does not run under --distributed fsdp yet: use --distributed ddp")
-    if cfg.optimizer not in FSDP_OPTIMIZERS or cfg.eightbit:
+    if cfg.optimizer not in FSDP_NAMES or cfg.eightbit:  # FSDP-capable in the registry: elementwise updates
         chosen = f"{cfg.optimizer}{' --8bit' if cfg.eightbit else ''}"
-        raise UserError(f"--distributed fsdp supports --optimizer {' or '.join(FSDP_OPTIMIZERS)} (without --8bit) for now; "
+        raise UserError(f"--distributed fsdp supports --optimizer {' or '.join(FSDP_NAMES)} (without --8bit) for now; "
                         f"{chosen} does not run on sharded weights yet: use --distributed ddp")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
+from galore_train.registry import OPTIMIZERS
 
 # Table 2 / Section 5.1: total batch 512 x 256 tokens, cosine to 10% with 10% warm-up, GaLore lr 0.01,
 # scale 0.25, gap 200; rank and token budget per size.
@@ -53,7 +54,8 @@ def recipe_values(cfg: TrainConfig) -> dict[str, Any]:
     recipe = PAPER_RECIPES[name]
     values = dict(recipe.values)
     if name != "llama_7b":
-        values.update(_GALORE if "galore" in cfg.optimizer else _BASELINE)
+        galore = cfg.optimizer in OPTIMIZERS and OPTIMIZERS[cfg.optimizer].galore
+        values.update(_GALORE if galore else _BASELINE)
     if cfg.layerwise:
         values.pop("grad_clipping", None)  # layer-wise updates cannot clip the global norm (paper's 4090 run: none)
     if "max_train_tokens" in values:

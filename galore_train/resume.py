@@ -22,7 +22,7 @@ from galore_train import checkpoint, distributed
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import architecture_differences, dtype_name
-from galore_train.optim import resolve_optimizer_name
+from galore_train.registry import resolve_optimizer_name
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,16 @@ from typing import Any, Optional
 from galore_train.checkpoint import latest_checkpoint
 from galore_train.config import TrainConfig, plan_steps
 from galore_train.errors import UserError
+from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 
 GIB = 2**30
 COMPONENTS = ("weights", "grads", "optimizer_state", "other")  # the measured parts in metrics.jsonl
 
 # Row names of the paper, by the optimizer actually built (after --8bit).
-METHOD_LABELS = {
-    "adamw": "Full-Rank", "adam": "Full-Rank (Adam)", "galore_adamw": "GaLore", "low_rank": "Low-Rank",
-    "lora": "LoRA", "relora": "ReLoRA", "adafactor": "Adafactor", "adam8bit": "8-bit Adam",
-    "galore_adafactor": "GaLore-Adafactor", "galore_adamw8bit": "8-bit GaLore", "natural_galore_adamw": "Natural GaLore",
-}
-ROW_ORDER = list(METHOD_LABELS.values())
+# Row order: the paper's Table 2 methods first, then every other registry entry in registry order.
+_PAPER_ROWS = ("adamw", "adam", "galore_adamw", "low_rank", "lora", "relora")
+ROW_ORDER = [OPTIMIZERS[name].label for name in _PAPER_ROWS] + [
+    spec.label for name, spec in OPTIMIZERS.items() if name not in _PAPER_ROWS]
 
 LOW_RANK_SECTION = "GaLore and low-rank methods"  # TrainConfig's options that only GaLore and LoRA-likes use
 # Settings that make two runs of one method different experiments (rows), unlike the seed.
@@ -68,10 +67,8 @@ class Run:
     @property
     def uses_rank(self) -> bool:
         """GaLore and the low-rank methods (their section of TrainConfig matters only for them)."""
-        from galore_train.methods import METHOD_NAMES
-
-        optimizer = str(self.config.get("optimizer", ""))
-        return "galore" in optimizer or optimizer in METHOD_NAMES
+        spec = OPTIMIZERS.get(str(self.config.get("optimizer", "")))
+        return spec is not None and (spec.galore or spec.is_method)
 
     def settings(self) -> dict[str, Any]:
         """The SETTING_FIELDS that apply to this run's method."""
@@ -105,13 +102,11 @@ def method_label(config: dict[str, Any]) -> str:
     """Paper-style row name: the optimizer actually built, plus ' (layer-wise)'."""
     name = str(config.get("optimizer", "?"))
     if config.get("eightbit"):
-        from galore_train.optim.registry import resolve_optimizer_name
-
         try:
             name = resolve_optimizer_name(name, True)
         except UserError:
-            pass  # an old or foreign name: show it as it is
-    label = METHOD_LABELS.get(name, name)
+            pass  # a method (its 8-bit optimizer is no row of its own), an old or a foreign name: as it is
+    label = OPTIMIZERS[name].label if name in OPTIMIZERS else name
     return label + " (layer-wise)" if config.get("layerwise") else label
 
 

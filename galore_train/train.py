@@ -24,11 +24,12 @@ from galore_train.data import BAD_LINES, PretrainingStream, Tokenize, build_eval
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import evaluate, summed_loss
 from galore_train.guard import LossGuard
-from galore_train.memory import MemoryMeter
+from galore_train.meter import MemoryMeter
 from galore_train.methods import METHOD_NAMES, build_method, scheduler_kwargs
 from galore_train.metrics import MetricsSink
 from galore_train.model import build_model, dtype_name, load_model_config, load_pretrained_llama, resolve_dtype
-from galore_train.optim import build_optimizer, resolve_optimizer_name
+from galore_train.optimizers import build_optimizer
+from galore_train.registry import resolve_optimizer_name
 from galore_train.schedule import build_scheduler
 from galore_train.updates import build_updates
 

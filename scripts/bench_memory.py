@@ -20,10 +20,11 @@ from typing import Callable
 import torch
 
 from galore_train.config import TrainConfig
-from galore_train.memory import GIB, MemoryMeter, estimate_memory
+from galore_train.memory import estimate_memory
+from galore_train.meter import GIB, MemoryMeter
 from galore_train.model import build_model, load_model_config
-from galore_train.optim import build_optimizer
 from galore_train.optim.layerwise import LayerwiseUpdater
+from galore_train.optimizers import build_optimizer
 
 RANKS = {"llama_20m": 64, "llama_60m": 128}  # a quarter of the hidden size, as in the paper's 60M run
 OPTIMIZERS = ("adamw", "galore_adamw", "adam8bit", "galore_adamw8bit")

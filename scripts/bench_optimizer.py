@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 from galore_train.data import expand_data_files, load_tokenizer, read_c4_lines  # noqa: E402
 from galore_train.model import build_model, load_model_config, target_linear_modules  # noqa: E402
 from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
-from galore_train.optim.galore_adamw8bit import BLOCK_SIZE, import_bitsandbytes  # noqa: E402
+from galore_train.optim.galore_adamw8bit import import_bitsandbytes  # noqa: E402
+from galore_train.optim.layout import EIGHTBIT_BLOCK as BLOCK_SIZE  # noqa: E402
 from galore_train.optim.projector import randomized_svd_top, subspace_similarity, svd_top  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("GALORE_TRAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -1,4 +1,5 @@
-"""Print docs/cli.md: every `galore-train pretrain` flag, from TrainConfig (the single source of truth).
+"""Print docs/cli.md: every `galore-train pretrain` flag, from TrainConfig (the single source of truth), the
+flags `galore-train memory` shares with it, and the --optimizer names from the registry.
 
     python scripts/cli_reference.py > docs/cli.md      (tests/test_docs.py checks it is current)
 """
@@ -8,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 from itertools import groupby
 
-from galore_train.cli import _flag
+from galore_train.cli import MEMORY_FIELDS, _flag
 from galore_train.config import TrainConfig
+from galore_train.registry import OPTIMIZERS
 
 
 def reference() -> str:
@@ -24,6 +26,17 @@ def reference() -> str:
             shown = "" if default is None or default == [] else f"`{default}`"
             lines.append(f"| `{_flag(field)}` | {shown} | {field.metadata['help']} |")
         lines.append("")
+    memory_flags = ", ".join(f"`{_flag(field)}`" for field in fields if field.name in MEMORY_FIELDS)
+    lines += ["## `galore-train memory`", "",
+              f"Takes these flags of `pretrain`, with the same defaults: {memory_flags}; and its own `--compare` "
+              "(every optimizer side by side) and `--paper` (the paper's Table 2). See docs/memory.md.", "",
+              "## `galore-train optimizers`", "",
+              "The `--optimizer` names (from `galore_train/registry.py`), with the state each keeps per m x n target "
+              "weight (m <= n, rank r):", "", "| name | kind | `--8bit` | state |", "| --- | --- | --- | --- |"]
+    for spec in OPTIMIZERS.values():
+        variant = f"`{spec.other_8bit}`" if spec.other_8bit else ""
+        lines.append(f"| `{spec.name}` | {spec.kind} | {variant} | {spec.state} |")
+    lines.append("")
     return "\n".join(lines)
 
 

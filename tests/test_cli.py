@@ -33,7 +33,7 @@ def assert_one_line_error(result, pattern):
 
 
 def test_help_on_every_command():
-    for command in ([], ["pretrain"], ["eval"], ["models"]):
+    for command in ([], ["pretrain"], ["eval"], ["models"], ["memory"], ["optimizers"]):
         result = cli(*command, "--help")
         assert result.returncode == 0 and "Usage" in result.stdout
     assert "--galore-targets" in cli("pretrain", "--help").stdout
@@ -43,6 +43,32 @@ def test_models_lists_configs_with_parameter_counts():
     result = cli("models")
     assert result.returncode == 0
     assert "llama_60m" in result.stdout and "llama_7b" in result.stdout and "M" in result.stdout
+
+
+def test_optimizers_lists_every_name_with_its_state():
+    from galore_train.registry import OPTIMIZERS
+
+    result = cli("optimizers")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│ ") and line[2] != " "}
+    assert set(OPTIMIZERS) <= set(rows)
+    assert "mr projection + 2nr moments" in rows["galore_adamw"] and "adam8bit" in rows["adamw"]
+
+
+def test_memory_takes_pretrains_flags_and_defaults():
+    """The estimator's keywords are exactly the TrainConfig fields `memory` declares; its defaults are pretrain's."""
+    import inspect
+
+    from galore_train.cli import MEMORY_FIELDS
+    from galore_train.memory import estimate_memory
+
+    keywords = [name for name, p in inspect.signature(estimate_memory).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert set(MEMORY_FIELDS) == {"model", "optimizer", "rank", *keywords}
+    result = cli("memory")
+    assert result.returncode == 0, result.stderr
+    assert "adamw, bf16, batch 8x256" in result.stdout  # llama_60m, rank 128, --dtype auto as on a GPU
+    bad = cli("memory", "--optimizer", "galore_adafactor", "--8bit")
+    assert_one_line_error(bad, "--8bit has no variant of 'galore_adafactor'")
 
 
 @pytest.mark.parametrize("extra, message", [

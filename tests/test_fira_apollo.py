@@ -14,7 +14,7 @@ from transformers import LlamaConfig
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import build_model
-from galore_train.optim import build_optimizer
+from galore_train.optimizers import build_optimizer
 from galore_train.optim.apollo import MINI_SCALE, ApolloAdamW, gaussian_projection, projection_seed
 from galore_train.optim.fira import FiraAdamW
 from galore_train.optim.galore_adamw import GaLoreAdamW

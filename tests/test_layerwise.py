@@ -12,10 +12,11 @@ from transformers import LlamaConfig
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.memory import MemoryMeter
+from galore_train.meter import MemoryMeter
 from galore_train.model import build_model
-from galore_train.optim import OPTIMIZER_NAMES, build_optimizer
 from galore_train.optim.layerwise import LayerwiseUpdater
+from galore_train.optimizers import build_optimizer
+from galore_train.registry import OPTIMIZER_NAMES
 from galore_train.schedule import build_scheduler
 
 CONFIG = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 256})

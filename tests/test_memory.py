@@ -10,23 +10,14 @@ from transformers import LlamaConfig
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.memory import (
-    GIB,
-    MemoryMeter,
-    StorageLedger,
-    compare_table,
-    estimate_memory,
-    memory_table,
-    optimizer_state_tensors,
-    paper_table2,
-    render_text,
-    table2_rows,
-    unique_nbytes,
-)
-from galore_train.methods import METHOD_NAMES, build_method
+from galore_train.memory import estimate_memory
+from galore_train.memory_tables import compare_table, memory_table, paper_table2, render_text, table2_rows
+from galore_train.meter import GIB, MemoryMeter, StorageLedger, optimizer_state_tensors, unique_nbytes
+from galore_train.methods import build_method
 from galore_train.model import build_model, load_model_config
-from galore_train.optim import OPTIMIZER_NAMES, build_optimizer
 from galore_train.optim.layerwise import LayerwiseUpdater
+from galore_train.optimizers import build_optimizer
+from galore_train.registry import METHOD_NAMES, OPTIMIZER_NAMES
 
 # Small vocabulary; intermediate 352 with rank 16 gives low-rank moments above bitsandbytes' 4096-element
 # threshold for 8-bit storage (MLP) and below it (attention), so both layouts are exercised.

@@ -12,13 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.methods import (
-    METHOD_NAMES,
-    base_optimizer_name,
-    build_method,
-    matrix_parameter_counts,
-    scheduler_kwargs,
-)
+from galore_train.methods import METHOD_NAMES, base_optimizer_name, build_method, method_class, scheduler_kwargs
 from galore_train.methods.lora import adapter_layers, adapter_parameters
 from galore_train.methods.relora import prune_optimizer_state_
 from galore_train.model import build_model, target_linear_modules
@@ -110,7 +104,7 @@ def test_relora_warm_start_trains_full_rank_then_attaches():
 def test_memory_helper_agrees_with_the_prepared_model(name):
     model = build_model(tiny_config(), seed=0)
     build_method(method_config(name)).prepare(model)
-    per_layer = [matrix_parameter_counts(name, m, n, RANK) for m, n in TARGET_SHAPES]
+    per_layer = [method_class(name).matrix_parameter_counts(m, n, RANK) for m, n in TARGET_SHAPES]
     stored = NON_TARGET + LAYERS * sum(c.stored for c in per_layer)
     trainable = NON_TARGET + LAYERS * sum(c.trainable for c in per_layer)
     assert counts(model) == (stored, trainable)

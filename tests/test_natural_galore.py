@@ -13,8 +13,9 @@ from transformers import LlamaConfig
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import build_model
-from galore_train.optim import GaLoreAdamW, NaturalGaLoreAdamW, build_optimizer
+from galore_train.optim import GaLoreAdamW, NaturalGaLoreAdamW
 from galore_train.optim.natural_galore import woodbury_solve
+from galore_train.optimizers import build_optimizer
 
 
 def dense_natural_gradient(history: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:

@@ -1,8 +1,12 @@
-"""build_optimizer / resolve_optimizer_name: names, --8bit, param grouping, user errors, resume for every optimizer."""
+"""The registry, build_optimizer, resolve_optimizer_name: names, --8bit, param grouping, user errors, resume for every
+optimizer, each optimizer's own state layout, and an optim package that stands on its own."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +16,11 @@ from transformers import LlamaConfig
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import build_model
-from galore_train.optim import (
-    OPTIMIZER_NAMES,
-    GaLoreAdafactor,
-    GaLoreAdamW,
-    GaLoreAdamW8bit,
-    build_optimizer,
-    galore_parameter_split,
-    resolve_optimizer_name,
-)
+from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from galore_train.optimizers import build_optimizer, galore_parameter_split
+from galore_train.registry import FSDP_NAMES, METHOD_NAMES, OPTIMIZER_NAMES, OPTIMIZERS, resolve_optimizer_name
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The shared tiny LLaMA with a small vocabulary: optimizer tests do not need 32,000 embedding rows.
 SMALL_LLAMA = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 512})
@@ -144,3 +144,46 @@ def test_every_optimizer_resumes_bit_identically_from_a_saved_state_dict(name: s
     train(resumed_model, resumed, range(4, 8))
     for (param_name, a), b in zip(model.named_parameters(), resumed_model.parameters()):
         assert torch.equal(a, b), param_name
+
+
+# --- the registry and the optimizers' own state layouts ------------------------------------------------
+
+
+def test_optim_package_imports_without_transformers_or_the_config() -> None:
+    code = ("import galore_train.optim, sys; "
+            "assert 'transformers' not in sys.modules and 'galore_train.config' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_registry_is_the_one_list_of_names() -> None:
+    assert OPTIMIZER_NAMES + METHOD_NAMES == tuple(OPTIMIZERS)
+    assert METHOD_NAMES == ("lora", "relora", "low_rank")
+    assert FSDP_NAMES == ("adamw", "adam")
+    assert len({spec.label for spec in OPTIMIZERS.values()}) == len(OPTIMIZERS)
+    for spec in OPTIMIZERS.values():
+        assert callable(spec.load())
+        if spec.is_method:
+            assert spec.base in OPTIMIZER_NAMES and spec.settings is None
+        else:
+            assert callable(spec.state_layout()) and spec.eightbit in (None, *OPTIMIZER_NAMES)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_state_layout_names_every_state_tensor_of_a_real_optimizer(name: str) -> None:
+    """Key, size and element size of each parameter's state after two steps, against the optimizer's own
+    description, for full-rank and GaLore groups (and, in 8-bit, moments above and below the threshold)."""
+    model = build_model(SMALL_LLAMA, seed=0)
+    optimizer = build_optimizer(model, _cfg(optimizer=name, gap=1, proj_bits=4 if "galore" in name else 32))
+    for step in range(2):
+        generator = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    layout = OPTIMIZERS[name].state_layout()
+    for group in optimizer.param_groups:
+        settings = {key: value for key, value in group.items() if key != "params"}
+        for p in group["params"]:
+            real = {key: (t.numel(), t.element_size()) for key, t in optimizer.state[p].items() if torch.is_tensor(t)}
+            described = {t.key: (t.numel, t.itemsize) for t in layout(tuple(p.shape), settings, p.element_size())}
+            assert described == real, (name, tuple(p.shape))

@@ -12,9 +12,10 @@ from transformers import LlamaConfig
 
 from galore_train.config import TrainConfig
 from galore_train.model import build_model
-from galore_train.optim import GaLoreAdamW, build_optimizer
+from galore_train.optim import GaLoreAdamW
 from galore_train.optim.projector import MAX_GAP_FACTOR, STABLE_REFRESHES, GaLoreProjector, RefreshStats
 from galore_train.optim.quantize import QuantizedMatrix, dequantize, quantize, quantized_nbytes
+from galore_train.optimizers import build_optimizer
 
 QMAX = {8: 127, 4: 7}
 

@@ -17,7 +17,7 @@ from galore_train.cli import app, config_from_cli
 from galore_train.config import TrainConfig
 from galore_train.methods import METHOD_NAMES
 from galore_train.model import load_model_config
-from galore_train.optim import resolve_optimizer_name
+from galore_train.registry import resolve_optimizer_name
 from galore_train.config import plan_steps
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,24 +8,30 @@ merged, so the final checkpoint loads with `AutoModelForCausalLM.from_pretrained
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
 from galore_train.config import TrainConfig
+from galore_train.registry import OPTIMIZERS
 
 # A target layer's merged (weight, bias), in the layer's dtype.
 MergedLinear = tuple[torch.Tensor, Optional[torch.Tensor]]
 
-BASE_OPTIMIZER = "adamw"  # trains a method's parameters (--8bit still applies to it)
+
+class MatrixParams(NamedTuple):
+    """Parameter counts of one target matrix (out_features x in_features) under a method."""
+
+    stored: int  # elements held in memory as weights
+    trainable: int  # elements with gradients and optimizer state
 
 
 class Method:
-    """Base class. Subclasses set `name` and implement `prepare`, `is_wrapped` and `merged_linear`."""
+    """Base class. Subclasses implement `prepare`, `is_wrapped`, `merged_linear` and `matrix_parameter_counts`;
+    the registry (galore_train/registry.py) names them."""
 
-    name: str = ""
     changes_model = True  # its weights are not the plain LLaMA's: checkpoints also keep the wrapped ones
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -33,7 +39,21 @@ class Method:
 
     def optimizer_name(self) -> str:
         """The --optimizer registry name of what trains this method's parameters."""
-        return BASE_OPTIMIZER
+        return OPTIMIZERS[self.cfg.optimizer].base
+
+    @classmethod
+    def check_options(cls, cfg: TrainConfig) -> None:
+        """Raise UserError for options of `cfg` this method cannot run with."""
+
+    @classmethod
+    def scheduler_kwargs(cls, cfg: TrainConfig) -> dict[str, Any]:
+        """Extra keyword arguments for schedule.build_scheduler."""
+        return {}
+
+    @classmethod
+    def matrix_parameter_counts(cls, out_features: int, in_features: int, rank: int) -> MatrixParams:
+        """Counts of one target matrix, for the memory estimator (LLaMA's linears have no bias)."""
+        raise NotImplementedError
 
     def prepare(self, model: LlamaForCausalLM, completed_steps: int = 0) -> nn.Module:
         """Rewrite the target linears of `model` in place and set requires_grad; return `model`.
@@ -89,13 +109,12 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            raise ValueError(f"{self.name} keeps no state, got {sorted(state)}")
+            raise ValueError(f"{self.cfg.optimizer} keeps no state, got {sorted(state)}")
 
 
 class FullModel(Method):
     """No method: the model as built, every weight trained by the optimizer named with --optimizer."""
 
-    name = "full"
     changes_model = False
 
     def optimizer_name(self) -> str:

@@ -17,7 +17,8 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from galore_train.config import TrainConfig
-from galore_train.methods.base import Method, MergedLinear
+from galore_train.errors import UserError
+from galore_train.methods.base import MatrixParams, MergedLinear, Method
 from galore_train.model import target_linear_modules
 
 ADAPTER = "default"  # peft's adapter name; one adapter per layer here
@@ -53,7 +54,18 @@ def adapter_delta(layer: LoraLayer) -> torch.Tensor:
 
 
 class LoRA(Method):
-    name = "lora"
+    @classmethod
+    def check_options(cls, cfg: TrainConfig) -> None:
+        if not 0.0 <= cfg.lora_dropout < 1.0:
+            raise UserError(f"--lora-dropout must be within [0, 1), got {cfg.lora_dropout}")
+        if cfg.lora_alpha <= 0:
+            raise UserError(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
+
+    @classmethod
+    def matrix_parameter_counts(cls, out_features: int, in_features: int, rank: int) -> MatrixParams:
+        """mn + (m+n)r stored, (m+n)r trainable -> mn + 3(m+n)r with Adam (GaLore paper)."""
+        adapters = (out_features + in_features) * rank
+        return MatrixParams(stored=out_features * in_features + adapters, trainable=adapters)
 
     def prepare(self, model: LlamaForCausalLM, completed_steps: int = 0) -> LlamaForCausalLM:
         attach_adapters(model, self.cfg)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from galore_train.methods.base import Method, MergedLinear
+from galore_train.methods.base import MatrixParams, MergedLinear, Method
 from galore_train.model import target_linear_modules
 
 
@@ -39,7 +39,11 @@ class FactorizedLinear(nn.Module):
 
 
 class LowRank(Method):
-    name = "low_rank"
+    @classmethod
+    def matrix_parameter_counts(cls, out_features: int, in_features: int, rank: int) -> MatrixParams:
+        """(m+n)r stored and trainable -> 3(m+n)r with Adam."""
+        adapters = (out_features + in_features) * rank
+        return MatrixParams(stored=adapters, trainable=adapters)
 
     def prepare(self, model: LlamaForCausalLM, completed_steps: int = 0) -> LlamaForCausalLM:
         std = model.config.initializer_range

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from galore_train.config import TrainConfig, restart_warmup
+from galore_train.errors import UserError
 from galore_train.methods.lora import LoRA, adapter_delta, adapter_layers, adapter_parameters, attach_adapters
 
 
@@ -72,7 +74,20 @@ def prune_optimizer_state_(optimizer: torch.optim.Optimizer, params: Iterable[nn
 
 
 class ReLoRA(LoRA):
-    name = "relora"
+    @classmethod
+    def check_options(cls, cfg: TrainConfig) -> None:
+        super().check_options(cfg)
+        if cfg.relora_warm_start < 0:
+            raise UserError(f"--relora-warm-start must be >= 0, got {cfg.relora_warm_start}")
+        if cfg.restart_warmup_steps is not None and not 0 <= cfg.restart_warmup_steps < cfg.relora_reset:  # derived: fits
+            raise UserError(f"--restart-warmup-steps must be >= 0 and smaller than --relora-reset "
+                            f"({cfg.relora_reset}), got {cfg.restart_warmup_steps}")
+
+    @classmethod
+    def scheduler_kwargs(cls, cfg: TrainConfig) -> dict[str, Any]:
+        """The jagged schedule: re-warm after every restart, including the attach."""
+        return {"restart_every": cfg.relora_reset, "restart_warmup": restart_warmup(cfg.restart_warmup_steps, cfg.relora_reset),
+                "restart_offset": cfg.relora_warm_start}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -54,7 +54,8 @@ from galore_train.optim.fira import (
 )
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
 from galore_train.optim.norm_growth import DEFAULT_LIMIT, check_norm_growth_limit, norm_growth_factor
-from galore_train.optim.projector import GaLoreOptimizer, GaLoreProjector
+from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.projector import GaLoreProjector
 
 PROJECTIONS = ("random", "svd")
 SCALE_TYPES = ("channel", "tensor")

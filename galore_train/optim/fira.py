@@ -33,7 +33,8 @@ from torch import Tensor
 
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
 from galore_train.optim.norm_growth import DEFAULT_LIMIT, PREVIOUS_NORM, check_norm_growth_limit, limit_norm_growth_
-from galore_train.optim.projector import GaLoreOptimizer, GaLoreProjector
+from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.projector import GaLoreProjector
 
 RESIDUALS = ("code", "paper")
 StateLayout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # state key -> (shape, dtype), tensors only

@@ -18,12 +18,14 @@ Adafactor with the same settings (the `adafactor` baseline).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import math
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from galore_train.optim.projector import GaLoreOptimizer
+from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.layout import StateTensor
 
 
 def _rms(t: Tensor) -> Tensor:
@@ -74,3 +76,12 @@ class GaLoreAdafactor(GaLoreOptimizer):
             state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
         else:
             state["exp_avg_sq"] = torch.zeros_like(grad)
+
+    @classmethod
+    def _moment_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        """fp32 whatever the gradient's dtype; the first moment only with beta1."""
+        layout = [StateTensor("exp_avg", math.prod(shape), 4)] if group.get("beta1") is not None else []
+        if len(shape) >= 2:
+            return layout + [StateTensor("exp_avg_sq_row", math.prod(shape[:-1]), 4),
+                             StateTensor("exp_avg_sq_col", math.prod(shape[:-2] + shape[-1:]), 4)]
+        return layout + [StateTensor("exp_avg_sq", math.prod(shape), 4)]

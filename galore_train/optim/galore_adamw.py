@@ -13,12 +13,13 @@ Groups without "rank" run exactly this with P = identity and scale 1, i.e. torch
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-from galore_train.optim.projector import GaLoreOptimizer
+from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.layout import StateTensor, adam_moments
 
 
 def adam_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict[str, Any]:
@@ -70,3 +71,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         torch.sqrt(exp_avg_sq, out=normalized).add_(group["eps"] * c2)
         torch.div(exp_avg, normalized, out=normalized)
         return normalized, c1, c2
+
+    @classmethod
+    def _moment_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        return adam_moments(math.prod(shape), itemsize)  # `step` is a Python int

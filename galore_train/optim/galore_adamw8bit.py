@@ -12,8 +12,9 @@ GPU, dequantize -> fp32 update -> requantize on CPU), called on tensors we own:
   * full-rank parameters: the kernel updates the parameter in place (decoupled weight decay), as
     bitsandbytes' AdamW8bit does.
 
-Like bitsandbytes, tensors with fewer than `min_8bit_size` (4096) elements -- counted on the low-rank
-gradient for GaLore parameters -- keep fp32 moments and use the GaLore-AdamW update.
+Like bitsandbytes, tensors with fewer than `min_8bit_size` (layout.EIGHTBIT_MIN_SIZE, 4096) elements --
+counted on the low-rank gradient for GaLore parameters -- keep their moments in the gradient's dtype and use
+the GaLore-AdamW update.
 
 State per 8-bit parameter: exp_avg / exp_avg_sq (uint8, shape of the (low-rank) gradient),
 exp_avg_absmax / exp_avg_sq_absmax (fp32, one per block of 256), step; GaLore adds the projection.
@@ -22,17 +23,17 @@ exp_avg_absmax / exp_avg_sq_absmax (fp32, one per block of 256), step; GaLore ad
 from __future__ import annotations
 
 import logging
+import math
 from functools import lru_cache
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
+from galore_train.optim.base import GaLoreOptimizer
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
-from galore_train.optim.projector import GaLoreOptimizer
-
-BLOCK_SIZE = 256  # bitsandbytes' block size for 8-bit block-wise optimizer states
+from galore_train.optim.layout import EIGHTBIT_BLOCK, EIGHTBIT_MIN_SIZE, StateTensor, adam_moments, blockwise_8bit_moments
 
 
 def import_bitsandbytes() -> ModuleType:
@@ -56,7 +57,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with 8-bit block-wise quantized moments (same param-group convention)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, min_8bit_size: int = 4096) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, min_8bit_size: int = EIGHTBIT_MIN_SIZE) -> None:
         GaLoreOptimizer.__init__(self, params, {**adam_defaults(lr, betas, eps, weight_decay), "min_8bit_size": min_8bit_size})
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -64,7 +65,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             super()._update(p, grad, group, state)
             return
         if "exp_avg" not in state:
-            blocks = -(-grad.numel() // BLOCK_SIZE)
+            blocks = -(-grad.numel() // EIGHTBIT_BLOCK)
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device)
                 state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
@@ -81,3 +82,10 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         )
         if galore:
             self._apply(p, target.neg_(), group, state, step_size=group["lr"])
+
+    @classmethod
+    def _moment_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        numel = math.prod(shape)
+        if numel < group.get("min_8bit_size", EIGHTBIT_MIN_SIZE):
+            return adam_moments(numel, itemsize)  # GaLoreAdamW's update, in the gradient's dtype
+        return blockwise_8bit_moments(numel)

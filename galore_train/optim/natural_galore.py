@@ -34,13 +34,14 @@ since the last refresh). All tensors or ints, so torch.load(weights_only=True) r
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
+from galore_train.optim.base import GaLoreOptimizer
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
-from galore_train.optim.projector import GaLoreOptimizer
+from galore_train.optim.layout import StateTensor
 
 FISHER_HISTORY = 20  # the authors' code keeps 20 projected gradients
 FISHER_DAMPING = 1e-3  # and damps with 1e-3
@@ -86,6 +87,16 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             raise ValueError(f"fisher_history must be a non-negative integer, got {history!r}")
         if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
             raise ValueError(f"fisher_damping must be a positive number, got {damping!r}")
+
+    @classmethod
+    def state_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        """GaLoreAdamW's, plus the Fisher history of GaLore matrices: s low-rank gradients, their float64 Gram."""
+        layout = super().state_layout(shape, group, itemsize)
+        history = group.get("fisher_history", FISHER_HISTORY)
+        if "rank" not in group or not history:
+            return layout
+        low_rank = layout[0].numel  # the first moment has the projected gradient's size
+        return layout + [StateTensor("fisher_grads", history * low_rank, itemsize), StateTensor("fisher_gram", history**2, 8)]
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if "rank" in group and group["fisher_history"] > 0:

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from galore_train.optim.layout import StateTensor
+
 QUANT_BITS = (4, 8)
 _QMAX = {8: 127, 4: 7}
 
@@ -54,11 +56,17 @@ def dequantize(quantized: QuantizedMatrix, bits: int, group_size: int, shape: tu
     return (groups * quantized.scales[:, None]).reshape(-1)[:numel].reshape(shape).to(dtype)
 
 
+def quantized_layout(key: str, numel: int, bits: int, group_size: int) -> list[StateTensor]:
+    """The state entries `key` (codes) and `<key>_scales` that `quantize` stores for `numel` values."""
+    _check(bits, group_size)
+    codes = -(-numel // 2) if bits == 4 else numel
+    return [StateTensor(key, codes, 1, projection=True),
+            StateTensor(f"{key}_scales", -(-numel // group_size), 4, projection=True)]
+
+
 def quantized_nbytes(numel: int, bits: int, group_size: int) -> int:
     """Bytes of the codes and scales `quantize` stores for `numel` values (see the module docstring)."""
-    _check(bits, group_size)
-    code_bytes = -(-numel // 2) if bits == 4 else numel
-    return code_bytes + 4 * -(-numel // group_size)
+    return sum(t.nbytes for t in quantized_layout("codes", numel, bits, group_size))
 
 
 def _check(bits: int, group_size: int) -> None:

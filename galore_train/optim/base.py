@@ -1,0 +1,171 @@
+"""`GaLoreOptimizer`: the torch.optim base class of the GaLore optimizers.
+
+It holds what the GaLore family shares: the param-group convention (groups with a "rank" key are
+projected, others run the plain full-rank optimizer), their validation, the per-parameter step loop
+around the projector (projector.py), decoupled weight decay, a load_state_dict that keeps 8-bit and fp32
+states in their own dtypes, and the state layout the memory estimator asks for. Layer-wise drivers
+(layerwise.py) call step() with only one `.grad` set; nothing else is needed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from galore_train.optim.layout import StateTensor
+from galore_train.optim.projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, RefreshStats, stagger_offsets
+from galore_train.optim.quantize import QUANT_BITS
+
+GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "full",
+                         "stagger_refresh": False, "proj_bits": 32, "proj_group_size": 256, "adaptive_gap": False,
+                         "cos_threshold": 0.4}
+
+
+def check_galore_group(group: dict[str, Any]) -> None:
+    """ValueError for GaLore settings that cannot work (build_optimizer turns these into UserErrors)."""
+    rank, gap = group["rank"], group["update_proj_gap"]
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"GaLore rank must be a positive integer, got {rank!r}")
+    if not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"GaLore update_proj_gap must be a positive integer, got {gap!r}")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"unknown GaLore proj_type {group['proj_type']!r}; known: {', '.join(PROJ_TYPES)}")
+    if group["svd"] not in SVD_METHODS:
+        raise ValueError(f"unknown GaLore svd {group['svd']!r}; known: {', '.join(SVD_METHODS)}")
+    if group["proj_bits"] not in QUANT_BITS + (32,):
+        raise ValueError(f"GaLore proj_bits must be 4, 8 or 32, got {group['proj_bits']!r}")
+    if not isinstance(group["proj_group_size"], int) or group["proj_group_size"] <= 0:
+        raise ValueError(f"GaLore proj_group_size must be a positive integer, got {group['proj_group_size']!r}")
+    if not 0.0 <= group["cos_threshold"] <= 1.0:
+        raise ValueError(f"GaLore cos_threshold must be within [0, 1], got {group['cos_threshold']!r}")
+    names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
+    for name, p in zip(names, group["params"]):
+        if p.dim() != 2:
+            raise ValueError(f"GaLore projects 2-D weights; {name} has shape {tuple(p.shape)}")
+        if rank > min(p.shape):
+            raise ValueError(f"GaLore rank {rank} exceeds min{tuple(p.shape)} of {name}")
+
+
+class GaLoreOptimizer(torch.optim.Optimizer):
+    """Base of the GaLore optimizers, torch.optim style.
+
+    Param groups with a "rank" key are GaLore groups (keys as in galore-torch: rank, update_proj_gap,
+    scale, proj_type; plus svd and stagger_refresh); their 2-D parameters get low-rank moments. Groups
+    without "rank" run the plain full-rank optimizer. Parameters may be given as (name, tensor) pairs
+    (torch's named-parameter groups): the names then appear in SVD warnings.
+
+    Subclasses implement `_update(p, grad, group, state)`, called once per parameter with a gradient;
+    state["step"] has already been incremented. For GaLore groups `grad` is the low-rank R, held in a
+    scratch buffer that the update may overwrite (it is reused for the next parameter); otherwise it
+    is p.grad itself. They finish with `_apply`.
+
+    Why per parameter and not torch's foreach ops: the scratch buffer makes a GaLore step allocate
+    nothing, and on CPU the page faults of fresh low-rank temporaries cost more than the dispatch that
+    foreach saves (scripts/bench_optimizer.py). The buffer (as large as the largest R) is not state.
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self.refresh_stats = RefreshStats()
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" not in group:
+            return
+        for key, value in GALORE_GROUP_DEFAULTS.items():
+            group.setdefault(key, value)
+        check_galore_group(group)
+        if group["stagger_refresh"]:
+            for p, offset in zip(group["params"], stagger_offsets(len(group["params"]), group["update_proj_gap"])):
+                self.state[p]["refresh_offset"] = offset
+
+    def svd_metrics(self) -> dict[str, float]:
+        """svd_seconds / svd_refreshes since the last call, svd_failures_total since construction; with
+        adaptive_gap also svd_skipped_total, the SVDs the lazy refresh saved over the run (checkpointed)."""
+        metrics = self.refresh_stats.read()
+        lazy = [group for group in self.param_groups if group.get("adaptive_gap")]
+        if lazy:
+            metrics["svd_skipped_total"] = sum(self.state[p].get("svd_skipped", 0) for group in lazy for p in group["params"])
+        return metrics
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            projector = GaLoreProjector.from_group(group) if "rank" in group else None
+            names = group.get("param_names")
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    self._step_parameter(p, group, projector, names[index] if names else None)
+        return loss
+
+    def _step_parameter(self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector],
+                        name: Optional[str]) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        state = self.state[p]
+        grad = p.grad
+        if projector is not None:
+            out = self._scratch_buffer(projector.low_rank_shape(p.shape), grad)
+            grad = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out)
+            if grad is None:  # non-finite gradient at a refresh: skip this parameter's update
+                return
+        state["step"] = state.get("step", 0) + 1
+        self._update(p, grad, group, state)
+
+    def _scratch_buffer(self, shape: tuple[int, int], like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        numel = shape[0] * shape[1]
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[key] = torch.empty(numel, device=like.device, dtype=like.dtype)
+        return buffer[:numel].view(shape)
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def state_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        """The state tensors kept for a parameter of `shape` in a param group with these settings (GaLore
+        when it has "rank"; omitted settings take their defaults), gradients of `itemsize` bytes per element:
+        the moments of the (low-rank) gradient, then the projection matrices."""
+        if "rank" not in group:
+            return cls._moment_layout(tuple(shape), group, itemsize)
+        projector = GaLoreProjector.from_group({**GALORE_GROUP_DEFAULTS, **group})
+        moments = cls._moment_layout(projector.low_rank_shape(shape), group, itemsize)
+        return moments + projector.state_layout(shape, itemsize)
+
+    @classmethod
+    def _moment_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        """The optimizer's own state for a gradient of `shape` (the low-rank R under GaLore)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _apply(p: Tensor, update: Tensor, group: dict[str, Any], state: dict[str, Any], step_size: float) -> None:
+        """Decoupled weight decay and the step: W <- (1 - lr wd) W - step_size * [scale * back(update)]."""
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        if "rank" in group:
+            GaLoreProjector.from_group(group).project_back_add_(p, update, state, alpha=-step_size * group["scale"], beta=decay)
+            return
+        if decay != 1.0:
+            p.mul_(decay)
+        p.add_(update.to(p.dtype), alpha=-step_size)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every floating state tensor to its parameter's dtype and uint8 ones to float; our
+        states keep their own dtypes (8-bit moments, fp32 block maxima), so restore them exactly."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            state = self.state[params[index]]
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and value.dtype != state[key].dtype:
+                    state[key] = value.to(device=params[index].device, copy=True)
+
