@@ -111,8 +111,10 @@ class Trainer:
         model = self.method.prepare(model, self.step)
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.to(self.device).train()
-        return distributed.shard_model(model, cfg, self.env)  # FSDP2 under torchrun --distributed fsdp; else as is
+        # Shard before moving: FSDP2 moves each decoder layer to the GPU as it shards it, so no rank ever
+        # holds the whole model on its device (--distributed fsdp under torchrun; otherwise as is).
+        model = distributed.shard_model(model.train(), cfg, self.env)
+        return model.to(self.device)
 
     def _build_optimizer(self, start_step: int = 0) -> None:
         """Optimizer, LR schedule (starting at `start_step`), how updates reach the weights, and the module

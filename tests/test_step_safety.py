@@ -115,3 +115,22 @@ def test_load_weights_reads_a_checkpoint_split_into_shards(tmp_path):
     assert (tmp_path / resume_module.WEIGHTS_INDEX).is_file() and len(resume_module.weight_files(tmp_path)) > 1
     resume_module.load_weights(target, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+
+def test_the_model_is_sharded_before_it_is_moved_to_the_device(tiny_config_file, tmp_path, monkeypatch, shared_data):
+    """FSDP2 moves each layer to the GPU as it shards it: moving the whole model first would put all of it on
+    every rank's device (7B: 13.5 GB) before sharding. Stand-ins record the order on CPU."""
+    import galore_train.distributed as distributed_module
+
+    events = []
+    real_to = torch.nn.Module.to
+
+    def record_to(self, *args, **kwargs):
+        if any(isinstance(a, torch.device) for a in (*args, *kwargs.values())):
+            events.append("to device")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed_module, "shard_model", lambda model, cfg, env: events.append("shard") or model)
+    monkeypatch.setattr(torch.nn.Module, "to", record_to)
+    Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run")))
+    assert events[:2] == ["shard", "to device"]
