@@ -17,14 +17,24 @@ from galore_train.errors import UserError
 from galore_train.model import resolve_dtype
 
 
-def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token losses over the batch's labelled positions, and how many there are."""
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token losses over the batch's labelled positions (count them with `target_count`)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # Shift the labels, not the logits: slicing the vocabulary-sized logits would copy them, and their
     # gradient again in backward (~15% of a llama_9m step on CPU, scripts/bench_loop.py).
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return loss
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on `device`; non-blocking from pinned memory (the prefetch thread pins it on CUDA)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Labelled next-token positions of a host (CPU) batch: counted without reading from the device."""
+    return int((batch["labels"][:, 1:].numpy() != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -34,9 +44,8 @@ def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: t
     model.eval()
     loss_sum, tokens = 0.0, 0
     for batch in batches[env.rank :: env.world_size]:
-        loss, count = summed_loss(model, {k: v.to(device) for k, v in batch.items()})
-        loss_sum += loss.item()
-        tokens += count
+        loss_sum += summed_loss(model, to_device(batch, device)).item()
+        tokens += target_count(batch)
     model.train(was_training)
     loss_sum, tokens = all_reduce_sum([loss_sum, float(tokens)], env)
     loss = loss_sum / max(tokens, 1.0)

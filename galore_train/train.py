@@ -22,7 +22,7 @@ from galore_train import checkpoint, distributed, resume
 from galore_train.config import TrainConfig, plan_steps
 from galore_train.data import BAD_LINES, PretrainingStream, Tokenize, build_eval_batches, document_source, load_tokenizer
 from galore_train.errors import TrainingStopped, UserError
-from galore_train.evaluate import evaluate, summed_loss
+from galore_train.evaluate import evaluate, summed_loss, target_count, to_device
 from galore_train.guard import LossGuard
 from galore_train.meter import MemoryMeter
 from galore_train.methods import METHOD_NAMES, build_method, scheduler_kwargs
@@ -188,28 +188,33 @@ class Trainer:
 
     # --- one optimizer step --------------------------------------------------------------------
     def _train_step(self) -> dict[str, Any]:
-        micro_batches = [{k: v.to(self.device) for k, v in self.train_stream.next_batch().items()}
-                         for _ in range(self.plan.accumulation)]
-        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        global_targets, global_tokens = distributed.all_reduce_sum([float(local_targets), float(local_tokens)], self.env)
+        batches = [self.train_stream.next_batch() for _ in range(self.plan.accumulation)]
+        # Counted on the host copies (numpy: no device read); one all-reduce per step.
+        targets = [target_count(b) for b in batches]
+        local_tokens = sum(int(b["attention_mask"].numpy().sum()) for b in batches)
+        global_targets, global_tokens = distributed.all_reduce_sum([float(sum(targets)), float(local_tokens)], self.env)
         # Per-rank scale so that DDP's gradient average equals the gradient of the global token mean.
         loss_scale = self.env.world_size / max(global_targets, 1.0)
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the schedule steps after the update)
 
-        loss_sum = 0.0
-        for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no read per micro-batch
+        for index, (batch, count) in enumerate(zip(batches, targets)):
+            last = index == len(batches) - 1
             with self._accumulation_context(last):
-                loss, targets = summed_loss(self.train_model, batch)
-                loss_value = loss.item()
-                reason = self.guard.reason_to_skip(loss_value / max(targets, 1))
-                if distributed.any_rank(reason is not None, self.env):  # all ranks skip together, or none does
-                    return self._skip_step(reason or "another process's loss was rejected", loss_value / max(targets, 1))
-                (loss * loss_scale).backward()  # with --layerwise, the last micro-batch's backward updates the weights
-                loss_sum += loss_value
+                loss = summed_loss(self.train_model, to_device(batch, self.device))
+                if self.updates.applies_in_backward:  # layer-wise: this backward may update the weights, so check first
+                    micro_loss = loss.item() / max(count, 1)
+                    reason = self.guard.reason_to_skip(micro_loss)
+                    if distributed.any_rank(reason is not None, self.env):  # all ranks skip together, or none does
+                        return self._skip_step(reason or "another process's loss was rejected", micro_loss)
+                (loss * loss_scale).backward()
+                loss_sum += loss.detach()
 
-        (loss_sum,) = distributed.all_reduce_sum([loss_sum], self.env)
-        step_loss = loss_sum / max(global_targets, 1.0)
+        (loss_total,) = distributed.all_reduce_sum([loss_sum.item()], self.env)
+        step_loss = loss_total / max(global_targets, 1.0)  # the same on every rank: no vote needed
+        reason = None if self.updates.applies_in_backward else self.guard.reason_to_skip(step_loss)
+        if reason is not None:
+            return self._skip_step(reason, step_loss)
         grad_norm = self.updates.finish()  # the same norm on every rank (gradients are reduced first)
         reason = self.guard.reason_to_skip_gradient(grad_norm)
         if reason is not None:
@@ -220,7 +225,7 @@ class Trainer:
             self._rebuild_optimizer()
         self.tokens_seen += int(global_tokens)
         self.guard.accept(step_loss)
-        return {"loss": step_loss, "grad_norm": grad_norm, "step_tokens": int(global_tokens)}
+        return {"loss": step_loss, "grad_norm": grad_norm, "lr": lr, "step_tokens": int(global_tokens)}
 
     def _accumulation_context(self, last_micro_batch: bool):
         """Earlier micro-batches only accumulate: no DDP all-reduce, no layer-wise update."""
@@ -236,13 +241,14 @@ class Trainer:
         is dropped. A skipped step still counts (schedule and token budget stay aligned); its data is not
         replayed."""
         self.updates.abandon()
+        lr = self.optimizer.param_groups[0]["lr"]
         latest = checkpoint.latest_checkpoint(self.checkpoint_root)
         where = f" at step {self.step + 1}; last good checkpoint: {latest}" if latest else f" at step {self.step + 1}; no checkpoint was saved yet"
         self.guard.reject(reason, where)
         log.warning("skipping step %d: %s", self.step + 1, reason)
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss_value, "skipped": True}
+        return {"loss": loss_value, "lr": lr, "skipped": True}
 
     # --- the run -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -272,7 +278,7 @@ class Trainer:
             window_tokens += record.get("step_tokens", 0)
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
                 elapsed = time.perf_counter() - window_start
-                record.update(step=self.step, lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
+                record.update(step=self.step, tokens_seen=self.tokens_seen,
                               tokens_per_second=window_tokens / max(elapsed, 1e-9), epoch=self.train_stream.epoch,
                               skipped_steps=self.guard.total_skips, **self.memory.read_and_reset())
                 if hasattr(self.optimizer, "svd_metrics"):  # GaLore: time in SVD, refreshes, failures

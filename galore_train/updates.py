@@ -26,6 +26,8 @@ from galore_train.optim.layerwise import LayerwiseUpdater
 
 
 class WeightUpdates(Protocol):
+    applies_in_backward: bool  # the weights change during the last backward (so a loss is checked before it)
+
     def accumulating(self) -> ContextManager[None]: ...
 
     def finish(self) -> float: ...
@@ -37,6 +39,8 @@ class WeightUpdates(Protocol):
 
 class PlainUpdates:
     """`optimizer.step()` after backward, with global gradient-norm clipping (0 = off)."""
+
+    applies_in_backward = False
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, *, grad_clipping: float) -> None:
         self.model = model

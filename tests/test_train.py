@@ -100,8 +100,8 @@ def nan_loss_at_step(monkeypatch, step):
         return original_step(self)
 
     def poisoned(model, batch):
-        loss, count = original_loss(model, batch)
-        return (loss * float("nan"), count) if current["step"] == step else (loss, count)
+        loss = original_loss(model, batch)
+        return loss * float("nan") if current["step"] == step else loss
 
     monkeypatch.setattr(Trainer, "_train_step", counting)
     monkeypatch.setattr(train_module, "summed_loss", poisoned)
@@ -205,3 +205,10 @@ def test_two_hundred_steps_on_real_c4_lower_perplexity(tmp_path, shared_data):
     print(f"val perplexity step 0: {start:.1f}, step 200: {end:.1f}; tokens seen {summary['tokens_seen']:,}")
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 200
     assert end < start / 20  # from ~32k (uniform over the vocab) to a few hundred
+
+
+def test_the_logged_lr_is_the_one_the_step_used(tiny_config_file, tmp_path, shared_data):
+    """Read before the schedule steps: step 1 of a cosine schedule without warm-up runs at the peak lr."""
+    run(tiny_config_file, tmp_path / "run", num_training_steps=3, warmup_steps=0, scheduler="cosine", min_lr_ratio=0.1)
+    logged = [r["lr"] for r in records(tmp_path / "run") if "loss" in r]
+    assert logged[0] == 3e-3 and logged[0] > logged[1] > logged[2] > 3e-4

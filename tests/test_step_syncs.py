@@ -1,0 +1,64 @@
+"""Device reads per optimizer step (issue 15): on a GPU each one stalls the host until the device catches up.
+The count is taken on CPU, where every read goes through the same operator: `aten._local_scalar_dense`
+(`.item()`, `int()`, `float()`, `bool()` of a tensor). Host-side batch counts use numpy, so every read
+counted here would be a device read on a GPU."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import tiny_run_args
+from galore_train.config import TrainConfig
+from galore_train.train import Trainer
+
+
+class ScalarReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.paused:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def reads_per_step(config_file, output_dir, **overrides) -> int:
+    """Reads in one step of the training loop itself. Not counted: inside `optimizer.step()`, where torch's
+    AdamW reads its step counters, which it keeps on the host (not device reads on a GPU)."""
+    trainer = Trainer(TrainConfig(**tiny_run_args(config_file, output_dir, **overrides)))
+    trainer._train_step()  # warm-up: first-step allocations
+    reads = ScalarReads()
+    step = trainer.optimizer.step
+
+    def uncounted_step(*args, **kwargs):
+        reads.paused = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            reads.paused = False
+
+    trainer.optimizer.step = uncounted_step
+    with reads:
+        trainer._train_step()
+    return reads.count
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_a_plain_step_reads_the_device_twice_plus_once_per_forward(tiny_config_file, tmp_path, shared_data,
+                                                                   accumulation):
+    """The loop reads the step's summed loss and its gradient norm; transformers (5.x) reads once per forward
+    while building the causal mask (`mask.all()`, or packed-sequence detection without a mask). Before
+    (9b0580b, the same counter): 6 reads per step with one micro-batch, 21 with four (4 per micro-batch in the
+    loop: its two token counts, its loss, the loss's target count; 1 in transformers; the norm)."""
+    reads = reads_per_step(tiny_config_file, tmp_path / "run", batch_size=2, total_batch_size=2 * accumulation)
+    assert reads == 2 + accumulation
+
+
+def test_a_layerwise_step_also_checks_each_loss_and_gradient(tiny_config_file, tmp_path, shared_data):
+    """Layer-wise updates happen inside backward: each micro-batch's loss is read before its backward, and
+    each gradient's norm before its update (TINY_LLAMA: 21 parameters)."""
+    parameters, forwards = 21, 2
+    reads = reads_per_step(tiny_config_file, tmp_path / "run", batch_size=2, total_batch_size=4, layerwise=True)
+    assert reads == 2 + forwards + forwards + parameters  # + each loss, + a finiteness check per parameter
