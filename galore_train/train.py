@@ -24,7 +24,7 @@ from transformers import LlamaConfig
 
 from galore_train import checkpoint, distributed
 from galore_train.config import TrainConfig, plan_steps
-from galore_train.data import PretrainingStream, Tokenize, build_eval_batches, document_source, load_tokenizer, BAD_LINES
+from galore_train.data import PretrainingStream, Tokenize, build_eval_batches, document_source, load_tokenizer, BAD_LINES, pin_batches
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import evaluate, summed_loss
 from galore_train.guard import LossGuard
@@ -107,6 +107,7 @@ class Trainer:
             lambda: document_source(cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train"),
             self.tokenize, batch_size=cfg.batch_size, pack=cfg.pack, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
+            prefetch=2 * self.plan.accumulation, pin_memory=pin_batches(self.device),
         )
         eval_source = document_source(cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation")
         self.eval_batches, self.eval_tokens = build_eval_batches(
@@ -277,7 +278,7 @@ class Trainer:
     # --- one optimizer step --------------------------------------------------------------------
     def _train_step(self) -> dict[str, Any]:
         plan = self.plan
-        micro_batches = [{k: v.to(self.device) for k, v in self.train_stream.next_batch().items()}
+        micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in self.train_stream.next_batch().items()}
                          for _ in range(plan.accumulation)]
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
@@ -350,6 +351,7 @@ class Trainer:
             with StopRequest() as stop:
                 return self._run(sink, stop)
         finally:
+            self.train_stream.close()
             sink.close()
             distributed.teardown()
 
@@ -365,6 +367,7 @@ class Trainer:
         while self.step < plan.total_steps:
             with self.memory.track():
                 record = self._train_step()
+            record["data_wait_seconds"] = self.train_stream.take_wait_seconds()
             window_tokens += record.get("step_tokens", 0)
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
                 elapsed = time.perf_counter() - window_start

@@ -1,5 +1,6 @@
 """The data path on the real C4 shards and the real T5 tokenizer."""
 
+import glob
 import gzip
 import json
 
@@ -8,7 +9,7 @@ import torch
 
 from conftest import EVAL_FILES, TOKENIZER, TRAIN_FILES
 from galore_train.data import (BAD_LINES, IGNORE_INDEX, PretrainingStream, Tokenize, build_eval_batches,
-                               document_source, load_tokenizer)
+                               document_source, load_tokenizer, read_c4_lines)
 from galore_train.errors import UserError
 
 
@@ -125,3 +126,117 @@ def test_eval_tokens_are_fixed_and_counted(tokenize, shared_data):
     labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in first)
     assert labelled == scored
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))
+
+
+# --- tokenizing only what is kept ----------------------------------------------------------------
+
+@pytest.mark.parametrize("max_length", [16, 256, 1024])
+def test_cut_text_gives_the_tokenizers_own_truncated_ids_on_every_real_document(shared_data, max_length):
+    tokenizer = load_tokenizer(TOKENIZER)
+    tokenize = Tokenize(tokenizer, max_length=max_length, vocab_size=32100)
+    assert tokenize.cut_chars is not None  # the T5 pipeline is cut
+    texts = [record["text"] for record in read_c4_lines(sorted(glob.glob(TRAIN_FILES) + glob.glob(EVAL_FILES)))]
+    expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    assert tokenize(texts, truncate=True) == expected
+    assert sum(len(text) > tokenize.cut_chars for text in texts) > 100  # the cut was exercised
+
+
+def test_a_cut_that_leaves_too_few_whole_words_tokenizes_the_whole_text(shared_data):
+    tokenizer = load_tokenizer(TOKENIZER)
+    tokenize = Tokenize(tokenizer, max_length=16, vocab_size=32100)
+    budget = tokenize.cut_chars
+    texts = ["x" * (budget + 50) + " tail",  # one long word: the budget holds no whole word
+             "a " * 14 + "b" * (budget - 30) + "ccc dd",  # the 15th token lies in the word the cut splits
+             "Good morning " * 200]
+    assert tokenize(texts, truncate=True) == tokenizer(texts, truncation=True, max_length=16)["input_ids"]
+
+
+def test_pack_mode_tokenizes_whole_documents_in_batches(tokenize):
+    texts = ["first document", "a second, longer document " * 40]
+    assert tokenize(texts, truncate=False) == tokenize.tokenizer(texts)["input_ids"]
+
+
+# --- batches made ahead on a producer thread -----------------------------------------------------
+
+def consumed(stream, count):
+    return [stream.next_batch()["input_ids"] for _ in range(count)]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefetched_batches_and_positions_equal_the_inline_stream(tokenize, pack):
+    inline, ahead = train_stream(tokenize, pack=pack), train_stream(tokenize, pack=pack, prefetch=3)
+    with ahead:
+        assert all(torch.equal(a, b) for a, b in zip(consumed(inline, 5), consumed(ahead, 5)))
+        assert ahead.epoch == inline.epoch
+        state = json.loads(json.dumps(ahead.state_dict()))
+        assert state == json.loads(json.dumps(inline.state_dict()))  # the read-ahead is not in the position
+        expected = consumed(ahead, 4)
+    resumed = train_stream(tokenize, pack=pack, prefetch=3)
+    resumed.load_state_dict(state)
+    with resumed:
+        assert all(torch.equal(x, y) for x, y in zip(expected, consumed(resumed, 4)))
+
+
+def test_a_stopped_producer_resumes_from_the_consumed_position(tokenize):
+    inline, ahead = train_stream(tokenize), train_stream(tokenize, prefetch=2)
+    expected = consumed(inline, 6)
+    with ahead:
+        first = consumed(ahead, 3)
+        ahead.close()
+        assert all(torch.equal(x, y) for x, y in zip(expected, first + consumed(ahead, 3)))
+
+
+def producer_threads():
+    import threading
+
+    return [thread for thread in threading.enumerate() if thread.name == "galore-train-data" and thread.is_alive()]
+
+
+def test_a_producer_error_is_raised_in_the_consumer_and_stops_the_thread(tokenize, tmp_path):
+    (tmp_path / "empty.json").write_text("\n")
+    stream = train_stream(tokenize, files=str(tmp_path / "empty.json"), prefetch=2)
+    with pytest.raises(UserError, match="holds no documents"):
+        stream.next_batch()
+    assert not producer_threads()
+
+
+def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch):
+    import _thread
+    import threading
+    import time
+
+    from galore_train.data.stream import BatchStream
+
+    produce = BatchStream.produce
+
+    def slow_produce(self):
+        time.sleep(0.3)
+        return produce(self)
+
+    monkeypatch.setattr(BatchStream, "produce", slow_produce)
+    stream = train_stream(tokenize, prefetch=2)
+    threading.Timer(0.1, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        with stream:
+            stream.next_batch()
+    assert not producer_threads()
+
+
+def test_waiting_time_is_measured_and_reset(tokenize):
+    with train_stream(tokenize, prefetch=2) as stream:
+        consumed(stream, 2)
+        assert stream.take_wait_seconds() > 0
+        assert stream.take_wait_seconds() == 0
+
+
+def test_batches_are_pinned_only_for_cuda(tokenize, monkeypatch):
+    from galore_train.data import pin_batches
+
+    assert not pin_batches(torch.device("cpu")) and not pin_batches(torch.device("cuda"))  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pin_batches(torch.device("cuda")) and not pin_batches(torch.device("cpu"))
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tensor) or tensor)
+    with train_stream(tokenize, prefetch=2, pin_memory=True) as stream:
+        batch = stream.next_batch()
+    assert any(tensor is batch["input_ids"] for tensor in pinned) and len(pinned) >= 3
