@@ -151,6 +151,23 @@ def test_a_cut_that_leaves_too_few_whole_words_tokenizes_the_whole_text(shared_d
     assert tokenize(texts, truncate=True) == tokenizer(texts, truncation=True, max_length=16)["input_ids"]
 
 
+def test_other_special_token_layouts_match_the_tokenizers_own(shared_data):
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    texts = [record["text"] for record in read_c4_lines(sorted(glob.glob(EVAL_FILES)))]
+    bos_and_eos = copy.deepcopy(load_tokenizer(TOKENIZER))
+    bos_and_eos.backend_tokenizer.post_processor = TemplateProcessing(single="<pad> $A </s>", special_tokens=[("<pad>", 0), ("</s>", 1)])
+    tokenize = Tokenize(bos_and_eos, max_length=64, vocab_size=32100)
+    assert tokenize.specials == ([0], [1])
+    expected = bos_and_eos(texts, truncation=True, max_length=64)["input_ids"]
+    assert expected[0][0] == 0 and expected[0][-1] == 1 and len(expected[0]) == 64
+    assert tokenize(texts, truncate=True) == expected
+    tokenize.specials = None  # a post-processor other than a template: each sequence through the tokenizer's own
+    assert tokenize(texts, truncate=True) == expected
+
+
 def test_pack_mode_tokenizes_whole_documents_in_batches(tokenize):
     texts = ["first document", "a second, longer document " * 40]
     assert tokenize(texts, truncate=False) == tokenize.tokenizer(texts)["input_ids"]

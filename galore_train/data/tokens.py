@@ -72,12 +72,29 @@ def _parts(component: dict | None) -> list[str]:
     return [component["type"]]
 
 
-def cuttable(backend) -> bool:
+def cuttable(pipeline: dict) -> bool:
     """Whether a document's kept tokens may be computed from a cut of its text (see the module docstring)."""
-    pipeline = json.loads(backend.to_str())
     splitters = _parts(pipeline["pre_tokenizer"])
     return (bool(splitters) and set(splitters) <= WORD_SPLITTING_PRETOKENIZERS
             and set(_parts(pipeline["normalizer"])) <= WORD_LOCAL_NORMALIZERS)
+
+
+def special_ids(pipeline: dict) -> tuple[list[int], list[int]] | None:
+    """The ids a single sequence's template puts before and after its tokens (T5: none and </s>), or None when
+    the post-processor is not a plain template (then each sequence goes through the tokenizer's own)."""
+    processor = pipeline["post_processor"]
+    if processor is None:
+        return [], []
+    if processor["type"] != "TemplateProcessing":
+        return None
+    pieces = processor["single"]
+    sequence = next(i for i, piece in enumerate(pieces) if "Sequence" in piece)
+
+    def ids(part: list[dict]) -> list[int]:
+        return [i for piece in part for i in processor["special_tokens"][piece["SpecialToken"]["id"]]["ids"]]
+
+    before, after = ids(pieces[:sequence]), ids(pieces[sequence + 1 :])
+    return before, after
 
 
 class Tokenize:
@@ -108,7 +125,9 @@ class Tokenize:
             self.backend.no_truncation()
             self.backend.no_padding()
             self.content_length = max_length - tokenizer.num_special_tokens_to_add()
-            self.cut_chars = CHARS_PER_TOKEN * self.content_length if cuttable(self.backend) else None
+            pipeline = json.loads(self.backend.to_str())
+            self.cut_chars = CHARS_PER_TOKEN * self.content_length if cuttable(pipeline) else None
+            self.specials = special_ids(pipeline)
 
     def __call__(self, texts: list[str], truncate: bool) -> list[list[int]]:
         """`encode`, counting remapped ids (for calls from the main thread)."""
@@ -138,6 +157,9 @@ class Tokenize:
         if redo:
             for i, encoding in zip(redo, self.backend.encode_batch([texts[i] for i in redo], add_special_tokens=False)):
                 encodings[i] = encoding
+        if self.specials is not None:
+            before, after = self.specials
+            return [before + encoding.ids[: self.content_length] + after for encoding in encodings]
         kept = []
         for encoding in encodings:
             encoding.truncate(self.content_length)
