@@ -24,7 +24,7 @@ from transformers import LlamaConfig
 
 from galore_train import checkpoint, distributed
 from galore_train.config import TrainConfig, plan_steps
-from galore_train.data import PretrainingStream, Tokenize, build_eval_batches, document_source, load_tokenizer, BAD_LINES, pin_batches
+from galore_train.data import PretrainingStream, Tokenize, cached_eval_batches, document_source, eval_cache_key, load_tokenizer, BAD_LINES, pin_batches
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import evaluate, summed_loss
 from galore_train.guard import LossGuard
@@ -109,9 +109,12 @@ class Trainer:
             seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
             prefetch=2 * self.plan.accumulation, pin_memory=pin_batches(self.device),
         )
-        eval_source = document_source(cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation")
-        self.eval_batches, self.eval_tokens = build_eval_batches(
-            eval_source, self.tokenize, eval_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size or cfg.batch_size)
+        eval_key = eval_cache_key(cfg.eval_data_files, f"{cfg.dataset}/{cfg.dataset_config}/validation", self.tokenize, cfg.eval_tokens)
+        self.eval_batches, self.eval_tokens = cached_eval_batches(
+            self.output_dir / "eval_cache", eval_key,
+            lambda: document_source(cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation"),
+            self.tokenize, batch_size=cfg.eval_batch_size or cfg.batch_size, builder=self.env.is_main,
+            agree=lambda failed: distributed.any_rank(failed, self.env))
         self.eval_batches = distributed.lockstep_batches(self.eval_batches, self.model, self.env)
         if self.resume_dir is not None:
             self._restore(trainer_state, data_states)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import EVAL_FILES, TOKENIZER, TRAIN_FILES
 from galore_train.data import (BAD_LINES, IGNORE_INDEX, PretrainingStream, Tokenize, build_eval_batches,
-                               document_source, load_tokenizer, read_c4_lines)
+                               cached_eval_batches, document_source, eval_cache_key, load_tokenizer, read_c4_lines)
 from galore_train.errors import UserError
 
 
@@ -257,3 +257,54 @@ def test_batches_are_pinned_only_for_cuda(tokenize, monkeypatch):
     with train_stream(tokenize, prefetch=2, pin_memory=True) as stream:
         batch = stream.next_batch()
     assert any(tensor is batch["input_ids"] for tensor in pinned) and len(pinned) >= 3
+
+
+# --- the validation token cache ------------------------------------------------------------------
+
+def eval_source():
+    return document_source(EVAL_FILES, "--eval-data-files", "", "", "validation")
+
+
+def cached(tokenize, cache_dir, eval_tokens=3000, **kwargs):
+    key = eval_cache_key(EVAL_FILES, "hub", tokenize, eval_tokens)
+    return cached_eval_batches(cache_dir, key, eval_source, tokenize, batch_size=8, **kwargs)
+
+
+def same_batches(a, b):
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_eval_cache_is_built_once_and_equals_a_fresh_build(tokenize, tmp_path, monkeypatch):
+    fresh, scored = build_eval_batches(eval_source(), tokenize, eval_tokens=3000, batch_size=8)
+    built, built_scored = cached(tokenize, tmp_path)
+    assert same_batches(built, fresh) and built_scored == scored
+    assert len(list(tmp_path.glob("eval-*.pt"))) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tokenize, "encode", no_tokenizing)
+        batches, cached_scored = cached(tokenize, tmp_path, builder=False)  # another process reads it
+    assert same_batches(batches, fresh) and cached_scored == scored
+    cached(tokenize, tmp_path, eval_tokens=2000)  # other settings: another cache entry
+    assert len(list(tmp_path.glob("eval-*.pt"))) == 2
+
+
+def test_a_damaged_eval_cache_is_rebuilt(tokenize, tmp_path, caplog):
+    fresh, scored = cached(tokenize, tmp_path)
+    (file,) = tmp_path.glob("eval-*.pt")
+    file.write_bytes(file.read_bytes()[:100])
+    batches, rebuilt_scored = cached(tokenize, tmp_path)
+    assert same_batches(batches, fresh) and rebuilt_scored == scored
+    assert "ignoring the validation token cache" in caplog.text
+
+
+def test_an_eval_build_error_stops_every_process(tokenize, tmp_path):
+    (tmp_path / "empty.json").write_text("\n")
+    key = eval_cache_key(str(tmp_path / "empty.json"), "hub", tokenize, 100)
+    source = lambda: document_source(str(tmp_path / "empty.json"), "--eval-data-files", "", "", "validation")  # noqa: E731
+    with pytest.raises(UserError, match="holds no documents"):
+        cached_eval_batches(tmp_path, key, source, tokenize, batch_size=8)
+    with pytest.raises(UserError, match="first process could not build"):  # a reader, told by the collective
+        cached_eval_batches(tmp_path, key, source, tokenize, batch_size=8, builder=False, agree=lambda failed: True)

@@ -15,6 +15,16 @@ def build_eval_batches(source: datasets.IterableDataset, tokenize: Tokenize, *, 
 
     Fixed for every run and checkpoint. Returns the batches and the exact number of scored tokens.
     """
+    sequences, scored = eval_sequences(source, tokenize, eval_tokens=eval_tokens)
+    return pad_batches(sequences, tokenize, batch_size), scored
+
+
+def pad_batches(sequences: list[list[int]], tokenize: Tokenize, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return [tokenize.pad(sequences[i : i + batch_size]) for i in range(0, len(sequences), batch_size)]
+
+
+def eval_sequences(source: datasets.IterableDataset, tokenize: Tokenize, *, eval_tokens: int) -> tuple[list[list[int]], int]:
+    """The validation sequences (ids) and the number of tokens they score."""
     sequences: list[list[int]] = []
     scored = 0
     pending: list[str] = []
@@ -39,5 +49,4 @@ def build_eval_batches(source: datasets.IterableDataset, tokenize: Tokenize, *, 
     flush()
     if not sequences:
         raise UserError("the validation data holds no documents")
-    batches = [tokenize.pad(sequences[i : i + batch_size]) for i in range(0, len(sequences), batch_size)]
-    return batches, scored
+    return sequences, scored
