@@ -239,6 +239,32 @@ def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch
     assert not producer_threads()
 
 
+def test_close_gives_up_on_a_stalled_producer(tokenize, monkeypatch, caplog):
+    import threading
+
+    from galore_train.data import prefetch
+    from galore_train.data.stream import BatchStream
+
+    release = threading.Event()
+    produce = BatchStream.produce
+
+    def stalled_after_one(self):
+        if getattr(self, "made", 0):
+            release.wait()
+        self.made = 1
+        return produce(self)
+
+    monkeypatch.setattr(BatchStream, "produce", stalled_after_one)
+    monkeypatch.setattr(prefetch, "CLOSE_SECONDS", 0.3)
+    stream = train_stream(tokenize, prefetch=2)
+    stream.next_batch()
+    stream.close()
+    assert "did not stop" in caplog.text
+    with pytest.raises(RuntimeError, match="still held"):
+        stream.next_batch()
+    release.set()
+
+
 def test_waiting_time_is_measured_and_reset(tokenize):
     with train_stream(tokenize, prefetch=2) as stream:
         consumed(stream, 2)

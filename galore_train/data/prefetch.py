@@ -9,6 +9,7 @@ trained on next. Tokenization (Rust) and `pin_memory` release the GIL, so the pr
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -18,7 +19,9 @@ import torch
 
 from galore_train.data.stream import Batch, BatchStream
 
+log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1  # how often a blocked producer or consumer checks for shutdown
+CLOSE_SECONDS = 30.0  # how long `close` waits for a batch in the making (a stalled hub read must not hang exit)
 
 
 class _Stop:
@@ -47,6 +50,7 @@ class PretrainingStream:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._behind = False  # the stream ran ahead of `_state` (a producer was stopped)
+        self._stream_lost = False  # a stopped producer never ended: the stream must not be touched
 
     # --- the consumer side ---------------------------------------------------------------------
     def next_batch(self) -> Batch:
@@ -83,10 +87,14 @@ class PretrainingStream:
         if self._thread is None:
             return
         self._stopping.set()
-        while self._thread.is_alive():
+        deadline = time.monotonic() + CLOSE_SECONDS
+        while self._thread.is_alive() and time.monotonic() < deadline:
             self._drain()
             self._thread.join(POLL_SECONDS)
         self._drain()
+        if self._thread.is_alive():  # a daemon: it ends with the process; the stream is its own until then
+            log.warning("the data producer thread did not stop within %.0f s; leaving it", CLOSE_SECONDS)
+            self._stream_lost = True
         self._thread = None
         self._behind = True
 
@@ -120,6 +128,8 @@ class PretrainingStream:
 
     # --- the producer side ---------------------------------------------------------------------
     def _start(self) -> None:
+        if self._stream_lost:
+            raise RuntimeError("the data stream is still held by a producer thread that did not stop")
         if self._behind:
             self.stream.load_state_dict(self._state)
             self._behind = False
