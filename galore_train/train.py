@@ -104,7 +104,7 @@ class Trainer:
         self.optimizer, self.scheduler, self.layerwise = self._build_optimizer()
         self.train_model = self._training_module()
         self.train_stream = PretrainingStream(
-            lambda: document_source(cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train"),
+            lambda: document_source(cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train", self.tokenize),
             self.tokenize, batch_size=cfg.batch_size, pack=cfg.pack, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
             prefetch=2 * self.plan.accumulation, pin_memory=pin_batches(self.device),

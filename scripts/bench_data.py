@@ -4,6 +4,7 @@ Paths (single-threaded, no prefetch: what a producer thread can deliver):
   bare      the Rust tokenizer's `encode_batch` of whole documents (all documents in --data-files)
   padded    galore-train's paper-mode stream: shuffle, cut + tokenize, pad (positions/s and real tokens/s)
   packed    galore-train's --pack stream: shuffle, tokenize whole documents, concatenate
+  prepared_ the same two streams reading --prepared DIR (tokens made by `galore-train prepare-data`), if given
 Ratios are stream / bare. With --baseline-src DIR the same measurements also run in a subprocess against the
 galore_train package under DIR (e.g. `git archive 9b0580b galore_train | tar -x -C DIR`), alternating rounds
 with this tree's, and "speedup" is this tree's tokens/s over that tree's. Each number is the best of --rounds
@@ -40,18 +41,21 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     for i in range(0, len(texts), args.batch_size):
         tokens += sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts[i : i + args.batch_size]))
     results = {"bare": tokens / (time.perf_counter() - start)}
-    for pack in (False, True):
-        tokenize = Tokenize(tokenizer, args.max_length, 32000)
-        stream = PretrainingStream(lambda: document_source(args.data_files, "--data-files", "", "", "train"), tokenize,
-                                   batch_size=args.batch_size, pack=pack, shuffle_buffer=args.shuffle_buffer, seed=0)
-        stream.next_batch()  # fills the shuffle buffer
-        start = time.perf_counter()
-        real = sum(int(stream.next_batch()["attention_mask"].sum()) for _ in range(args.batches))
-        elapsed = time.perf_counter() - start
-        name = "packed" if pack else "padded"
-        results[name] = real / elapsed
-        if not pack:
-            results["padded_positions"] = args.batches * args.batch_size * args.max_length / elapsed
+    sources = {"": lambda: document_source(args.data_files, "--data-files", "", "", "train")}
+    tokenize = Tokenize(tokenizer, args.max_length, 32000)
+    if args.prepared:
+        sources["prepared_"] = lambda: document_source(args.prepared, "--data-files", "", "", "train", tokenize)
+    for prefix, source in sources.items():
+        for pack in (False, True):
+            stream = PretrainingStream(source, tokenize, batch_size=args.batch_size, pack=pack,
+                                       shuffle_buffer=args.shuffle_buffer, seed=0)
+            stream.next_batch()  # fills the shuffle buffer
+            start = time.perf_counter()
+            real = sum(int(stream.next_batch()["attention_mask"].sum()) for _ in range(args.batches))
+            elapsed = time.perf_counter() - start
+            results[prefix + ("packed" if pack else "padded")] = real / elapsed
+            if not pack:
+                results[prefix + "padded_positions"] = args.batches * args.batch_size * args.max_length / elapsed
     return results
 
 
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40, help="timed batches per stream")
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3, help="each number is the best of this many rounds")
+    parser.add_argument("--prepared", help="also time a directory made by `galore-train prepare-data` of --data-files")
     parser.add_argument("--baseline-src", help="a directory holding another galore_train package to compare with")
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON only")
     args = parser.parse_args()
@@ -94,11 +99,11 @@ def main() -> None:
     baseline = best(baseline_rounds) if baseline_rounds else None
     print(f"{args.batch_size} x {args.max_length} tokens per batch, {args.batches} timed batches, best of {args.rounds} "
           f"rounds, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    header = f"{'path':<18}{'tokens/s':>12}{'/ bare':>9}"
+    header = f"{'path':<27}{'tokens/s':>12}{'/ bare':>9}"
     print(header + (f"{'baseline':>12}{'/ bare':>9}{'speedup':>9}" if baseline else ""))
     for name, value in results.items():
-        row = f"{name:<18}{value:>12,.0f}{value / results['bare']:>9.2f}"
-        if baseline:
+        row = f"{name:<27}{value:>12,.0f}{value / results['bare']:>9.2f}"
+        if baseline and name in baseline:
             row += f"{baseline[name]:>12,.0f}{baseline[name] / baseline['bare']:>9.2f}{value / baseline[name]:>9.2f}"
         print(row)
 

@@ -334,3 +334,63 @@ def test_an_eval_build_error_stops_every_process(tokenize, tmp_path):
         cached_eval_batches(tmp_path, key, source, tokenize, batch_size=8)
     with pytest.raises(UserError, match="first process could not build"):  # a reader, told by the collective
         cached_eval_batches(tmp_path, key, source, tokenize, batch_size=8, builder=False, agree=lambda failed: True)
+
+
+# --- data prepared ahead (galore-train prepare-data) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def prepared_dir(shared_data, tmp_path_factory):
+    from galore_train.data.prepared import prepare_data
+
+    output = tmp_path_factory.mktemp("prepared")
+    manifest = prepare_data(TRAIN_FILES, TOKENIZER, output, num_proc=2)
+    assert manifest["documents"] == sum(1 for _ in read_c4_lines(sorted(glob.glob(TRAIN_FILES))))
+    return output
+
+
+def prepared_stream(tokenize, directory, **kwargs):
+    options = dict(batch_size=4, pack=False, shuffle_buffer=32, seed=0)
+    options.update(kwargs)
+    return PretrainingStream(lambda: document_source(str(directory), "--data-files", "", "", "train", tokenize),
+                             tokenize, **options)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_prepared_data_gives_the_streamed_batches_and_resumes(tokenize, prepared_dir, pack, rank):
+    split = dict(pack=pack, rank=rank, world_size=2, shuffle_buffer=8, batch_size=32)
+    streamed, prepared = train_stream(tokenize, **split), prepared_stream(tokenize, prepared_dir, prefetch=2, **split)
+    count = 250 if pack else 40  # into the second epoch of this rank's shard
+    with prepared:
+        assert all(torch.equal(a, b) for a, b in zip(consumed(streamed, count), consumed(prepared, count)))
+        assert prepared.epoch == streamed.epoch >= 1
+        state = json.loads(json.dumps(prepared.state_dict()))
+        expected = consumed(prepared, 3)
+    resumed = prepared_stream(tokenize, prepared_dir, **split)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(expected, consumed(resumed, 3)))
+
+
+def test_prepared_data_refuses_another_tokenizer_and_damaged_files(tokenize, prepared_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared_dir, copy)
+    other = Tokenize(load_tokenizer(TOKENIZER), max_length=64, vocab_size=32000)
+    other.fingerprint = "0" * 64
+    with pytest.raises(UserError, match=r"manifest.json was prepared with tokenizer .*not this run's --tokenizer"):
+        document_source(str(copy), "--data-files", "", "", "train", other)
+    with pytest.raises(UserError, match="only --data-files reads those"):
+        document_source(str(copy), "--eval-data-files", "", "", "validation")
+    tokens = copy / "00001.tokens"
+    tokens.write_bytes(tokens.read_bytes()[:-10])
+    with pytest.raises(UserError, match=f"{tokens} holds .* tokens, its manifest says"):
+        document_source(str(copy), "--data-files", "", "", "train", tokenize)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0]["documents"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="00000.offsets.npy does not match its manifest"):
+        document_source(str(copy), "--data-files", "", "", "train", tokenize)
+    (copy / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match="cannot read prepared data manifest"):
+        document_source(str(copy), "--data-files", "", "", "train", tokenize)

@@ -38,8 +38,7 @@ def eval_cache_key(data_files: str | None, hub_split: str, tokenize: Tokenize, e
         source: Any = [[file, os.stat(file).st_size, os.stat(file).st_mtime_ns] for file in files]
     else:
         source = hub_split
-    definition = tokenize.backend.to_str() if tokenize.backend is not None else tokenize.tokenizer.name_or_path
-    return {"version": CACHE_VERSION, "source": source, "tokenizer": hashlib.sha256(definition.encode()).hexdigest(),
+    return {"version": CACHE_VERSION, "source": source, "tokenizer": tokenize.fingerprint,
             "max_length": tokenize.max_length, "vocab_size": tokenize.vocab_size, "eval_tokens": eval_tokens}
 
 

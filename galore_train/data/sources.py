@@ -12,10 +12,14 @@ import gzip
 import json
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import datasets
 
 from galore_train.errors import UserError
+
+if TYPE_CHECKING:
+    from galore_train.data.tokens import Tokenize
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,16 @@ def hub_documents(dataset: str, config: str, split: str) -> datasets.IterableDat
     return stream.select_columns(["text"])
 
 
-def document_source(data_files: str | None, flag: str, dataset: str, config: str, split: str) -> datasets.IterableDataset:
+def document_source(data_files: str | None, flag: str, dataset: str, config: str, split: str,
+                    tokenize: Tokenize | None = None) -> datasets.IterableDataset:
+    """Documents of local shards, of a directory made by `galore-train prepare-data` (given the run's `tokenize`,
+    which it must have been prepared with), or of the hub."""
+    from galore_train.data.prepared import is_prepared, prepared_documents
+
+    if is_prepared(data_files):
+        if tokenize is None:
+            raise UserError(f"{flag} {data_files} is a prepared (tokenized) directory: only --data-files reads those")
+        return prepared_documents(data_files, tokenize)
     if data_files:
         return local_documents(expand_data_files(data_files, flag))
     return hub_documents(dataset, config, split)

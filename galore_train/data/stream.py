@@ -41,7 +41,7 @@ class BatchStream:
         self.rng = random.Random(f"{seed}-{rank}")
         self.epoch = 0
         self.documents_read = 0
-        self.buffer: list[str] = []
+        self.buffer: list[str | list[int]] = []
         self.leftover: list[int] = []
         self._source_state: dict | None = None
         self._tokens_per_document = float(tokenize.max_length)  # running mean, sizes pack-mode tokenizer calls
@@ -58,10 +58,11 @@ class BatchStream:
         self.source = source
         self.iterator = iter(source)
 
-    def _next_document(self) -> str:
+    def _next_document(self) -> str | list[int]:
         while len(self.buffer) <= self.shuffle_buffer:
             try:
-                self.buffer.append(next(self.iterator)["text"])
+                record = next(self.iterator)
+                self.buffer.append(record["text"] if "text" in record else record["ids"])  # ids: prepared data
                 self.documents_read += 1
             except StopIteration:
                 if self.documents_read == 0:
@@ -79,7 +80,7 @@ class BatchStream:
     def produce(self) -> tuple[Batch, int]:
         """The next batch, and how many of the ids tokenized for it were mapped to <unk>."""
         if not self.pack:
-            ids, remapped = self.tokenize.encode([self._next_document() for _ in range(self.batch_size)], truncate=True)
+            ids, remapped = self._tokenize([self._next_document() for _ in range(self.batch_size)], truncate=True)
             return self.tokenize.pad(ids), remapped
         length = self.tokenize.max_length
         needed = self.batch_size * length
@@ -87,7 +88,7 @@ class BatchStream:
         while len(self.leftover) < needed:
             # Whole documents, several per tokenizer call: the token sequence is the same however they are grouped.
             count = math.ceil((needed - len(self.leftover)) / self._tokens_per_document)
-            encoded, more = self.tokenize.encode([self._next_document() for _ in range(count)], truncate=False)
+            encoded, more = self._tokenize([self._next_document() for _ in range(count)], truncate=False)
             remapped += more
             for ids in encoded:
                 self.leftover.extend(ids)
@@ -95,6 +96,11 @@ class BatchStream:
             self._tokens_per_document += (sum(map(len, encoded)) - count * self._tokens_per_document) / self._documents_packed
         chunk, self.leftover = self.leftover[:needed], self.leftover[needed:]
         return self.tokenize.pad([chunk[i : i + length] for i in range(0, needed, length)]), remapped
+
+    def _tokenize(self, documents: list, truncate: bool) -> tuple[list[list[int]], int]:
+        if documents and not isinstance(documents[0], str):
+            return self.tokenize.from_ids(documents, truncate)
+        return self.tokenize.encode(documents, truncate)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values only (saved as JSON beside the checkpoint)."""

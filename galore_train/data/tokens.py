@@ -21,6 +21,7 @@ and tests compare both on every document of the shared C4 shards.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -97,6 +98,13 @@ def special_ids(pipeline: dict) -> tuple[list[int], list[int]] | None:
     return before, after
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's full definition (its Rust pipeline, or its name without one)."""
+    backend = Tokenize.private_backend(tokenizer)
+    definition = backend.to_str() if backend is not None else tokenizer.name_or_path
+    return hashlib.sha256(definition.encode()).hexdigest()
+
+
 class Tokenize:
     """Text -> ids of at most `max_length`, with ids the model cannot embed mapped to <unk>.
 
@@ -119,15 +127,24 @@ class Tokenize:
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
         self.remapped_ids = 0
-        self.backend = copy.deepcopy(getattr(tokenizer, "backend_tokenizer", None))
+        self.backend = self.private_backend(tokenizer)
+        self.fingerprint = tokenizer_fingerprint(tokenizer)
         self.cut_chars = None
+        self.specials = None
         if self.backend is not None:
-            self.backend.no_truncation()
-            self.backend.no_padding()
             self.content_length = max_length - tokenizer.num_special_tokens_to_add()
             pipeline = json.loads(self.backend.to_str())
             self.cut_chars = CHARS_PER_TOKEN * self.content_length if cuttable(pipeline) else None
             self.specials = special_ids(pipeline)
+
+    @staticmethod
+    def private_backend(tokenizer):
+        """A copy of the Rust tokenizer that never truncates or pads (None for tokenizers without one)."""
+        backend = copy.deepcopy(getattr(tokenizer, "backend_tokenizer", None))
+        if backend is not None:
+            backend.no_truncation()
+            backend.no_padding()
+        return backend
 
     def __call__(self, texts: list[str], truncate: bool) -> list[list[int]]:
         """`encode`, counting remapped ids (for calls from the main thread)."""
@@ -144,6 +161,15 @@ class Tokenize:
             encoded = self._encode_kept(texts)
         else:
             encoded = [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=True)]
+        return self._in_vocab(encoded)
+
+    def from_ids(self, documents: list[list[int]], truncate: bool) -> tuple[list[list[int]], int]:
+        """`encode` for documents tokenized ahead (content ids without special tokens, see prepared.py)."""
+        before, after = self.specials
+        kept = self.content_length if truncate else None
+        return self._in_vocab([before + ids[:kept] + after for ids in documents])
+
+    def _in_vocab(self, encoded: list[list[int]]) -> tuple[list[list[int]], int]:
         remapped = sum(sum(i >= self.vocab_size for i in ids) for ids in encoded if max(ids, default=0) >= self.vocab_size)
         if remapped:
             encoded = [[i if i < self.vocab_size else self.unk_id for i in ids] for ids in encoded]
