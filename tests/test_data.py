@@ -371,6 +371,16 @@ def test_prepared_data_gives_the_streamed_batches_and_resumes(tokenize, prepared
     assert all(torch.equal(x, y) for x, y in zip(expected, consumed(resumed, 3)))
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_run_can_switch_from_its_shards_to_their_prepared_directory(tokenize, prepared_dir, pack):
+    streamed = train_stream(tokenize, pack=pack, shuffle_buffer=8, batch_size=8)
+    consumed(streamed, 3)
+    state = json.loads(json.dumps(streamed.state_dict()))
+    switched = prepared_stream(tokenize, prepared_dir, pack=pack, shuffle_buffer=8, batch_size=8)
+    switched.load_state_dict(state)  # its buffer holds texts, its source yields ids
+    assert all(torch.equal(a, b) for a, b in zip(consumed(streamed, 6), consumed(switched, 6)))
+
+
 def test_prepared_data_refuses_another_tokenizer_and_damaged_files(tokenize, prepared_dir, tmp_path):
     import shutil
 

@@ -97,10 +97,17 @@ class BatchStream:
         chunk, self.leftover = self.leftover[:needed], self.leftover[needed:]
         return self.tokenize.pad([chunk[i : i + length] for i in range(0, needed, length)]), remapped
 
-    def _tokenize(self, documents: list, truncate: bool) -> tuple[list[list[int]], int]:
-        if documents and not isinstance(documents[0], str):
-            return self.tokenize.from_ids(documents, truncate)
-        return self.tokenize.encode(documents, truncate)
+    def _tokenize(self, documents: list[str | list[int]], truncate: bool) -> tuple[list[list[int]], int]:
+        """Texts are tokenized, prepared ids finished; both kinds meet after a resume that switched between json
+        shards and their prepared directory (the buffer holds the old kind)."""
+        texts = [i for i, document in enumerate(documents) if isinstance(document, str)]
+        prepared = [i for i, document in enumerate(documents) if not isinstance(document, str)]
+        from_texts, remapped = self.tokenize.encode([documents[i] for i in texts], truncate) if texts else ([], 0)
+        from_ids, more = self.tokenize.from_ids([documents[i] for i in prepared], truncate) if prepared else ([], 0)
+        encoded: list[list[int]] = [[]] * len(documents)
+        for i, ids in [*zip(texts, from_texts), *zip(prepared, from_ids)]:
+            encoded[i] = ids
+        return encoded, remapped + more
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values only (saved as JSON beside the checkpoint)."""
