@@ -73,6 +73,7 @@ class PretrainingStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.close()
+        self._check_stream()
         self.stream.load_state_dict(state)
         self._state = None
         self._behind = False
@@ -108,11 +109,12 @@ class PretrainingStream:
         if self._thread is None:
             self._start()
         while True:
+            alive = self._thread.is_alive()  # checked before the wait: whatever it queued before ending is seen
             try:
                 item = self._queue.get(timeout=POLL_SECONDS)
                 break
             except queue.Empty:
-                if not self._thread.is_alive():
+                if not alive:
                     raise RuntimeError("the data producer thread ended without a batch or an error") from None
         if isinstance(item, _Stop):
             self.close()
@@ -127,9 +129,12 @@ class PretrainingStream:
                 return
 
     # --- the producer side ---------------------------------------------------------------------
-    def _start(self) -> None:
+    def _check_stream(self) -> None:
         if self._stream_lost:
             raise RuntimeError("the data stream is still held by a producer thread that did not stop")
+
+    def _start(self) -> None:
+        self._check_stream()
         if self._behind:
             self.stream.load_state_dict(self._state)
             self._behind = False
