@@ -103,6 +103,21 @@ def evaluate_checkpoint(
                       f"on {result['val_tokens']:,} tokens")
 
 
+@app.command("prepare-data")
+def prepare_data_command(
+    data_files: str = typer.Option(..., help="Glob of C4 json/json.gz shards to tokenize."),
+    tokenizer: str = typer.Option(..., help="Tokenizer the runs will use: hub id, directory or spiece.model."),
+    output: Path = typer.Option(..., help="Directory for the token files and manifest.json (pass it as pretrain --data-files)."),
+    num_proc: int = typer.Option(1, help="Processes tokenizing shards in parallel."),
+) -> None:
+    """Tokenize training shards ahead into memory-mapped uint16 token files that `pretrain --data-files DIR` reads."""
+    from galore_train.data.prepared import prepare_data
+
+    manifest = prepare_data(data_files, tokenizer, output, num_proc)
+    console.print(f"wrote {manifest['documents']:,} documents, {manifest['tokens']:,} tokens from "
+                  f"{len(manifest['shards'])} shard(s) to {output}")
+
+
 @app.command("models")
 def list_models() -> None:
     """List the model configs with their sizes and parameter counts."""

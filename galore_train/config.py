@@ -68,7 +68,7 @@ class TrainConfig:
     tokenizer: str = option("t5-base", "Tokenizer: hub id, a local directory, or a path to a spiece.model.", section="Model and data")
     dataset: str = option("allenai/c4", "Hub dataset to stream when --data-files is not given.", section="Model and data")
     dataset_config: str = option("en", "Hub dataset configuration.", section="Model and data")
-    data_files: Optional[str] = option(None, "Glob of local C4 json/json.gz shards for training (instead of the hub).", section="Model and data")
+    data_files: Optional[str] = option(None, "Glob of local C4 json/json.gz shards for training (instead of the hub), or a directory made by `galore-train prepare-data`.", section="Model and data")
     eval_data_files: Optional[str] = option(None, "Glob of local C4 shards for validation (instead of the hub's validation split).", section="Model and data")
     max_length: int = option(256, "Tokens per sequence.", section="Model and data")
     pack: bool = option(False, "Concatenate documents with EOS into full sequences (default: one document per sequence, padded, pad excluded from the loss, as in the paper).", section="Model and data")

@@ -20,7 +20,9 @@ from torch import nn
 
 from galore_train import checkpoint, distributed, resume
 from galore_train.config import TrainConfig, plan_steps
-from galore_train.data import BAD_LINES, PretrainingStream, Tokenize, build_eval_batches, document_source, load_tokenizer
+from galore_train.data import (
+    BAD_LINES, PretrainingStream, Tokenize, cached_eval_batches, document_source, eval_cache_key, load_tokenizer, pin_batches,
+)
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import evaluate, summed_loss, target_count, to_device
 from galore_train.guard import LossGuard
@@ -89,13 +91,17 @@ class Trainer:
         self.model = self._build_model()
         self._build_optimizer()
         self.train_stream = PretrainingStream(
-            lambda: document_source(cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train"),
+            lambda: document_source(cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train", self.tokenize),
             self.tokenize, batch_size=cfg.batch_size, pack=cfg.pack, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
+            prefetch=2 * self.plan.accumulation, pin_memory=pin_batches(self.device),
         )
-        eval_source = document_source(cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation")
-        self.eval_batches, self.eval_tokens = build_eval_batches(
-            eval_source, self.tokenize, eval_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size or cfg.batch_size)
+        eval_key = eval_cache_key(cfg.eval_data_files, f"{cfg.dataset}/{cfg.dataset_config}/validation", self.tokenize, cfg.eval_tokens)
+        self.eval_batches, self.eval_tokens = cached_eval_batches(
+            self.output_dir / "eval_cache", eval_key,
+            lambda: document_source(cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation"),
+            self.tokenize, batch_size=cfg.eval_batch_size or cfg.batch_size, builder=self.env.is_main,
+            agree=lambda failed: distributed.any_rank(failed, self.env))
         self.eval_batches = distributed.lockstep_batches(self.eval_batches, self.model, self.env)
         if self.resume_dir is not None:
             self._restore(saved_state, data_states)
@@ -260,6 +266,7 @@ class Trainer:
             with StopRequest() as stop:
                 return self._run(sink, stop)
         finally:
+            self.train_stream.close()
             sink.close()
             distributed.teardown()
 
@@ -275,6 +282,7 @@ class Trainer:
         while self.step < plan.total_steps:
             with self.memory.track():
                 record = self._train_step()
+            record["data_wait_seconds"] = self.train_stream.take_wait_seconds()
             window_tokens += record.get("step_tokens", 0)
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
                 elapsed = time.perf_counter() - window_start

@@ -33,7 +33,7 @@ def assert_one_line_error(result, pattern):
 
 
 def test_help_on_every_command():
-    for command in ([], ["pretrain"], ["eval"], ["models"], ["memory"], ["optimizers"]):
+    for command in ([], ["pretrain"], ["eval"], ["models"], ["memory"], ["optimizers"], ["prepare-data"]):
         result = cli(*command, "--help")
         assert result.returncode == 0 and "Usage" in result.stdout
     assert "--galore-targets" in cli("pretrain", "--help").stdout
@@ -156,3 +156,25 @@ def test_relora_reset_alone_needs_no_warmup_flag(extra):
                          "--num-training-steps", "100", *extra)
     build_method(cfg)
     assert scheduler_kwargs(cfg)["restart_warmup"] == 1 and cfg.restart_warmup_steps is None
+
+
+@pytest.mark.slow
+def test_pretrain_on_prepared_data_trains_exactly_as_on_the_shards(tiny_config_file, tmp_path, shared_data):
+    prepared = tmp_path / "prepared"
+    result = cli("prepare-data", "--data-files", TRAIN_FILES, "--tokenizer", TOKENIZER, "--output", str(prepared))
+    assert result.returncode == 0 and "1,820 documents" in result.stdout, result.stderr
+    runs = {}
+    for name, files in (("shards", TRAIN_FILES), ("prepared", str(prepared))):
+        args = tiny_args(tiny_config_file, tmp_path / name, "--num-training-steps", "3", "--eval-every", "3")
+        args[args.index("--data-files") + 1] = files
+        assert cli(*args).returncode == 0
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("loss") for r in runs["shards"]] == [r.get("loss") for r in runs["prepared"]]
+    assert_one_line_error(cli("prepare-data", "--data-files", str(tmp_path / "none*.json"), "--tokenizer", TOKENIZER,
+                              "--output", str(tmp_path / "x")), "matches no files")
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0" * 64  # as if prepared with another tokenizer
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    args = tiny_args(tiny_config_file, tmp_path / "refused", "--num-training-steps", "1")
+    args[args.index("--data-files") + 1] = str(prepared)
+    assert_one_line_error(cli(*args), "was prepared with tokenizer")

@@ -1,5 +1,6 @@
 """The data path on the real C4 shards and the real T5 tokenizer."""
 
+import glob
 import gzip
 import json
 
@@ -8,7 +9,7 @@ import torch
 
 from conftest import EVAL_FILES, TOKENIZER, TRAIN_FILES
 from galore_train.data import (BAD_LINES, IGNORE_INDEX, PretrainingStream, Tokenize, build_eval_batches,
-                               document_source, load_tokenizer)
+                               cached_eval_batches, document_source, eval_cache_key, load_tokenizer, read_c4_lines)
 from galore_train.errors import UserError
 
 
@@ -125,3 +126,283 @@ def test_eval_tokens_are_fixed_and_counted(tokenize, shared_data):
     labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in first)
     assert labelled == scored
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))
+
+
+# --- tokenizing only what is kept ----------------------------------------------------------------
+
+@pytest.mark.parametrize("max_length", [16, 256, 1024])
+def test_cut_text_gives_the_tokenizers_own_truncated_ids_on_every_real_document(shared_data, max_length):
+    tokenizer = load_tokenizer(TOKENIZER)
+    tokenize = Tokenize(tokenizer, max_length=max_length, vocab_size=32100)
+    assert tokenize.cut_chars is not None  # the T5 pipeline is cut
+    texts = [record["text"] for record in read_c4_lines(sorted(glob.glob(TRAIN_FILES) + glob.glob(EVAL_FILES)))]
+    expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    assert tokenize(texts, truncate=True) == expected
+    assert sum(len(text) > tokenize.cut_chars for text in texts) > 100  # the cut was exercised
+
+
+def test_a_cut_that_leaves_too_few_whole_words_tokenizes_the_whole_text(shared_data):
+    tokenizer = load_tokenizer(TOKENIZER)
+    tokenize = Tokenize(tokenizer, max_length=16, vocab_size=32100)
+    budget = tokenize.cut_chars
+    texts = ["x" * (budget + 50) + " tail",  # one long word: the budget holds no whole word
+             "a " * 14 + "b" * (budget - 30) + "ccc dd",  # the 15th token lies in the word the cut splits
+             "Good morning " * 200]
+    assert tokenize(texts, truncate=True) == tokenizer(texts, truncation=True, max_length=16)["input_ids"]
+
+
+def test_other_special_token_layouts_match_the_tokenizers_own(shared_data):
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    texts = [record["text"] for record in read_c4_lines(sorted(glob.glob(EVAL_FILES)))]
+    bos_and_eos = copy.deepcopy(load_tokenizer(TOKENIZER))
+    bos_and_eos.backend_tokenizer.post_processor = TemplateProcessing(single="<pad> $A </s>", special_tokens=[("<pad>", 0), ("</s>", 1)])
+    tokenize = Tokenize(bos_and_eos, max_length=64, vocab_size=32100)
+    assert tokenize.specials == ([0], [1])
+    expected = bos_and_eos(texts, truncation=True, max_length=64)["input_ids"]
+    assert expected[0][0] == 0 and expected[0][-1] == 1 and len(expected[0]) == 64
+    assert tokenize(texts, truncate=True) == expected
+    tokenize.specials = None  # a post-processor other than a template: each sequence through the tokenizer's own
+    assert tokenize(texts, truncate=True) == expected
+
+
+def test_pack_mode_tokenizes_whole_documents_in_batches(tokenize):
+    texts = ["first document", "a second, longer document " * 40]
+    assert tokenize(texts, truncate=False) == tokenize.tokenizer(texts)["input_ids"]
+
+
+# --- batches made ahead on a producer thread -----------------------------------------------------
+
+def consumed(stream, count):
+    return [stream.next_batch()["input_ids"] for _ in range(count)]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefetched_batches_and_positions_equal_the_inline_stream(tokenize, pack):
+    inline, ahead = train_stream(tokenize, pack=pack), train_stream(tokenize, pack=pack, prefetch=3)
+    with ahead:
+        assert all(torch.equal(a, b) for a, b in zip(consumed(inline, 5), consumed(ahead, 5)))
+        assert ahead.epoch == inline.epoch
+        state = json.loads(json.dumps(ahead.state_dict()))
+        assert state == json.loads(json.dumps(inline.state_dict()))  # the read-ahead is not in the position
+        expected = consumed(ahead, 4)
+    resumed = train_stream(tokenize, pack=pack, prefetch=3)
+    resumed.load_state_dict(state)
+    with resumed:
+        assert all(torch.equal(x, y) for x, y in zip(expected, consumed(resumed, 4)))
+
+
+def test_a_stopped_producer_resumes_from_the_consumed_position(tokenize):
+    inline, ahead = train_stream(tokenize), train_stream(tokenize, prefetch=2)
+    expected = consumed(inline, 6)
+    with ahead:
+        first = consumed(ahead, 3)
+        ahead.close()
+        assert all(torch.equal(x, y) for x, y in zip(expected, first + consumed(ahead, 3)))
+
+
+def producer_threads():
+    import threading
+
+    return [thread for thread in threading.enumerate() if thread.name == "galore-train-data" and thread.is_alive()]
+
+
+def test_a_producer_error_is_raised_in_the_consumer_and_stops_the_thread(tokenize, tmp_path):
+    (tmp_path / "empty.json").write_text("\n")
+    before = set(producer_threads())  # other tests' streams are not this test's business
+    stream = train_stream(tokenize, files=str(tmp_path / "empty.json"), prefetch=2)
+    with pytest.raises(UserError, match="holds no documents"):
+        stream.next_batch()
+    assert not set(producer_threads()) - before
+
+
+def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch):
+    import _thread
+    import threading
+    import time
+
+    from galore_train.data.stream import BatchStream
+
+    produce = BatchStream.produce
+
+    def slow_produce(self):
+        time.sleep(0.3)
+        return produce(self)
+
+    monkeypatch.setattr(BatchStream, "produce", slow_produce)
+    before = set(producer_threads())
+    stream = train_stream(tokenize, prefetch=2)
+    threading.Timer(0.1, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        with stream:
+            stream.next_batch()
+    assert not set(producer_threads()) - before
+
+
+def test_close_gives_up_on_a_stalled_producer(tokenize, monkeypatch, caplog):
+    import threading
+
+    from galore_train.data import prefetch
+    from galore_train.data.stream import BatchStream
+
+    release = threading.Event()
+    produce = BatchStream.produce
+
+    def stalled_after_one(self):
+        if getattr(self, "made", 0):
+            release.wait()
+        self.made = 1
+        return produce(self)
+
+    monkeypatch.setattr(BatchStream, "produce", stalled_after_one)
+    monkeypatch.setattr(prefetch, "CLOSE_SECONDS", 0.3)
+    stream = train_stream(tokenize, prefetch=2)
+    stream.next_batch()
+    stream.close()
+    assert "did not stop" in caplog.text
+    with pytest.raises(RuntimeError, match="still held"):
+        stream.next_batch()
+    release.set()
+
+
+def test_waiting_time_is_measured_and_reset(tokenize):
+    with train_stream(tokenize, prefetch=2) as stream:
+        consumed(stream, 2)
+        assert stream.take_wait_seconds() > 0
+        assert stream.take_wait_seconds() == 0
+
+
+def test_batches_are_pinned_only_for_cuda(tokenize, monkeypatch):
+    from galore_train.data import pin_batches
+
+    assert not pin_batches(torch.device("cpu")) and not pin_batches(torch.device("cuda"))  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pin_batches(torch.device("cuda")) and not pin_batches(torch.device("cpu"))
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tensor) or tensor)
+    with train_stream(tokenize, prefetch=2, pin_memory=True) as stream:
+        batch = stream.next_batch()
+    assert any(tensor is batch["input_ids"] for tensor in pinned) and len(pinned) >= 3
+
+
+# --- the validation token cache ------------------------------------------------------------------
+
+def eval_source():
+    return document_source(EVAL_FILES, "--eval-data-files", "", "", "validation")
+
+
+def cached(tokenize, cache_dir, eval_tokens=3000, **kwargs):
+    key = eval_cache_key(EVAL_FILES, "hub", tokenize, eval_tokens)
+    return cached_eval_batches(cache_dir, key, eval_source, tokenize, batch_size=8, **kwargs)
+
+
+def same_batches(a, b):
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_eval_cache_is_built_once_and_equals_a_fresh_build(tokenize, tmp_path, monkeypatch):
+    fresh, scored = build_eval_batches(eval_source(), tokenize, eval_tokens=3000, batch_size=8)
+    built, built_scored = cached(tokenize, tmp_path)
+    assert same_batches(built, fresh) and built_scored == scored
+    assert len(list(tmp_path.glob("eval-*.pt"))) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tokenize, "encode", no_tokenizing)
+        batches, cached_scored = cached(tokenize, tmp_path, builder=False)  # another process reads it
+    assert same_batches(batches, fresh) and cached_scored == scored
+    cached(tokenize, tmp_path, eval_tokens=2000)  # other settings: another cache entry
+    assert len(list(tmp_path.glob("eval-*.pt"))) == 2
+
+
+def test_a_damaged_eval_cache_is_rebuilt(tokenize, tmp_path, caplog):
+    fresh, scored = cached(tokenize, tmp_path)
+    (file,) = tmp_path.glob("eval-*.pt")
+    file.write_bytes(file.read_bytes()[:100])
+    batches, rebuilt_scored = cached(tokenize, tmp_path)
+    assert same_batches(batches, fresh) and rebuilt_scored == scored
+    assert "ignoring the validation token cache" in caplog.text
+
+
+def test_an_eval_build_error_stops_every_process(tokenize, tmp_path):
+    (tmp_path / "empty.json").write_text("\n")
+    key = eval_cache_key(str(tmp_path / "empty.json"), "hub", tokenize, 100)
+    source = lambda: document_source(str(tmp_path / "empty.json"), "--eval-data-files", "", "", "validation")  # noqa: E731
+    with pytest.raises(UserError, match="holds no documents"):
+        cached_eval_batches(tmp_path, key, source, tokenize, batch_size=8)
+    with pytest.raises(UserError, match="first process could not build"):  # a reader, told by the collective
+        cached_eval_batches(tmp_path, key, source, tokenize, batch_size=8, builder=False, agree=lambda failed: True)
+
+
+# --- data prepared ahead (galore-train prepare-data) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def prepared_dir(shared_data, tmp_path_factory):
+    from galore_train.data.prepared import prepare_data
+
+    output = tmp_path_factory.mktemp("prepared")
+    manifest = prepare_data(TRAIN_FILES, TOKENIZER, output, num_proc=2)
+    assert manifest["documents"] == sum(1 for _ in read_c4_lines(sorted(glob.glob(TRAIN_FILES))))
+    return output
+
+
+def prepared_stream(tokenize, directory, **kwargs):
+    options = dict(batch_size=4, pack=False, shuffle_buffer=32, seed=0)
+    options.update(kwargs)
+    return PretrainingStream(lambda: document_source(str(directory), "--data-files", "", "", "train", tokenize),
+                             tokenize, **options)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_prepared_data_gives_the_streamed_batches_and_resumes(tokenize, prepared_dir, pack, rank):
+    split = dict(pack=pack, rank=rank, world_size=2, shuffle_buffer=8, batch_size=32)
+    streamed, prepared = train_stream(tokenize, **split), prepared_stream(tokenize, prepared_dir, prefetch=2, **split)
+    count = 250 if pack else 40  # into the second epoch of this rank's shard
+    with prepared:
+        assert all(torch.equal(a, b) for a, b in zip(consumed(streamed, count), consumed(prepared, count)))
+        assert prepared.epoch == streamed.epoch >= 1
+        state = json.loads(json.dumps(prepared.state_dict()))
+        expected = consumed(prepared, 3)
+    resumed = prepared_stream(tokenize, prepared_dir, **split)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(expected, consumed(resumed, 3)))
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_run_can_switch_from_its_shards_to_their_prepared_directory(tokenize, prepared_dir, pack):
+    streamed = train_stream(tokenize, pack=pack, shuffle_buffer=8, batch_size=8)
+    consumed(streamed, 3)
+    state = json.loads(json.dumps(streamed.state_dict()))
+    switched = prepared_stream(tokenize, prepared_dir, pack=pack, shuffle_buffer=8, batch_size=8)
+    switched.load_state_dict(state)  # its buffer holds texts, its source yields ids
+    assert all(torch.equal(a, b) for a, b in zip(consumed(streamed, 6), consumed(switched, 6)))
+
+
+def test_prepared_data_refuses_another_tokenizer_and_damaged_files(tokenize, prepared_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared_dir, copy)
+    other = Tokenize(load_tokenizer(TOKENIZER), max_length=64, vocab_size=32000)
+    other.fingerprint = "0" * 64
+    with pytest.raises(UserError, match=r"manifest.json was prepared with tokenizer .*not this run's --tokenizer"):
+        document_source(str(copy), "--data-files", "", "", "train", other)
+    with pytest.raises(UserError, match="only --data-files reads those"):
+        document_source(str(copy), "--eval-data-files", "", "", "validation")
+    tokens = copy / "00001.tokens"
+    tokens.write_bytes(tokens.read_bytes()[:-10])
+    with pytest.raises(UserError, match=f"{tokens} holds .* tokens, its manifest says"):
+        document_source(str(copy), "--data-files", "", "", "train", tokenize)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0]["documents"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="00000.offsets.npy does not match its manifest"):
+        document_source(str(copy), "--data-files", "", "", "train", tokenize)
+    (copy / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match="cannot read prepared data manifest"):
+        document_source(str(copy), "--data-files", "", "", "train", tokenize)

@@ -3,7 +3,8 @@
 Everything a step depends on must be in the checkpoint: weights, optimizer moments, GaLore projections and
 their refresh clocks (and Q-GaLore's quantized projections and lazy-refresh intervals, Natural
 GaLore's gradient history), 8-bit quantization state, ReLoRA's cycle position, the LR schedule, RNG and the data
-position. The GaLore gap (3) makes the resumed half cross a projector refresh.
+position (the consumed one: batches are made ahead on a producer thread). The GaLore gap (3) makes the resumed
+half cross a projector refresh.
 """
 
 import json
@@ -21,6 +22,7 @@ from galore_train.train import Trainer
 
 CASES = {
     "adamw": {},
+    "adamw-pack": {"pack": True},
     "adam": {},
     "adafactor": {},
     "adam8bit": {},
@@ -44,7 +46,9 @@ def run_args(config_file, output_dir, case):
 
 def losses(output_dir):
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+    steps = [record for record in map(json.loads, lines) if "loss" in record]
+    assert all(record["data_wait_seconds"] >= 0 for record in steps)
+    return [record["loss"] for record in steps]
 
 
 def weights(output_dir):

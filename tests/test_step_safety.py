@@ -104,6 +104,7 @@ def test_resume_holds_at_most_one_checkpoint_tensor_beside_the_model(tiny_config
     assert read["count"] == len(weights)  # every weight came through the reader ...
     largest = max(t.numel() * t.element_size() for t in weights.values())
     assert peak["bytes"] <= largest  # ... and never more than one of them was alive at a time
+    trainer.train_stream.close()
     saved = saved_weights(tmp_path / "run")
     assert all(torch.equal(weights[name], saved[name]) for name in saved)
 
@@ -132,5 +133,5 @@ def test_the_model_is_sharded_before_it_is_moved_to_the_device(tiny_config_file,
 
     monkeypatch.setattr(distributed_module, "shard_model", lambda model, cfg, env: events.append("shard") or model)
     monkeypatch.setattr(torch.nn.Module, "to", record_to)
-    Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run")))
+    Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run"))).train_stream.close()
     assert events[:2] == ["shard", "to device"]

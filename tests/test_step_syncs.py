@@ -42,6 +42,7 @@ def reads_per_step(config_file, output_dir, **overrides) -> int:
     trainer.optimizer.step = uncounted_step
     with reads:
         trainer._train_step()
+    trainer.train_stream.close()  # run() would: stop the prefetch thread
     return reads.count
 
 
