@@ -366,6 +366,22 @@ def test_float32_moments_of_bf16_weights_resume_bit_identically(optimizer_cls, k
         assert torch.equal(a, b)
 
 
+def test_8bit_second_moments_decay_through_their_block_maxima() -> None:
+    """Why --moments-dtype does not apply to galore_adamw8bit: a uniform decay re-quantizes to the same codes
+    under a 0.999 times smaller fp32 absmax, so the 8-bit V decays (of bf16 weights too)."""
+    p = torch.nn.Parameter(torch.zeros(64, 128, dtype=torch.bfloat16))
+    optimizer = GaLoreAdamW8bit([{"params": [p]}], lr=0.0)
+    p.grad = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    optimizer.step()
+    state = optimizer.state[p]
+    codes, absmax = state["exp_avg_sq"].clone(), state["exp_avg_sq_absmax"].clone()
+    for _ in range(50):
+        p.grad = torch.zeros_like(p)
+        optimizer.step()
+    assert state["exp_avg_sq"].dtype == torch.uint8 and torch.equal(state["exp_avg_sq"], codes)
+    torch.testing.assert_close(state["exp_avg_sq_absmax"], absmax * 0.999**50)
+
+
 def test_moment_dtype_must_be_a_floating_dtype() -> None:
     with pytest.raises(ValueError, match="moment_dtype must be a floating-point torch.dtype"):
         GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(8, 6))], "rank": 2, "moment_dtype": "fp32"}])
