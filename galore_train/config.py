@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from galore_train.errors import UserError
-from galore_train.registry import EIGHTBIT_VARIANTS, OPTIMIZERS
+from galore_train.registry import EIGHTBIT_VARIANTS, MOMENTS_DTYPES, MOMENTS_NAMES, OPTIMIZERS, listing
 
 
 def option(default: Any, help: str, flag: Optional[str] = None, section: str = "Training") -> Any:
@@ -40,7 +40,10 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
 
 # Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
 RESUME_FIXED = frozenset({"model", "optimizer", "eightbit", "layerwise", "rank", "proj_type", "galore_targets",
-                          "proj_bits", "proj_group_size", "fisher_history", "relora_warm_start"})
+                          "proj_bits", "proj_group_size", "fisher_history", "relora_warm_start",
+                          "moments_dtype"})
+# Settings newer than some checkpoints: what a saved config without them ran with.
+ABSENT_MEANS = {"moments_dtype": "param"}
 # Settings of run control and logging that a resumed run may change freely.
 RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "eval_tokens", "eval_data_files", "save_every", "keep_last",
                          "output_dir", "resume", "resume_from", "log_every", "wandb_project", "run_name", "tags",
@@ -110,6 +113,11 @@ class TrainConfig:
     proj_group_size: int = option(256, "Group size of the projection quantization.", section="GaLore and low-rank methods")
     adaptive_gap: bool = option(False, "Double a layer's refresh interval while its subspace stays put.", section="GaLore and low-rank methods")
     cos_threshold: float = option(0.4, "Subspace similarity above which --adaptive-gap lengthens the interval.", section="GaLore and low-rank methods")
+    moments_dtype: str = option("param", "Adam moments of the GaLore group (low-rank, r x n each): param = the "
+                                "weights' dtype, i.e. pure bf16 with --dtype bf16, as in the paper and its Table 2 "
+                                "memory; fp32 = float32, small, and what lets a bf16 run's second moment decay "
+                                f"(0.999 v rounds back to v in bf16). For {listing(MOMENTS_NAMES)}.",
+                                section="GaLore and low-rank methods")
     fisher_history: int = option(20, "Natural GaLore: projected gradients kept for the empirical Fisher.", section="GaLore and low-rank methods")
     fisher_damping: float = option(1e-3, "Natural GaLore: damping lambda of the empirical Fisher.", section="GaLore and low-rank methods")
     lora_alpha: float = option(32.0, "LoRA/ReLoRA scaling numerator (update scale = alpha / rank).", section="GaLore and low-rank methods")
@@ -181,7 +189,7 @@ class TrainConfig:
         trainer compares the model and dtype as built (the checkpoint's config.json) when it can.
         """
         fatal, changed = [], []
-        ours, theirs = self.to_dict(), {**self.to_dict(), **saved}
+        ours, theirs = self.to_dict(), {**self.to_dict(), **ABSENT_MEANS, **saved}
         for values in (ours, theirs):  # a derived default compares as the value it stands for
             values["restart_warmup_steps"] = restart_warmup(values["restart_warmup_steps"], values["relora_reset"])
         for name, new in ours.items():
@@ -211,6 +219,7 @@ class TrainConfig:
             "fira_residual": ("code", "paper"),  # beyond GaLore (issue 18)
             "apollo_proj": ("random", "svd"),
             "apollo_scale_type": ("channel", "tensor"),
+            "moments_dtype": MOMENTS_DTYPES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -24,7 +24,7 @@ from galore_train.optim.layout import StateTensor
 from galore_train.optim.natural_galore import FISHER_HISTORY
 from galore_train.optim.projector import PROJ_TYPES
 from galore_train.optim.quantize import QUANT_BITS
-from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
+from galore_train.registry import OPTIMIZERS, moments_group, resolve_optimizer_name
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 AUTO_DTYPE = "bf16"  # what --dtype auto picks on the GPUs these estimates are for
@@ -138,13 +138,15 @@ def estimate_memory(
     proj_group_size: int = 256,
     beta1: float | None = None,
     fisher_history: int = FISHER_HISTORY,
+    moments_dtype: str = "param",
 ) -> MemoryEstimate:
     """Memory of training `model_config` with `optimizer` (a --optimizer name: optimizer or method).
 
     Weights, gradients and activations are in `dtype` ("auto" is taken as bf16); optimizer states are
     what the optimizer's `state_layout` says for each parameter; GaLore projection matrices are stored in
     the gradient's dtype, or group-wise quantized with `proj_bits` 8 or 4. `beta1` matters for Adafactor
-    only (its optional first moment), `fisher_history` for natural_galore_adamw only.
+    only (its optional first moment), `fisher_history` for natural_galore_adamw only, `moments_dtype` (fp32:
+    float32 low-rank Adam moments) for the optimizers that take it (registry.MOMENTS_NAMES).
     """
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
     if dtype not in DTYPE_BYTES:
@@ -157,6 +159,7 @@ def estimate_memory(
     method = method_class(optimizer)
     name = resolve_optimizer_name(OPTIMIZERS[optimizer].base if method else optimizer, eightbit)
     spec = OPTIMIZERS[name]
+    moments = moments_group(name, moments_dtype)
     tensors: list[_Tensor] = []
     for shape, is_target in _parameter_shapes(model_config, list(galore_targets)):
         if is_target and (spec.galore or method) and rank >= min(shape):
@@ -167,12 +170,13 @@ def estimate_memory(
             tensors.append(_Tensor(shape, galore=is_target and spec.galore))
     plain_group = {"beta1": beta1, "fisher_history": fisher_history}
     galore_group = {**plain_group, "rank": rank, "proj_type": proj_type, "proj_bits": proj_bits,
-                    "proj_group_size": proj_group_size}
+                    "proj_group_size": proj_group_size, **moments}
     layout = spec.state_layout()
     states, projections = _state(layout(t.shape, galore_group if t.galore else plain_group, e)
                                  for t in tensors if t.trainable)
     trainable = [t.numel * e for t in tensors if t.trainable]
     label = [f"{optimizer if method else name} rank {rank}" if spec.galore or method else name, dtype]
+    label += ["fp32 moments"] if moments else []
     label += ["layer-wise"] if layerwise else []
     label += ["activation checkpointing"] if activation_checkpointing else []
     return MemoryEstimate(

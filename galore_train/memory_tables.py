@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 from galore_train.memory import MemoryEstimate, estimate_memory
 from galore_train.meter import GIB
 from galore_train.model import load_model_config
-from galore_train.registry import OPTIMIZERS
+from galore_train.registry import MOMENTS_NAMES, OPTIMIZERS
 
 # GaLore paper, Table 2: model -> (rank, Full GB, GaLore GB): weights + optimizer states in BF16.
 PAPER_TABLE2 = {
@@ -89,12 +89,14 @@ def memory_table(estimate: MemoryEstimate, title: str | None = None) -> Table:
 
 def compare_table(model_config: LlamaConfig, rank: int, *, title: str = "", **options: object) -> Table:
     """Every optimizer and method side by side for one model (a Table 2 style row each);
-    `options` are estimate_memory's keywords (layerwise, dtype, batch_size, ...)."""
+    `options` are estimate_memory's keywords (layerwise, dtype, batch_size, ...); --moments-dtype applies to
+    the rows that take it, the others keep their moments as they are."""
     table = Table(title=title or None)
     for column in ("optimizer", "weights", "gradients", "states", "projections", "activations", "total", "peak", "weights+states"):
         table.add_column(column, justify="left" if column == "optimizer" else "right")
     for name in OPTIMIZERS:
-        estimate = estimate_memory(model_config, name, rank, **options)
+        moments = {} if name in MOMENTS_NAMES else {"moments_dtype": "param"}
+        estimate = estimate_memory(model_config, name, rank, **{**options, **moments})
         parts = (estimate.weights, estimate.gradients, estimate.optimizer_states, estimate.projections,
                  estimate.activations, estimate.total, estimate.peak, weights_and_states(estimate))
         table.add_row(name, *(f"{nbytes / GIB:.2f}" for nbytes in parts))

@@ -16,7 +16,7 @@ from torch import nn
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import target_linear_modules
-from galore_train.registry import NORM_GROWTH_NAMES, OPTIMIZERS, OptimizerSpec, resolve_optimizer_name
+from galore_train.registry import NORM_GROWTH_NAMES, OPTIMIZERS, OptimizerSpec, moments_group, resolve_optimizer_name
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -41,9 +41,11 @@ def _check_rank(galore: NamedParams, rank: int) -> None:
             raise UserError(f"--rank {rank} is not below min{tuple(param.shape)} of {name}: GaLore would save nothing; lower --rank")
 
 
-def _matrix_groups(model: nn.Module, cfg: TrainConfig, spec: OptimizerSpec) -> list[dict[str, Any]]:
-    """[plain, matrices]: the target weights in their own group, with GaLore's keys (spec.galore) and the
-    optimizer's own (spec.matrix_group: Fira's and APOLLO's limiter, APOLLO's projection, Muon's flag)."""
+def _matrix_groups(model: nn.Module, cfg: TrainConfig, spec: OptimizerSpec,
+                   moments: dict[str, Any]) -> list[dict[str, Any]]:
+    """[plain, matrices]: the target weights in their own group, with GaLore's keys (spec.galore), the moments'
+    dtype (--moments-dtype) and the optimizer's own (spec.matrix_group: Fira's and APOLLO's limiter, APOLLO's
+    projection, Muon's flag)."""
     galore, plain = galore_parameter_split(model, cfg.galore_targets)
     if not galore:
         raise UserError(f"--galore-targets {cfg.galore_targets} selects no trainable weight")
@@ -51,7 +53,7 @@ def _matrix_groups(model: nn.Module, cfg: TrainConfig, spec: OptimizerSpec) -> l
     if spec.galore:
         group.update(rank=cfg.rank, update_proj_gap=cfg.gap, scale=cfg.scale, proj_type=cfg.proj_type, svd=cfg.svd,
                      stagger_refresh=cfg.stagger_refresh, proj_bits=cfg.proj_bits, proj_group_size=cfg.proj_group_size,
-                     adaptive_gap=cfg.adaptive_gap, cos_threshold=cfg.cos_threshold)
+                     adaptive_gap=cfg.adaptive_gap, cos_threshold=cfg.cos_threshold, **moments)
     if spec.matrix_group is not None:
         group.update(spec.matrix_group(cfg))
     if "rank" in group:
@@ -64,8 +66,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     spec = OPTIMIZERS[resolve_optimizer_name(cfg.optimizer, cfg.eightbit)]
     if cfg.norm_growth_limit and not spec.norm_growth:
         raise UserError(f"--norm-growth-limit applies to {', '.join(NORM_GROWTH_NAMES)}, not {spec.name}")
+    moments = moments_group(spec.name, cfg.moments_dtype)
     if spec.galore or spec.matrix_group is not None:
-        params: Any = _matrix_groups(model, cfg, spec)
+        params: Any = _matrix_groups(model, cfg, spec, moments)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     if not params:

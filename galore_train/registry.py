@@ -79,6 +79,7 @@ class OptimizerSpec:
     galore: bool = False  # the target weights form a GaLore param group
     matrix_group: Optional[Settings] = None  # a TrainConfig -> more keys of the target weights' own group
     norm_growth: bool = False  # takes --norm-growth-limit
+    moments: bool = False  # takes --moments-dtype: the Adam moments of its GaLore group
     fsdp: bool = False  # correct on FSDP2's DTensor shards
     base: Optional[str] = None  # a method's optimizer over its trainable parameters
 
@@ -120,20 +121,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
                   "galore_train.optim.external:bitsandbytes_adamw8bit", _adam,
                   "galore_train.optim.external:bitsandbytes_adamw8bit_state_layout", eightbit="adam8bit"),
     OptimizerSpec("galore_adamw", "GaLore", "mr projection + 2nr moments", "galore_train.optim:GaLoreAdamW", _adam,
-                  eightbit="galore_adamw8bit", galore=True),
+                  eightbit="galore_adamw8bit", galore=True, moments=True),
     OptimizerSpec("galore_adafactor", "GaLore-Adafactor", "mr projection + r + n fp32; + nr fp32 with --beta1",
                   "galore_train.optim:GaLoreAdafactor", _adafactor, galore=True),
     OptimizerSpec("galore_adamw8bit", "8-bit GaLore", "mr projection + 2nr bytes + fp32 absmax per 256 values",
                   "galore_train.optim:GaLoreAdamW8bit", _adam, eightbit="galore_adamw8bit", galore=True),
     OptimizerSpec("natural_galore_adamw", "Natural GaLore",
                   "mr projection + 2nr moments + s nr gradient history + s^2 fp64 (s = --fisher-history)",
-                  "galore_train.optim:NaturalGaLoreAdamW", _natural, galore=True),
+                  "galore_train.optim:NaturalGaLoreAdamW", _natural, galore=True, moments=True),
     OptimizerSpec("fira_adamw", "Fira", "mr projection + 2nr moments + a float32 norm", "galore_train.optim:FiraAdamW",
-                  _fira, galore=True, matrix_group=_limited, norm_growth=True),
+                  _fira, galore=True, matrix_group=_limited, norm_growth=True, moments=True),
     OptimizerSpec("apollo_adamw", "APOLLO", "2nr moments + a float32 norm (random projection: regenerated, not stored)",
-                  "galore_train.optim:ApolloAdamW", _apollo, galore=True, matrix_group=_apollo_matrices, norm_growth=True),
+                  "galore_train.optim:ApolloAdamW", _apollo, galore=True, matrix_group=_apollo_matrices,
+                  norm_growth=True, moments=True),
     OptimizerSpec("apollo_mini", "APOLLO-Mini", "2n moments (rank 1) + a float32 norm", "galore_train.optim:ApolloAdamW",
-                  _apollo, galore=True, matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True), norm_growth=True),
+                  _apollo, galore=True, matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True), norm_growth=True,
+                  moments=True),
     OptimizerSpec("muon", "Muon", "mn momentum on the target matrices (torch.optim.Muon); AdamW's 2mn elsewhere",
                   "galore_train.optim:MuonAdamW", _adam, matrix_group=lambda cfg: {"muon": True}),
     OptimizerSpec("lora", "LoRA", _LORA_STATE, "galore_train.methods.lora:LoRA", base="adamw"),
@@ -147,6 +150,8 @@ METHOD_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if spec.is_method
 GALORE_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if spec.galore)
 FSDP_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if spec.fsdp)
 NORM_GROWTH_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if spec.norm_growth)
+MOMENTS_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if spec.moments)
+MOMENTS_DTYPES = ("param", "fp32")
 EIGHTBIT_VARIANTS = {name: spec.other_8bit for name, spec in OPTIMIZERS.items() if spec.other_8bit}
 
 
@@ -165,3 +170,18 @@ def resolve_optimizer_name(name: str, eightbit: bool) -> str:
     if variant is None:
         raise UserError(f"--8bit has no variant of {name!r}; it applies to {listing(list(EIGHTBIT_VARIANTS))}")
     return variant
+
+
+def moments_group(name: str, moments_dtype: str) -> dict[str, Any]:
+    """The GaLore group's key for --moments-dtype with the optimizer `name` (resolved): nothing for 'param'
+    (moments in the gradient's dtype), moment_dtype float32 for 'fp32'; a UserError where it does not apply."""
+    if moments_dtype not in MOMENTS_DTYPES:
+        raise UserError(f"--moments-dtype must be one of {', '.join(MOMENTS_DTYPES)}; got {moments_dtype!r}")
+    if moments_dtype == "param":
+        return {}
+    if not OPTIMIZERS[name].moments:
+        raise UserError(f"--moments-dtype {moments_dtype} applies to the low-rank Adam moments of "
+                        f"{listing(MOMENTS_NAMES)}, not to {name}")
+    import torch
+
+    return {"moment_dtype": torch.float32}

@@ -21,6 +21,7 @@ def test_bad_token_count_is_a_user_error():
     ({"num_training_steps": None}, "--num-training-steps or --max-train-tokens"),
     ({"wandb_mode": "sometimes"}, "--wandb-mode"),
     ({"min_lr_ratio": 2.0}, "--min-lr-ratio"),
+    ({"moments_dtype": "fp16"}, "--moments-dtype must be one of param, fp32"),
 ])
 def test_validation_names_the_flag(changes, message):
     cfg = TrainConfig(num_training_steps=10).replace(**changes)
@@ -36,6 +37,7 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize("changes, fatal, changed", [
     ({"proj_group_size": 128}, ["proj_group_size: 256 -> 128"], []),  # quantized projections would be misread
     ({"proj_bits": 8}, ["proj_bits: 32 -> 8"], []),
+    ({"moments_dtype": "fp32"}, ["moments_dtype: 'param' -> 'fp32'"], []),  # the saved moments' dtype
     ({"lr": 0.01, "gap": 50}, [], ["lr: 0.001 -> 0.01", "gap: 200 -> 50"]),  # take effect, with a warning
     ({"eval_every": 7, "distributed": "fsdp"}, [], []),  # run control: free
     ({"galore_targets": ["mlp", "attn"]}, [], []),  # the same set in another order
@@ -53,3 +55,10 @@ def test_resume_from_a_checkpoint_saved_with_the_old_fixed_warmup_default():
     assert TrainConfig().resume_differences(saved) == ([], [])
     changed = ["restart_warmup_steps: 100 -> 50"]  # an old run with 500-step cycles re-warmed for 100: now 50
     assert TrainConfig(relora_reset=500).resume_differences({**saved, "relora_reset": 500}) == ([], changed)
+
+
+def test_resume_from_a_checkpoint_saved_before_moments_dtype():
+    """Older checkpoints have no moments_dtype: their moments are in the weights' dtype, i.e. 'param'."""
+    saved = {name: value for name, value in TrainConfig().to_dict().items() if name != "moments_dtype"}
+    assert TrainConfig().resume_differences(saved) == ([], [])
+    assert TrainConfig(moments_dtype="fp32").resume_differences(saved) == (["moments_dtype: 'param' -> 'fp32'"], [])

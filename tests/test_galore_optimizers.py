@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW
 
 LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
 
@@ -242,7 +242,7 @@ def _train(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], s
     for step in steps:
         generator = torch.Generator().manual_seed(1000 + step)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=generator)
+            p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
         optimizer.step()
 
 
@@ -291,6 +291,100 @@ def test_invalid_groups_are_rejected() -> None:
     with pytest.raises(ValueError, match="rank must be a positive"):
         GaLoreAdafactor([{"params": [p], "rank": 0}])
 
+
+
+# --- float32 moments of bf16 weights (--moments-dtype fp32) -------------------------------------------
+
+
+def test_a_bf16_second_moment_cannot_decay_and_a_float32_one_does() -> None:
+    """The tensor-level cause: 0.999 v rounds back to v in bf16 (8 significant bits), for any v."""
+    v = torch.logspace(-12, 2, 15).to(torch.bfloat16)
+    decayed = v.clone()
+    for _ in range(100):
+        decayed.mul_(0.999).addcmul_(torch.zeros_like(v), torch.zeros_like(v), value=0.001)
+    assert torch.equal(decayed, v)
+    v32 = v.float()
+    for _ in range(100):
+        v32.mul_(0.999)
+    torch.testing.assert_close(v32, v.float() * 0.999**100)
+
+
+@pytest.mark.parametrize("moment_dtype", [None, torch.float32])
+def test_galore_moments_of_bf16_weights_decay_only_in_float32(moment_dtype) -> None:
+    """One step with a gradient, then zero gradients: V must shrink by beta2 per step, which bf16 moments
+    (the default, the paper's pure bf16) cannot; float32 ones follow 0.999^t. The direction stays bf16."""
+    p = torch.nn.Parameter(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
+    group = {"params": [p], "rank": 4, "update_proj_gap": 1000, "moment_dtype": moment_dtype}
+    optimizer = GaLoreAdamW([group], lr=1e-3, betas=(0.9, 0.999))
+    p.grad = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    optimizer.step()
+    state = optimizer.state[p]
+    v0 = state["exp_avg_sq"].float().clone()
+    for _ in range(50):
+        p.grad = torch.zeros_like(p)
+        optimizer.step()
+    assert state["exp_avg_sq"].dtype == state["exp_avg"].dtype == (moment_dtype or torch.bfloat16)
+    assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
+    if moment_dtype is None:
+        assert torch.equal(state["exp_avg_sq"].float(), v0)  # stuck
+    else:
+        torch.testing.assert_close(state["exp_avg_sq"], v0 * 0.999**50)
+
+
+def test_float32_moments_of_float32_weights_change_nothing() -> None:
+    w0, grads = torch.randn(24, 40, generator=torch.Generator().manual_seed(1)), _grads((24, 40), 5)
+    group = {"rank": 5, "update_proj_gap": 3}
+    plain, _ = _run(GaLoreAdamW, w0, grads, group, lr=LR)
+    float32, _ = _run(GaLoreAdamW, w0, grads, {**group, "moment_dtype": torch.float32}, lr=LR)
+    assert torch.equal(plain, float32)
+
+
+@pytest.mark.parametrize("optimizer_cls, kwargs", [(GaLoreAdamW, {}), (NaturalGaLoreAdamW, {"fisher_history": 3}),
+                                                   (GaLoreAdamW8bit, {"min_8bit_size": 10**6})])
+def test_float32_moments_of_bf16_weights_resume_bit_identically(optimizer_cls, kwargs) -> None:
+    """torch's load_state_dict casts states to the parameter's dtype; the float32 moments must come back as saved.
+    (GaLoreAdamW8bit: its moments below min_8bit_size are GaLoreAdamW's.)"""
+    def build(params):
+        return optimizer_cls([{"params": params[:3], "rank": 8, "update_proj_gap": 3, "moment_dtype": torch.float32},
+                              {"params": params[3:]}], lr=LR, **kwargs)
+
+    params = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in _model_like_params(0)]
+    optimizer = build(params)
+    _train(optimizer, params, range(4))
+    assert all(optimizer.state[p]["exp_avg_sq"].dtype == torch.float32 for p in params[:3])
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_params = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    resumed = build(resumed_params)
+    resumed.load_state_dict(saved["optimizer"])
+    assert all(resumed.state[p]["exp_avg_sq"].dtype == torch.float32 for p in resumed_params[:3])
+    _train(optimizer, params, range(4, 8))
+    _train(resumed, resumed_params, range(4, 8))
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+
+
+def test_8bit_second_moments_decay_through_their_block_maxima() -> None:
+    """Why --moments-dtype does not apply to galore_adamw8bit: a uniform decay re-quantizes to the same codes
+    under a 0.999 times smaller fp32 absmax, so the 8-bit V decays (of bf16 weights too)."""
+    p = torch.nn.Parameter(torch.zeros(64, 128, dtype=torch.bfloat16))
+    optimizer = GaLoreAdamW8bit([{"params": [p]}], lr=0.0)
+    p.grad = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    optimizer.step()
+    state = optimizer.state[p]
+    codes, absmax = state["exp_avg_sq"].clone(), state["exp_avg_sq_absmax"].clone()
+    for _ in range(50):
+        p.grad = torch.zeros_like(p)
+        optimizer.step()
+    assert state["exp_avg_sq"].dtype == torch.uint8 and torch.equal(state["exp_avg_sq"], codes)
+    torch.testing.assert_close(state["exp_avg_sq_absmax"], absmax * 0.999**50)
+
+
+def test_moment_dtype_must_be_a_floating_dtype() -> None:
+    with pytest.raises(ValueError, match="moment_dtype must be a floating-point torch.dtype"):
+        GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(8, 6))], "rank": 2, "moment_dtype": "fp32"}])
 
 # --- optimizer-state bytes vs the paper's formula (the numbers scripts/bench_optimizer.py prints) -----
 

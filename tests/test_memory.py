@@ -17,7 +17,7 @@ from galore_train.methods import build_method
 from galore_train.model import build_model, load_model_config
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.optimizers import build_optimizer
-from galore_train.registry import METHOD_NAMES, OPTIMIZER_NAMES
+from galore_train.registry import METHOD_NAMES, MOMENTS_NAMES, OPTIMIZER_NAMES
 
 # Small vocabulary; intermediate 352 with rank 16 gives low-rank moments above bitsandbytes' 4096-element
 # threshold for 8-bit storage (MLP) and below it (attention), so both layouts are exercised.
@@ -68,6 +68,29 @@ def test_estimate_follows_optimizer_options(options: dict) -> None:
     name = options.pop("optimizer_name")
     estimate = estimate_memory(CONFIG, name, RANK, dtype="fp32", **options)
     assert estimate.weights + estimate.optimizer_states + estimate.projections == _measured_weights_and_state(name, "fp32", **options)
+
+
+@pytest.mark.parametrize("name", MOMENTS_NAMES)
+def test_estimate_counts_float32_moments_of_bf16_weights(name: str) -> None:
+    """--moments-dtype fp32 with bf16 weights: the low-rank moments cost 4 bytes per value instead of 2."""
+    estimate = estimate_memory(CONFIG, name, RANK, dtype="bf16", moments_dtype="fp32")
+    measured = _measured_weights_and_state(name, "bf16", moments_dtype="fp32")
+    assert estimate.weights + estimate.optimizer_states + estimate.projections == measured
+    assert "fp32 moments" in estimate.label
+    extra = estimate.optimizer_states - estimate_memory(CONFIG, name, RANK, dtype="bf16").optimizer_states
+    assert extra > 0 and extra % (2 * 2) == 0  # two moments, 2 more bytes per value
+
+
+def test_float32_moments_apply_to_the_optimizers_that_take_them() -> None:
+    with pytest.raises(UserError, match="--moments-dtype fp32 applies to"):
+        estimate_memory(CONFIG, "galore_adamw", RANK, eightbit=True, moments_dtype="fp32")
+    with pytest.raises(UserError, match="--moments-dtype must be one of"):
+        estimate_memory(CONFIG, "galore_adamw", RANK, moments_dtype="fp16")
+    config = load_model_config("llama_60m")  # large enough for the difference to show in GiB
+    default, float32 = (render_text(compare_table(config, 128, moments_dtype=moments)).splitlines()
+                        for moments in ("param", "fp32"))
+    changed = {ours.split("│")[1].strip() for ours, theirs in zip(default, float32) if ours != theirs}
+    assert changed == set(MOMENTS_NAMES)  # the rows that take it, the others unchanged and not refused
 
 
 def test_gradients_are_all_trainable_parameters_or_the_largest_one() -> None:

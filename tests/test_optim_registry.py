@@ -18,7 +18,14 @@ from galore_train.errors import UserError
 from galore_train.model import build_model
 from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from galore_train.optimizers import build_optimizer, galore_parameter_split
-from galore_train.registry import FSDP_NAMES, METHOD_NAMES, OPTIMIZER_NAMES, OPTIMIZERS, resolve_optimizer_name
+from galore_train.registry import (
+    FSDP_NAMES,
+    METHOD_NAMES,
+    MOMENTS_NAMES,
+    OPTIMIZER_NAMES,
+    OPTIMIZERS,
+    resolve_optimizer_name,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,12 +180,27 @@ def test_registry_is_the_one_list_of_names() -> None:
 def test_state_layout_names_every_state_tensor_of_a_real_optimizer(name: str) -> None:
     """Key, size and element size of each parameter's state after two steps, against the optimizer's own
     description, for full-rank and GaLore groups (and, in 8-bit, moments above and below the threshold)."""
-    model = build_model(SMALL_LLAMA, seed=0)
-    optimizer = build_optimizer(model, _cfg(optimizer=name, gap=1, proj_bits=4 if "galore" in name else 32))
+    _assert_layouts_match_real_states(name, build_model(SMALL_LLAMA, seed=0),
+                                      _cfg(optimizer=name, gap=1, proj_bits=4 if "galore" in name else 32))
+
+
+@pytest.mark.parametrize("name", MOMENTS_NAMES)
+def test_state_layout_counts_float32_moments_of_bf16_weights(name: str) -> None:
+    """--moments-dtype fp32: 4-byte low-rank moments beside 2-byte weights, as the layout says."""
+    model = build_model(SMALL_LLAMA, seed=0, dtype=torch.bfloat16)
+    optimizer = _assert_layouts_match_real_states(name, model, _cfg(optimizer=name, gap=1, moments_dtype="fp32"))
+    plain, matrices = optimizer.param_groups
+    assert "moment_dtype" not in plain and matrices["moment_dtype"] is torch.float32
+    assert all(optimizer.state[p]["exp_avg_sq"].dtype == torch.float32 for p in matrices["params"])
+    assert all(optimizer.state[p]["exp_avg_sq"].dtype == torch.bfloat16 for p in plain["params"])
+
+
+def _assert_layouts_match_real_states(name: str, model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    optimizer = build_optimizer(model, cfg)
     for step in range(2):
         generator = torch.Generator().manual_seed(step)
         for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=generator)
+            p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
         optimizer.step()
     layout = OPTIMIZERS[name].state_layout()
     for group in optimizer.param_groups:
@@ -187,3 +209,14 @@ def test_state_layout_names_every_state_tensor_of_a_real_optimizer(name: str) ->
             real = {key: (t.numel(), t.element_size()) for key, t in optimizer.state[p].items() if torch.is_tensor(t)}
             described = {t.key: (t.numel, t.itemsize) for t in layout(tuple(p.shape), settings, p.element_size())}
             assert described == real, (name, tuple(p.shape))
+    return optimizer
+
+
+def test_moments_dtype_param_adds_nothing_and_fp32_is_refused_where_it_does_not_apply(tiny_model) -> None:
+    groups = build_optimizer(tiny_model, _cfg(optimizer="galore_adamw")).param_groups
+    assert all("moment_dtype" not in group for group in groups)  # the default: the same groups as before
+    assert MOMENTS_NAMES == ("galore_adamw", "natural_galore_adamw", "fira_adamw", "apollo_adamw", "apollo_mini")
+    for changes in ({"optimizer": "adamw"}, {"optimizer": "galore_adafactor"}, {"optimizer": "muon"},
+                    {"optimizer": "galore_adamw", "eightbit": True}):
+        with pytest.raises(UserError, match="fp32 applies to the low-rank Adam moments of galore_adamw,"):
+            build_optimizer(tiny_model, _cfg(moments_dtype="fp32", **changes))

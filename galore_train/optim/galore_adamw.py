@@ -8,6 +8,10 @@ Per GaLore parameter and step t (paper, Algorithm 2; projector.py for P and the 
     W_t = (1 - lr wd) W_{t-1} - lr * scale * P_t N_t
 
 Groups without "rank" run exactly this with P = identity and scale 1, i.e. torch.optim.AdamW.
+
+M and V are kept in the gradient's dtype (pure bf16 under --dtype bf16, as in the paper), or in a group's
+"moment_dtype" (--moments-dtype fp32 sets float32 for the GaLore group: bf16 cannot represent 0.999 V != V,
+so a bf16 V never decays; the low-rank moments are small enough to afford float32).
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ class GaLoreAdamW(GaLoreOptimizer):
         normalized, c1, c2 = self._adam_direction(grad, group, state)
         self._apply(p, normalized, group, state, step_size=group["lr"] * c2 / c1)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        dtype = self.param_groups[-1].get("moment_dtype")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"moment_dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+
     @staticmethod
     def _adam_direction(grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[Tensor, float, float]:
         """Update the moments with `grad`; return (N', c1, c2) with (c2 / c1) N' = N, the bias-corrected Adam direction.
@@ -58,20 +68,30 @@ class GaLoreAdamW(GaLoreOptimizer):
         c1 = 1 - b1^t, c2 = sqrt(1 - b2^t): N' = M / (sqrt(V) + eps c2) and the step size lr c2 / c1 give the same value
         with one pass fewer. For GaLore groups the projected gradient is dead after the moments, so N' is
         computed in its buffer (p.grad is never written); Fira and APOLLO reuse this.
+
+        A group's "moment_dtype" (e.g. float32 moments of bf16 gradients: a bf16 V cannot decay, 0.999 V rounds
+        back to V) keeps the moments in that dtype: they and N' are computed from one copy of the gradient in
+        it, and a GaLore group's N' is cast back into R's buffer, so callers see the gradient's dtype.
         """
+        dtype = group.get("moment_dtype")
+        work = grad if dtype is None else grad.to(dtype)  # grad itself when the dtypes agree
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+            state["exp_avg"] = torch.zeros_like(work, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(work, memory_format=torch.contiguous_format)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         beta1, beta2 = group["betas"]
-        exp_avg.lerp_(grad, 1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        exp_avg.lerp_(work, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(work, work, value=1.0 - beta2)
         c1, c2 = 1.0 - beta1 ** state["step"], math.sqrt(1.0 - beta2 ** state["step"])
-        normalized = grad if "rank" in group else torch.empty_like(grad)
+        normalized = work if "rank" in group or work is not grad else torch.empty_like(grad)
         torch.sqrt(exp_avg_sq, out=normalized).add_(group["eps"] * c2)
         torch.div(exp_avg, normalized, out=normalized)
+        if "rank" in group and normalized is not grad:
+            normalized = grad.copy_(normalized)
         return normalized, c1, c2
 
     @classmethod
     def _moment_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
-        return adam_moments(math.prod(shape), itemsize)  # `step` is a Python int
+        """Two moments in the group's moment_dtype, else the gradient's; `step` is a Python int."""
+        dtype = group.get("moment_dtype")
+        return adam_moments(math.prod(shape), itemsize if dtype is None else dtype.itemsize)

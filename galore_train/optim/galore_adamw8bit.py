@@ -13,8 +13,9 @@ GPU, dequantize -> fp32 update -> requantize on CPU), called on tensors we own:
     bitsandbytes' AdamW8bit does.
 
 Like bitsandbytes, tensors with fewer than `min_8bit_size` (layout.EIGHTBIT_MIN_SIZE, 4096) elements --
-counted on the low-rank gradient for GaLore parameters -- keep their moments in the gradient's dtype and use
-the GaLore-AdamW update.
+counted on the low-rank gradient for GaLore parameters -- keep their moments in the gradient's dtype (or the
+group's moment_dtype) and use the GaLore-AdamW update. The 8-bit moments need no float32 option: each block's
+fp32 absmax carries a uniform decay that the codes cannot.
 
 State per 8-bit parameter: exp_avg / exp_avg_sq (uint8, shape of the (low-rank) gradient),
 exp_avg_absmax / exp_avg_sq_absmax (fp32, one per block of 256), step; GaLore adds the projection.
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from galore_train.optim.base import GaLoreOptimizer
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
-from galore_train.optim.layout import EIGHTBIT_BLOCK, EIGHTBIT_MIN_SIZE, StateTensor, adam_moments, blockwise_8bit_moments
+from galore_train.optim.layout import EIGHTBIT_BLOCK, EIGHTBIT_MIN_SIZE, StateTensor, blockwise_8bit_moments
 
 
 def import_bitsandbytes() -> ModuleType:
@@ -87,5 +88,5 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def _moment_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
         numel = math.prod(shape)
         if numel < group.get("min_8bit_size", EIGHTBIT_MIN_SIZE):
-            return adam_moments(numel, itemsize)  # GaLoreAdamW's update, in the gradient's dtype
+            return super()._moment_layout(shape, group, itemsize)  # GaLoreAdamW's update and moments
         return blockwise_8bit_moments(numel)
