@@ -9,7 +9,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import click
 import pytest
 import typer
 
@@ -99,13 +98,19 @@ def test_header_states_gpus_and_expected_result(script: Path) -> None:
     assert "GPU" in header and "Expected" in header
 
 
-def test_report_commands_parse(tmp_path: Path) -> None:
-    if "report" not in COMMANDS.commands:
-        pytest.skip("`galore-train report` is not registered in galore_train/cli.py yet")
-    for script in SCRIPTS:
-        for command in dry_run(script, tmp_path):
-            if command[:2] == ["galore-train", "report"]:
-                COMMANDS.commands["report"].make_context("report", command[2:])
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_report_covers_every_run_the_script_trains(script: Path, tmp_path: Path) -> None:
+    """Every `galore-train report` line parses with the real CLI and writes a file, and together they report
+    every run the script trains (a run missing from the report would be days of GPU time nobody sees)."""
+    reports = [c for c in dry_run(script, tmp_path) if c[:2] == ["galore-train", "report"]]
+    assert reports, "the script reports nothing"
+    reported: set[Path] = set()
+    for command in reports:
+        with COMMANDS.commands["report"].make_context("report", command[2:]) as ctx:
+            assert ctx.params["output"] is not None, command
+            reported |= set(ctx.params["run_dirs"] or [])
+    trained = {Path(cfg.output_dir) for cfg, _ in pretrain_configs(script, tmp_path)}
+    assert trained <= reported, f"trained but not reported: {sorted(map(str, trained - reported))}"
 
 
 def test_table2_has_the_papers_settings(tmp_path: Path) -> None:
