@@ -65,7 +65,7 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(tiny_config_file, tmp_path, monkey
     run(tiny_config_file, tmp_path / "straight", num_training_steps=8, save_every=100, eval_every=100)
 
     interrupt_after(monkeypatch, 4)
-    with pytest.raises(TrainingStopped) as stopped:
+    with pytest.raises(TrainingStopped, match="SIGINT: stopped after step 4; checkpoint saved") as stopped:
         run(tiny_config_file, tmp_path / "split", num_training_steps=8, save_every=100, eval_every=100)
     assert stopped.value.exit_code == 128 + signal.SIGINT
     assert "checkpoint saved" in str(stopped.value)
