@@ -29,9 +29,9 @@
 # 0.0001} and keeps the best by validation perplexity, but does not list the winners
 # (github.com/jiaweizzhao/GaLore/issues/68). Here each baseline runs at 0.001 (override with LR_FULL,
 # LR_LOW_RANK, LR_LORA, LR_RELORA), or LR_SWEEP=1 runs every method over the paper's whole grid (5x the
-# GPU time); run names carry the lr only when it is not the recipe's. LoRA/ReLoRA use alpha 32 and dropout 0.1, ReLoRA restarts every 5000 steps with a 100-step
-# warm-up, prunes 99.9% of the adapter optimizer state and has no full-rank warm start (the ReLoRA code's
-# defaults). The 1B rank is Table 2's 512 (the reference 1B script uses 1024).
+# GPU time); run names carry the lr only when it is not the recipe's. LoRA/ReLoRA use alpha 32 and
+# dropout 0.1, ReLoRA restarts every 5000 steps with a 100-step warm-up, prunes 99.9% of the adapter
+# optimizer state and has no full-rank warm start (the ReLoRA code's defaults). The 1B rank is Table 2's 512 (the reference 1B script uses 1024).
 #
 # Usage: scripts/paper_table2.sh            # everything (weeks of A100 time)
 #        SIZES="60m" METHODS="full galore" scripts/paper_table2.sh
@@ -78,7 +78,8 @@ for size in $SIZES; do
       note "Table 2: $name"
       # shellcheck disable=SC2046  # method_flags and steps expand to several flags on purpose
       train "${GPUS[$size]}" --model "llama_$size" --recipe paper $(method_flags "$method") "${lr_flags[@]}" \
-        --batch-size "${MICRO[$size]}" $(steps) --weight-decay 0 --dtype bf16 --eval-every 1000 --eval-tokens 10000000 --save-every 10000 \
+        --batch-size "${MICRO[$size]}" $(steps) --weight-decay 0 --dtype bf16 \
+        --eval-every 1000 --eval-tokens 10000000 --save-every 10000 \
         --output-dir "$RUNS_DIR/$name" --run-name "$name" --wandb-project galore-paper --tag table2 --tag "llama_$size"
       run_dirs+=("$RUNS_DIR/$name")
     done

@@ -15,8 +15,9 @@
 #   8-bit Adam     18.09  15.47  14.83  14.61   26G
 # The intermediate points are the eval records at those steps in each run's metrics.jsonl (eval every 1000).
 #
-# Settings (paper Section 5.2 and the reference 7B script; `--recipe paper` fills them in): rank 1024, gap 500, scale 0.25, lr 0.005,
-# 10% warm-up (15K steps), cosine to 10%, gradient clipping 1.0, BF16, total batch 512 x 256.
+# Settings (paper Section 5.2 and the reference 7B script; `--recipe paper` fills them in): rank 1024,
+# gap 500, scale 0.25, lr 0.005, 10% warm-up (15K steps), cosine to 10%, gradient clipping 1.0, BF16,
+# total batch 512 x 256.
 # ASSUMPTION: the 8-bit Adam baseline's lr is not published; 0.0005 is used here (override LR_ADAM8BIT).
 #
 # Usage: scripts/paper_table3_7b.sh    METHODS="galore8bit" ...    DRY_RUN=1 ...    MAX_STEPS=20 ...

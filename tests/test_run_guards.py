@@ -21,7 +21,8 @@ from galore_train.train import Trainer
 def test_paper_recipe_for_galore_60m():
     cfg = apply_recipe(TrainConfig(model="llama_60m", optimizer="galore_adamw", recipe="paper", num_training_steps=5), explicit=set())
     assert (cfg.lr, cfg.rank, cfg.gap, cfg.scale) == (0.01, 128, 200, 0.25)
-    assert (cfg.total_batch_size, cfg.max_length, cfg.max_train_tokens, cfg.num_training_steps) == (512, 256, None, 10_000)
+    assert (cfg.total_batch_size, cfg.max_length, cfg.num_training_steps) == (512, 256, 10_000)
+    assert cfg.max_train_tokens is None
     assert (cfg.scheduler, cfg.min_lr_ratio, cfg.warmup_steps) == ("cosine", 0.1, None)  # warm-up: 10% of the steps
 
 

@@ -121,8 +121,10 @@ def test_table2_has_the_papers_settings(tmp_path: Path) -> None:
     for size, (rank, steps) in expected.items():
         galore, processes = configs[f"llama_{size}-galore"]
         plan = plan_steps(galore, processes)
-        assert (galore.optimizer, galore.rank, galore.gap, galore.scale, galore.lr) == ("galore_adamw", rank, 200, 0.25, 0.01)
-        assert (plan.total_steps, plan.warmup_steps, plan.total_batch_size, galore.max_length) == (steps, steps // 10, 512, 256)
+        assert (galore.optimizer, galore.rank, galore.gap, galore.scale) == ("galore_adamw", rank, 200, 0.25)
+        assert galore.lr == 0.01
+        assert (plan.total_steps, plan.warmup_steps, plan.total_batch_size) == (steps, steps // 10, 512)
+        assert galore.max_length == 256
         assert (galore.scheduler, galore.min_lr_ratio, galore.dtype) == ("cosine", 0.1, "bf16")
         lora = configs[f"llama_{size}-lora"][0]
         assert (lora.rank, lora.lr) == (rank, 0.001)
@@ -157,7 +159,8 @@ def test_7b_settings_and_multi_node_launch(tmp_path: Path) -> None:
     assert (adam.lr, adam.grad_clipping, galore.grad_clipping) == (0.0005, 1.0, 1.0)
     (single, processes), = pretrain_configs(ROOT / "scripts/paper_4090_7b.sh", tmp_path)
     assert processes == 1 and single.eightbit and single.layerwise and single.activation_checkpointing
-    assert (single.rank, single.gap, single.lr, single.grad_clipping, plan_steps(single, 1).accumulation) == (1024, 500, 0.005, 0.0, 1)
+    assert (single.rank, single.gap, single.lr, single.grad_clipping) == (1024, 500, 0.005, 0.0)
+    assert plan_steps(single, 1).accumulation == 1
 
 
 def test_mini_table2_budget(tmp_path: Path) -> None:
