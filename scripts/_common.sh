@@ -32,11 +32,12 @@ note() {
   printf '# %s\n' "$*"
 }
 
-# steps N WARMUP: the step flags for a run of N steps with WARMUP warm-up steps, or MAX_STEPS.
+# steps [N WARMUP]: the step flags for a run of N steps with WARMUP warm-up steps (none: those of
+# `--recipe paper`), or MAX_STEPS.
 steps() {
   if [[ -n "$MAX_STEPS" ]]; then
     echo "--num-training-steps $MAX_STEPS"
-  else
+  elif [[ $# -gt 0 ]]; then
     echo "--num-training-steps $1 --warmup-steps $2"
   fi
 }

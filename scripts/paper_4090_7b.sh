@@ -9,9 +9,9 @@
 # batch 1 on the reference). `galore-train memory --model llama_7b --optimizer galore_adamw --8bit
 # --layerwise --rank 1024 --activation-checkpointing --batch-size 16` estimates it before you start.
 #
-# Settings (paper Section 5.2 and scripts/single_gpu/llama_7b_checkpointing.sh of the reference): rank
-# 1024, gap 500, scale 0.25, lr 0.005, 150K steps with 15K warm-up, cosine to 10%, BF16, activation
-# checkpointing, micro-batch 16 (BATCH=1 NO_CHECKPOINTING=1 gives the paper's batch-1 variant).
+# Settings (paper Section 5.2 and scripts/single_gpu/llama_7b_checkpointing.sh of the reference; `--recipe
+# paper` fills them in): rank 1024, gap 500, scale 0.25, lr 0.005, 150K steps with 15K warm-up, cosine
+# to 10%, BF16, activation checkpointing, micro-batch 16 (BATCH=1 NO_CHECKPOINTING=1 gives the paper's batch-1 variant).
 # Two deliberate differences from the reference:
 #  - no gradient clipping: layer-wise updates change each parameter before the others' gradients exist,
 #    so the global norm cannot be clipped (galore-train refuses the combination rather than ignore it);
@@ -30,10 +30,8 @@ checkpointing=(--activation-checkpointing)
 name=llama_7b-galore8bit-layerwise-4090
 note "single-GPU 7B: $name"
 # shellcheck disable=SC2046  # steps expands to several flags on purpose
-train 1 --model llama_7b --optimizer galore_adamw --8bit --layerwise "${checkpointing[@]}" \
-  --rank 1024 --gap 500 --scale 0.25 --lr 0.005 \
-  --batch-size "$BATCH" --total-batch-size "$BATCH" --max-length 256 $(steps 150000 15000) \
-  --scheduler cosine --min-lr-ratio 0.1 --weight-decay 0 --dtype bf16 \
+train 1 --model llama_7b --recipe paper --optimizer galore_adamw --8bit --layerwise "${checkpointing[@]}" \
+  --batch-size "$BATCH" --total-batch-size "$BATCH" $(steps) --weight-decay 0 --dtype bf16 \
   --eval-every 1000 --eval-tokens 10000000 --save-every 5000 \
   --output-dir "$RUNS_DIR/$name" --run-name "$name" --wandb-project galore-paper --tag rtx4090 --tag llama_7b
 

@@ -15,8 +15,9 @@
 #   8-bit Adam     18.09  15.47  14.83  14.61   26G
 # The intermediate points are the eval records at those steps in each run's metrics.jsonl (eval every 1000).
 #
-# Settings (paper Section 5.2 and the reference 7B script): rank 1024, gap 500, scale 0.25, lr 0.005,
-# 10% warm-up (15K steps), cosine to 10%, gradient clipping 1.0, BF16, total batch 512 x 256.
+# Settings (paper Section 5.2 and the reference 7B script; `--recipe paper` fills them in): rank 1024,
+# gap 500, scale 0.25, lr 0.005, 10% warm-up (15K steps), cosine to 10%, gradient clipping 1.0, BF16,
+# total batch 512 x 256.
 # ASSUMPTION: the 8-bit Adam baseline's lr is not published; 0.0005 is used here (override LR_ADAM8BIT).
 #
 # Usage: scripts/paper_table3_7b.sh    METHODS="galore8bit" ...    DRY_RUN=1 ...    MAX_STEPS=20 ...
@@ -30,7 +31,7 @@ METHODS=${METHODS:-"galore8bit adam8bit"}
 # method_flags METHOD: the optimizer and its own settings.
 method_flags() {
   case $1 in
-    galore8bit) echo "--optimizer galore_adamw --8bit --rank 1024 --gap 500 --scale 0.25 --lr 0.005" ;;
+    galore8bit) echo "--optimizer galore_adamw --8bit" ;;
     adam8bit)   echo "--optimizer adamw --8bit --lr ${LR_ADAM8BIT:-0.0005}" ;;
     *)          echo "unknown method $1 (known: galore8bit adam8bit)" >&2; exit 2 ;;
   esac
@@ -43,9 +44,8 @@ for method in $METHODS; do
   name=llama_7b-$method
   note "Table 3: $name"
   # shellcheck disable=SC2046  # method_flags and steps expand to several flags on purpose
-  train "$GPUS_PER_NODE" --model llama_7b $(method_flags "$method") \
-    --batch-size "$MICRO_BATCH" --total-batch-size 512 --max-length 256 $(steps 150000 15000) \
-    --scheduler cosine --min-lr-ratio 0.1 --weight-decay 0 --grad-clipping 1.0 --dtype bf16 \
+  train "$GPUS_PER_NODE" --model llama_7b --recipe paper $(method_flags "$method") \
+    --batch-size "$MICRO_BATCH" $(steps) --weight-decay 0 --dtype bf16 \
     --eval-every 1000 --eval-tokens 10000000 --save-every 5000 \
     --output-dir "$RUNS_DIR/$name" --run-name "$name" --wandb-project galore-paper --tag table3 --tag llama_7b
   run_dirs+=("$RUNS_DIR/$name")

@@ -38,7 +38,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path):
         (directory / "trainer_state.pt").write_bytes(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         checkpoint.save_checkpoint(tmp_path, 2, broken, keep_last=2)
     latest = checkpoint.latest_checkpoint(tmp_path)
     assert latest.name == "step_00000001"

@@ -364,7 +364,7 @@ def test_trainer_resume_is_bit_exact(name, tiny_config_file, tmp_path, monkeypat
 
     run(tmp_path / "straight")
     interrupt_after(monkeypatch, 4)
-    with pytest.raises(TrainingStopped):
+    with pytest.raises(TrainingStopped, match="SIGINT: stopped after step 4; checkpoint saved"):
         run(tmp_path / "split")
     monkeypatch.undo()
     run(tmp_path / "split", resume=True)

@@ -134,17 +134,18 @@ def test_default_restart_warmup_fits_every_reset(reset, warmup):
 
 
 @pytest.mark.parametrize(
-    "changes",
+    "changes, message",
     [
-        dict(optimizer="relora", relora_reset=10, restart_warmup_steps=10),  # an explicit value must fit
-        dict(optimizer="relora", relora_reset=10, restart_warmup_steps=-1),
-        dict(optimizer="relora", relora_warm_start=-1),
-        dict(optimizer="lora", lora_dropout=1.0),
-        dict(optimizer="relora", lora_alpha=0.0),
+        (dict(optimizer="relora", relora_reset=10, restart_warmup_steps=10),  # an explicit value must fit
+         r"--restart-warmup-steps must be >= 0 and smaller than --relora-reset \(10\), got 10"),
+        (dict(optimizer="relora", relora_reset=10, restart_warmup_steps=-1), "--restart-warmup-steps .* got -1"),
+        (dict(optimizer="relora", relora_warm_start=-1), "--relora-warm-start must be >= 0, got -1"),
+        (dict(optimizer="lora", lora_dropout=1.0), r"--lora-dropout must be within \[0, 1\), got 1.0"),
+        (dict(optimizer="relora", lora_alpha=0.0), "--lora-alpha must be positive, got 0.0"),
     ],
 )
-def test_bad_options_are_user_errors(changes):
-    with pytest.raises(UserError):
+def test_bad_options_are_user_errors(changes, message):
+    with pytest.raises(UserError, match=message):
         build_method(method_config(**changes))
 
 

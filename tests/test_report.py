@@ -227,9 +227,9 @@ def test_wandb_export(tmp_path: Path) -> None:
 
 
 def test_nothing_to_report_is_a_user_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"give at least one run directory \(or --wandb-csv\)"):
         report([])
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot read W&B export .*nope.csv"):
         report([], wandb_csv=tmp_path / "nope.csv")
 
 

@@ -69,7 +69,7 @@ def test_resume_is_bit_exact(case, tiny_config_file, tmp_path, monkeypatch, shar
         return record
 
     monkeypatch.setattr(Trainer, "_train_step", interrupt_after_three)
-    with pytest.raises(TrainingStopped):
+    with pytest.raises(TrainingStopped, match="SIGINT: stopped after step 3; checkpoint saved"):
         Trainer(run_args(tiny_config_file, tmp_path / "split", case)).run()
     monkeypatch.undo()
     Trainer(run_args(tiny_config_file, tmp_path / "split", case).replace(resume=True)).run()

@@ -32,7 +32,7 @@ def test_linear_and_constant_values():
 
 
 def test_unknown_kind():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
         lr_factor(50, kind="step", **PLAIN)
 
 

@@ -9,7 +9,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import click
 import pytest
 import typer
 
@@ -19,6 +18,7 @@ from galore_train.methods import METHOD_NAMES
 from galore_train.model import load_model_config
 from galore_train.registry import resolve_optimizer_name
 from galore_train.config import plan_steps
+from galore_train.recipes import PAPER_RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 # The experiment scripts: those built on scripts/_common.sh, which gives them DRY_RUN and MAX_STEPS
@@ -99,13 +99,19 @@ def test_header_states_gpus_and_expected_result(script: Path) -> None:
     assert "GPU" in header and "Expected" in header
 
 
-def test_report_commands_parse(tmp_path: Path) -> None:
-    if "report" not in COMMANDS.commands:
-        pytest.skip("`galore-train report` is not registered in galore_train/cli.py yet")
-    for script in SCRIPTS:
-        for command in dry_run(script, tmp_path):
-            if command[:2] == ["galore-train", "report"]:
-                COMMANDS.commands["report"].make_context("report", command[2:])
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_report_covers_every_run_the_script_trains(script: Path, tmp_path: Path) -> None:
+    """Every `galore-train report` line parses with the real CLI and writes a file, and together they report
+    every run the script trains (a run missing from the report would be days of GPU time nobody sees)."""
+    reports = [c for c in dry_run(script, tmp_path) if c[:2] == ["galore-train", "report"]]
+    assert reports, "the script reports nothing"
+    reported: set[Path] = set()
+    for command in reports:
+        with COMMANDS.commands["report"].make_context("report", command[2:]) as ctx:
+            assert ctx.params["output"] is not None, command
+            reported |= set(ctx.params["run_dirs"] or [])
+    trained = {Path(cfg.output_dir) for cfg, _ in pretrain_configs(script, tmp_path)}
+    assert trained <= reported, f"trained but not reported: {sorted(map(str, trained - reported))}"
 
 
 def test_table2_has_the_papers_settings(tmp_path: Path) -> None:
@@ -113,11 +119,26 @@ def test_table2_has_the_papers_settings(tmp_path: Path) -> None:
     assert len(configs) == 4 * 5  # 60M-1B x Full-Rank, GaLore, Low-Rank, LoRA, ReLoRA
     expected = {"60m": (128, 10_000), "130m": (256, 20_000), "350m": (256, 60_000), "1b": (512, 100_000)}
     for size, (rank, steps) in expected.items():
-        galore, processes = configs[f"llama_{size}-galore-lr0.01"]
+        galore, processes = configs[f"llama_{size}-galore"]
+        plan = plan_steps(galore, processes)
         assert (galore.optimizer, galore.rank, galore.gap, galore.scale) == ("galore_adamw", rank, 200, 0.25)
-        assert (galore.num_training_steps, galore.warmup_steps, galore.total_batch_size, galore.max_length) == (steps, steps // 10, 512, 256)
+        assert galore.lr == 0.01
+        assert (plan.total_steps, plan.warmup_steps, plan.total_batch_size) == (steps, steps // 10, 512)
+        assert galore.max_length == 256
         assert (galore.scheduler, galore.min_lr_ratio, galore.dtype) == ("cosine", 0.1, "bf16")
-        assert configs[f"llama_{size}-lora-lr0.001"][0].rank == rank
+        lora = configs[f"llama_{size}-lora"][0]
+        assert (lora.rank, lora.lr) == (rank, 0.001)
+
+
+@pytest.mark.parametrize("script", ["paper_table2.sh", "paper_table3_7b.sh", "paper_4090_7b.sh"])
+def test_paper_scripts_take_their_settings_from_the_recipe(script: str, tmp_path: Path) -> None:
+    """One copy of the paper's numbers (galore_train/recipes.py): the scripts pass `--recipe paper` and set
+    no step count of their own."""
+    for cfg, _ in pretrain_configs(ROOT / "scripts" / script, tmp_path):
+        assert cfg.recipe == "paper"
+        assert cfg.num_training_steps == PAPER_RECIPES[Path(cfg.model).stem].values["num_training_steps"]
+    text = (ROOT / "scripts" / script).read_text()
+    assert "--num-training-steps" not in text and "$(steps " not in text
 
 
 def test_sweep_runs_the_papers_lr_grid(tmp_path: Path) -> None:
@@ -134,8 +155,12 @@ def test_7b_settings_and_multi_node_launch(tmp_path: Path) -> None:
     galore = next(cfg for cfg, _ in configs if "galore" in cfg.optimizer)
     assert (galore.eightbit, galore.rank, galore.gap, galore.lr, galore.num_training_steps) == (True, 1024, 500, 0.005, 150_000)
     assert plan_steps(galore, 64).accumulation == 1  # 64 GPUs x micro-batch 8 = 512
+    adam = next(cfg for cfg, _ in configs if cfg.optimizer == "adamw")
+    assert (adam.lr, adam.grad_clipping, galore.grad_clipping) == (0.0005, 1.0, 1.0)
     (single, processes), = pretrain_configs(ROOT / "scripts/paper_4090_7b.sh", tmp_path)
     assert processes == 1 and single.eightbit and single.layerwise and single.activation_checkpointing
+    assert (single.rank, single.gap, single.lr, single.grad_clipping) == (1024, 500, 0.005, 0.0)
+    assert plan_steps(single, 1).accumulation == 1
 
 
 def test_mini_table2_budget(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(tiny_config_file, tmp_path, monkey
     run(tiny_config_file, tmp_path / "straight", num_training_steps=8, save_every=100, eval_every=100)
 
     interrupt_after(monkeypatch, 4)
-    with pytest.raises(TrainingStopped) as stopped:
+    with pytest.raises(TrainingStopped, match="SIGINT: stopped after step 4; checkpoint saved") as stopped:
         run(tiny_config_file, tmp_path / "split", num_training_steps=8, save_every=100, eval_every=100)
     assert stopped.value.exit_code == 128 + signal.SIGINT
     assert "checkpoint saved" in str(stopped.value)
@@ -193,6 +193,44 @@ def test_wandb_outage_warns_once_and_training_continues(tiny_config_file, tmp_pa
     assert summary["steps"] == 2
     warnings = [r for r in caplog.records if "W&B logging is off" in r.getMessage()]
     assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
+
+
+class _FlakyWandbRun:
+    """A W&B run whose connection drops after its first `log`: every later call raises."""
+
+    id = "flaky"
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+        self.summary = self
+
+    def log(self, record: dict, step=None) -> None:
+        if self.logged:
+            raise ConnectionError("api.wandb.ai connection reset")
+        self.logged.append(record)
+
+    def update(self, summary: dict) -> None:
+        raise ConnectionError("api.wandb.ai connection reset")
+
+    def finish(self) -> None:
+        raise ConnectionError("api.wandb.ai connection reset")
+
+
+def test_wandb_outage_mid_run_warns_once_and_metrics_stay_complete(tiny_config_file, tmp_path, monkeypatch, caplog,
+                                                                   shared_data):
+    import wandb
+
+    flaky = _FlakyWandbRun()
+    monkeypatch.setattr(wandb, "init", lambda *args, **kwargs: flaky)
+    summary = run(tiny_config_file, tmp_path / "run", num_training_steps=6, wandb_mode="online")
+    assert summary["steps"] == 6
+    assert len(flaky.logged) == 1  # W&B took the first record, then went down
+    warnings = [r for r in caplog.records if "W&B logging is off" in r.getMessage()]
+    assert len(warnings) == 1 and "connection reset" in warnings[0].getMessage()
+    logged = records(tmp_path / "run")
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in logged if "val_loss" in r] == [0, 3, 6]
+    assert (tmp_path / "run" / "summary.json").exists()
 
 
 @pytest.mark.slow

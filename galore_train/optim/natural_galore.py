@@ -22,7 +22,15 @@ Choices where the paper leaves room, and why:
   * the history is emptied when the projection is refreshed: stored vectors are coordinates in the
     old basis and mixing bases would make the Fisher estimate meaningless; it refills in s steps;
   * 1/k, not 1/s, while the buffer fills: the empirical mean over what has been seen;
-  * the k x k solve runs in float64 (it is tiny), the products in the gradient's dtype;
+  * the k x k solve runs in float64 (it is tiny), the products H g and H^T y in float32 at least: in
+    bf16 the Gram rows carry 3 significant digits, the solve amplifies their error by the condition
+    number of H H^T (large: consecutive gradients are nearly parallel), and g - H^T y cancels most of
+    g, so bf16 products missed the fp64 result by 5-100% (tested). In bf16 this costs a transient
+    float32 copy of the history (s x d) per matrix and step; the stored history stays in bf16;
+  * a failed Cholesky factorization (the damped system is positive definite in exact arithmetic, but
+    gradients of norm >> 1/lam can make it numerically indefinite) skips the preconditioner for that
+    step: the plain GaLore-AdamW step, with a RuntimeWarning (Python shows it once per process). Reading
+    the factorization status costs one device sync per matrix and step (a single int);
   * only GaLore groups are preconditioned: a full-rank history of an embedding would cost s times its
     size; plain groups run AdamW exactly as GaLore-AdamW does.
 
@@ -34,6 +42,7 @@ since the last refresh). All tensors or ints, so torch.load(weights_only=True) r
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -47,16 +56,18 @@ FISHER_HISTORY = 20  # the authors' code keeps 20 projected gradients
 FISHER_DAMPING = 1e-3  # and damps with 1e-3
 
 
-def woodbury_solve(gram: Tensor, hg: Tensor, damping: float) -> Tensor:
+def woodbury_solve(gram: Tensor, hg: Tensor, damping: float) -> Tensor | None:
     """y = (k lam I + H H^T)^{-1} H g for a k x d history H, from gram = H H^T and hg = H g (float64).
 
-    Then lam F^{-1} g = g - H^T y (module docstring). Cholesky without error checks: the matrix is
-    positive definite for lam > 0; non-finite gradients give non-finite output, not an exception, so
-    the training loop's non-finite guards see them like any other poisoned update.
+    Then lam F^{-1} g = g - H^T y (module docstring). None when the Cholesky factorization of a finite
+    system fails (numerically indefinite). Non-finite gradients give non-finite output, not None or an
+    exception, so the training loop's non-finite guards see them like any other poisoned update.
     """
     k = gram.shape[0]
     system = gram + (k * damping) * torch.eye(k, dtype=gram.dtype, device=gram.device)
-    factor, _ = torch.linalg.cholesky_ex(system)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if info.item() != 0 and bool(torch.isfinite(system).all()):
+        return None
     return torch.cholesky_solve(hg.unsqueeze(1), factor).squeeze(1)
 
 
@@ -118,10 +129,15 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         slot = state["fisher_count"] % size
         k = min(state["fisher_count"] + 1, size)
         history_buffer[slot].copy_(g)
-        history = history_buffer[:k]
-        hg = torch.mv(history, g).to(torch.float64)
+        precise = torch.promote_types(g.dtype, torch.float32)  # bf16/fp16 products are far off (docstring)
+        history, g_precise = history_buffer[:k].to(precise), g.to(precise)
+        hg = torch.mv(history, g_precise).to(torch.float64)
         gram_buffer[slot, :k] = hg
         gram_buffer[:k, slot] = hg
-        y = woodbury_solve(gram_buffer[:k, :k], hg, group["fisher_damping"])
-        g.addmv_(history.mT, y.to(g.dtype), alpha=-1.0)
         state["fisher_count"] += 1
+        y = woodbury_solve(gram_buffer[:k, :k], hg, group["fisher_damping"])
+        if y is None:
+            warnings.warn("Natural GaLore: the damped Fisher system is numerically indefinite (gradients too large "
+                          "for fisher_damping?); plain GaLore-AdamW step instead", RuntimeWarning)
+            return
+        g.copy_(g_precise.addmv_(history.mT, y.to(precise), alpha=-1.0))

@@ -1,0 +1,39 @@
+"""The scripts behind the README's measured numbers (bench_loop.py, bench_memory.py) still run: each once,
+at a tiny size, exiting 0 and printing its table. Their numbers are not checked (CPU timing is noise)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_bench_loop_prints_its_table() -> None:
+    out = bench("bench_loop.py", "--steps", "1", "--rounds", "1", "--batch-size", "2", "--max-length", "32")
+    assert "loop" in out and "s/step" in out and "tokens/s" in out
+    assert any(line.startswith("bare PyTorch ") for line in out.splitlines())
+    assert any(line.startswith("galore-train ") for line in out.splitlines())
+    assert "overhead of galore-train's step:" in out
+
+
+@pytest.mark.slow
+def test_bench_memory_prints_its_table() -> None:
+    out = bench("bench_memory.py", "--models", "llama_9m", "--optimizers", "galore_adamw", "--batch-size", "2",
+                "--max-length", "32")
+    rows = [line for line in out.splitlines() if line.startswith("| llama_9m | galore_adamw |")]
+    assert [row.split(" | ")[2] for row in rows] == ["no", "yes"]  # without and with --layerwise
+    assert all(row.count(" / ") == 5 for row in rows)  # measured / estimated for every part
+    assert "Tracking cost (llama_9m, adamw" in out
