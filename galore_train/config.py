@@ -154,6 +154,9 @@ class TrainConfig:
     spike_threshold: Optional[float] = option(None, "Skip a step whose loss exceeds this factor x the running mean.", section="Run control")
     max_spikes: int = option(10, "Stop after this many consecutive skipped steps.", section="Run control")
     distributed: str = option("ddp", "ddp or fsdp (under torchrun).", section="Run control")
+    dist_timeout: float = option(60.0, "Minutes a collective waits for the other processes before the run fails "
+                                 "(torchrun; rank 0 writing a large checkpoint makes the others wait).",
+                                 section="Run control")
     log_every: int = option(1, "Print/log every N optimizer steps.", section="Run control")
 
     # --- logging --------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Units: every figure is in GiB (2**30 bytes); the `*_gb` metric keys hold GiB as 
 and `torch.cuda` tools use the same binary unit).
 
     CUDA: `torch.cuda.max_memory_allocated` per logging window (the allocator's own peak, reset at each
-    read); weights and optimizer state are summed from their tensors.
+    read, at start and around evaluations) and `max_memory_reserved` beside it; weights and optimizer state
+    are summed from their tensors.
     CPU: a TorchDispatchMode sees every tensor an operation returns. Each new storage is entered in a
     ledger with its size and a category, and a weak reference with a callback takes it out when the
     storage is freed, so the ledger always holds the live tensor bytes; peaks are kept per category
@@ -135,7 +136,10 @@ class MemoryMeter:
         self._cuda = self.device.type == "cuda"
         self._tracking = False
         self._handles = []
-        if not self._cuda:
+        self._carried = (0, 0)
+        if self._cuda:  # what building and loading the model left behind is not the first step's peak
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
             self.ledger = StorageLedger()
             self._handles = [p.register_hook(self._on_incoming_grad) for p in model.parameters() if p.requires_grad]
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self._label_optimizer_state()))
@@ -177,12 +181,30 @@ class MemoryMeter:
             handle.remove()
         self._handles = []
 
+    @contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Keep the enclosed block (an evaluation) out of the training peaks. On CUDA the allocator's peaks
+        so far are carried over and reset after the block; on CPU only `track()` blocks are measured."""
+        if self._cuda:
+            self._carried = self._cuda_peaks()
+        yield
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _cuda_peaks(self) -> tuple[int, int]:
+        """(allocated, reserved) peaks of the window: the allocator's, and any carried over an evaluation.
+        Reserved is what the allocator holds from the device: what must fit."""
+        allocated, reserved = torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+        return max(allocated, self._carried[0]), max(reserved, self._carried[1])
+
     def _read_cuda(self) -> dict[str, float]:
-        peak = torch.cuda.max_memory_allocated(self.device)
+        peak, reserved = self._cuda_peaks()
+        self._carried = (0, 0)
         torch.cuda.reset_peak_memory_stats(self.device)
         weights = unique_nbytes([*self.model.parameters(), *self.model.buffers()])
         return {
             "peak_memory_gb": peak / GIB,
+            "peak_reserved_gb": reserved / GIB,
             "peak_weights_gb": weights / GIB,
             "peak_optimizer_state_gb": unique_nbytes(optimizer_state_tensors(self.optimizer)) / GIB,
         }

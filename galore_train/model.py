@@ -6,6 +6,7 @@ gradients, LoRA/ReLoRA/low-rank replace them, the memory estimator counts them).
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -183,9 +184,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name == "bf16":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and bf16_native(device):
         return torch.bfloat16
     return torch.float32
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware (Ampere and later). V100 and T4 only emulate it, which
+    `torch.cuda.is_bf16_supported()` counts as support; torch without `including_emulation` (older than
+    2.4... the argument is detected, not assumed) falls back to the compute capability."""
+    check = torch.cuda.is_bf16_supported
+    if "including_emulation" in inspect.signature(check).parameters:
+        return bool(check(including_emulation=False))
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

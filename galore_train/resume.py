@@ -7,6 +7,7 @@ data_state.json (one stream position per process). Everything here is read-only 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -43,6 +44,28 @@ def find_checkpoint(cfg: TrainConfig, output_dir: Path) -> Optional[Path]:
     if (output_dir / "metrics.jsonl").exists() or checkpoint.list_checkpoints(root):
         raise UserError(f"{output_dir} already holds a run: pass --resume to continue it, or choose another --output-dir")
     return None
+
+
+def fingerprint(path: Optional[Path]) -> tuple:
+    """What a rank is about to resume, cheaply: the step folder, its sizes, and a hash of its data positions."""
+    if path is None:
+        return ("a fresh start",)
+    files = [path / "trainer_state.pt", *weight_files(path)]
+    data = path / "data_state.json"
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16] if data.is_file() else None
+    return (path.name, tuple(f.stat().st_size if f.is_file() else None for f in files), digest)
+
+
+def check_ranks_agree(path: Optional[Path], env: distributed.DistEnv) -> None:
+    """Every rank must continue the same checkpoint (collective). Without a shared output folder some ranks
+    would resume at step N and others start fresh: replicas that silently diverge, then hang."""
+    if not env.enabled:
+        return
+    seen = distributed.gather_objects(fingerprint(path), env)
+    if len(set(seen)) > 1:
+        found = "; ".join(f"rank {rank}: {view[0]}" for rank, view in enumerate(seen))
+        raise UserError(f"the processes would not resume the same checkpoint ({found}); "
+                        "put --output-dir on a filesystem every node sees, or pass --resume-from")
 
 
 def _built_optimizer(name: str, eightbit: bool) -> str:
@@ -150,10 +173,18 @@ def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, schedu
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """This process's random state: the CPU generator and its own GPU's (not every visible GPU's)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng(states: dict[str, Any], rank: int) -> None:
+    """Put back rank `rank`'s random state. `states["by_rank"]` holds every rank's (rank_state()); older
+    checkpoints kept rank 0's CPU state only, and their CUDA states (all of rank 0's visible GPUs) are not
+    another rank's: they are not restored."""
+    if "by_rank" not in states:
+        torch.set_rng_state(states["torch"])
+        return
+    mine = states["by_rank"][rank]
+    torch.set_rng_state(mine["torch"])
+    if torch.cuda.is_available() and mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"])

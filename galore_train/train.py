@@ -70,7 +70,7 @@ class StopRequest:
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg.validate()
-        self.env = distributed.setup()
+        self.env = distributed.setup(cfg.dist_timeout)
         self.device = self.env.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.plan = plan_steps(cfg, self.env.world_size)
@@ -79,6 +79,7 @@ class Trainer:
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.model_config = load_model_config(cfg.model)
         self.resume_dir = resume.find_checkpoint(cfg, self.output_dir)
+        resume.check_ranks_agree(self.resume_dir, self.env)
         if self.resume_dir is not None:
             resume.check_compatible(self.resume_dir, cfg, self.model_config, self.dtype)
             saved_state, data_states = checkpoint.load_trainer_state(self.resume_dir)
@@ -153,18 +154,21 @@ class Trainer:
         Never saves non-finite weights: a checkpoint is what a stopped run resumes from."""
         if not distributed.all_finite(self.model.parameters(), self.env):
             self._stop_without_saving("the weights are no longer finite")
-        data_states = distributed.gather_objects(self.train_stream.state_dict(), self.env)
+        # Each rank's stream position and random state, to rank 0 (the writer) only.
+        per_rank = distributed.gather_to_main((self.train_stream.state_dict(), resume.rng_state()), self.env)
         weights = distributed.full_model_state(self.model)  # FSDP: gathered to rank 0's CPU; else None
         trainer_state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "guard": self.guard.state_dict(),
             "optimizer": distributed.optimizer_state_dict(self.model, self.optimizer),
-            "scheduler": self.scheduler.state_dict(), "rng": resume.rng_state(),
+            "scheduler": self.scheduler.state_dict(),
         }
         if self.method.changes_model:
             trainer_state["method"] = self.method.state_dict()
             trainer_state["model"] = self.model.state_dict()  # wrapped weights (adapters); the folder holds merged ones
         if not self.env.is_main:
             return self.checkpoint_root
+        data_states = [data for data, _ in per_rank]
+        trainer_state["rng"] = {"by_rank": [rng for _, rng in per_rank]}
 
         def write(directory: Path) -> None:
             self.method.merged_model(self.model).save_pretrained(directory, state_dict=weights)
@@ -182,7 +186,7 @@ class Trainer:
         else:
             resume.load_weights(self.model, self.resume_dir)
         resume.restore_optimizer(self.model, self.optimizer, self.scheduler, state)
-        resume.restore_rng(state["rng"])
+        resume.restore_rng(state["rng"], self.env.rank)
         self.tokens_seen = state["tokens_seen"]
         self.guard.load_state_dict(state["guard"])
         self.train_stream.load_state_dict(data_states[self.env.rank])
@@ -276,7 +280,8 @@ class Trainer:
         if self.env.is_main:  # the resolved configuration, readable before the first checkpoint exists
             cfg.save(str(self.output_dir / "train_config.json"))
         if self.step == 0:
-            sink.log({"step": 0, "tokens_seen": 0, **evaluate(self.train_model, self.eval_batches, self.device, self.env)})
+            with self.memory.excluded():
+                sink.log({"step": 0, "tokens_seen": 0, **evaluate(self.train_model, self.eval_batches, self.device, self.env)})
         window_start, window_tokens = time.perf_counter(), 0
         last_eval: dict[str, Any] = {}
         while self.step < plan.total_steps:
@@ -296,7 +301,8 @@ class Trainer:
                 sink.progress(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_second']:,.0f} tok/s")
                 window_start, window_tokens = time.perf_counter(), 0
             if self.step % cfg.eval_every == 0 or self.step == plan.total_steps:
-                last_eval = evaluate(self.train_model, self.eval_batches, self.device, self.env)
+                with self.memory.excluded():  # nor is its memory a training step's
+                    last_eval = evaluate(self.train_model, self.eval_batches, self.device, self.env)
                 sink.log({"step": self.step, "tokens_seen": self.tokens_seen, **last_eval})
                 sink.print(f"step {self.step}: val loss {last_eval['val_loss']:.4f}, perplexity {last_eval['val_perplexity']:.2f}")
                 window_start = time.perf_counter()  # eval time is not training throughput

@@ -375,6 +375,7 @@ def test_ddp_wraps_without_buffer_broadcasts_on_every_supported_torch(one_proces
         warnings.simplefilter("error", FutureWarning)  # and no deprecated keyword on the installed torch
         wrapped = distributed.wrap_model(BufferedLinear(), one_process_group)
     assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.broadcast_buffers is False
+    assert wrapped.gradient_as_bucket_view  # no second copy of every gradient in DDP's buckets
     wrapped(torch.ones(3, 4)).sum().backward()  # forward and the gradient all-reduce run
 
 

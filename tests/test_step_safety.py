@@ -135,3 +135,81 @@ def test_the_model_is_sharded_before_it_is_moved_to_the_device(tiny_config_file,
     monkeypatch.setattr(torch.nn.Module, "to", record_to)
     Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run"))).train_stream.close()
     assert events[:2] == ["shard", "to device"]
+
+
+# --- GPU paths, simulated on CPU ------------------------------------------------------------------
+
+def test_auto_dtype_is_fp32_on_gpus_that_only_emulate_bf16(monkeypatch):
+    """V100 / T4: `torch.cuda.is_bf16_supported()` says yes by emulation; only native bf16 picks bf16."""
+    from galore_train.model import resolve_dtype
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_dtype("auto", cuda) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a torch without the argument
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert resolve_dtype("auto", cuda) == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+
+
+def test_each_rank_gets_its_own_random_state_back(monkeypatch):
+    """The checkpoint keeps every rank's CPU and GPU state; rank r restores entry r, on its own device only."""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.update(cuda=state))
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: restored.update(cpu=state))
+    states = {"by_rank": [{"torch": "cpu0", "cuda": "gpu0"}, {"torch": "cpu1", "cuda": "gpu1"}]}
+    resume_module.restore_rng(states, rank=1)
+    assert restored == {"cpu": "cpu1", "cuda": "gpu1"}
+    restored.clear()
+    resume_module.restore_rng({"torch": "old-cpu", "cuda": ["rank 0's gpu0", "rank 0's gpu1"]}, rank=1)
+    assert restored == {"cpu": "old-cpu"}  # an older checkpoint: rank 0's GPU states are no other rank's
+
+
+def test_ranks_that_would_resume_different_checkpoints_stop(tmp_path, monkeypatch):
+    from galore_train import distributed
+    from galore_train.errors import UserError
+
+    step = tmp_path / "step_00000004"
+    step.mkdir()
+    for name in ("trainer_state.pt", "model.safetensors", "data_state.json"):
+        (step / name).write_text("x")
+    env = distributed.DistEnv(rank=0, world_size=2)
+    monkeypatch.setattr(distributed, "gather_objects", lambda value, env: [value, resume_module.fingerprint(None)])
+    with pytest.raises(UserError, match="would not resume the same checkpoint .rank 0: step_00000004; rank 1: a fresh"):
+        resume_module.check_ranks_agree(step, env)
+    monkeypatch.setattr(distributed, "gather_objects", lambda value, env: [value, value])
+    resume_module.check_ranks_agree(step, env)  # the same view everywhere: nothing to say
+
+
+def test_collectives_wait_as_long_as_asked(monkeypatch):
+    from datetime import timedelta
+
+    from galore_train import distributed
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.update(kwargs))
+    distributed.setup(timeout_minutes=90)
+    assert calls["timeout"] == timedelta(minutes=90) and calls["backend"] == "gloo"
+
+
+def test_cuda_peaks_include_reserved_memory_and_leave_evaluations_out(monkeypatch):
+    from galore_train.meter import MemoryMeter
+
+    peaks = {"allocated": 0, "reserved": 0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(allocated=0, reserved=0))
+    model = torch.nn.Linear(4, 4)
+    meter = MemoryMeter(model, torch.optim.SGD(model.parameters()), "cuda")
+    with meter.track():
+        peaks.update(allocated=2 * 2**30, reserved=3 * 2**30)  # the training step
+    with meter.excluded():
+        peaks.update(allocated=7 * 2**30, reserved=8 * 2**30)  # an evaluation with bigger batches
+    reading = meter.read_and_reset()
+    assert (reading["peak_memory_gb"], reading["peak_reserved_gb"]) == (2.0, 3.0)
