@@ -363,7 +363,8 @@ class DDPBefore213(torch.nn.parallel.DistributedDataParallel):
                  param_to_hook_all_reduce=None, mixed_precision=None, device_mesh=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # the installed torch deprecates broadcast_buffers
-            super().__init__(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+            super().__init__(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers,
+                             gradient_as_bucket_view=gradient_as_bucket_view)
 
 
 @pytest.mark.parametrize("older_torch", [False, True], ids=["installed torch", "torch 2.6-2.12"])
