@@ -118,7 +118,8 @@ def list_models() -> None:
 
 # The TrainConfig fields `memory` takes: the estimator's arguments (tests/test_cli.py keeps them in step).
 ESTIMATE_OPTIONS = ("layerwise", "dtype", "batch_size", "max_length", "activation_checkpointing", "galore_targets",
-                    "proj_type", "proj_bits", "proj_group_size", "beta1", "fisher_history")
+                    "proj_type", "proj_bits", "proj_group_size", "beta1", "fisher_history", "norm_growth_limit",
+                    "apollo_proj")
 MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [
     inspect.Parameter("compare", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(

@@ -17,14 +17,17 @@ from typing import Any, Iterable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.methods import method_class
 from galore_train.model import target_linear_modules
+from galore_train.optim.apollo import PROJECTIONS
 from galore_train.optim.layout import StateTensor
 from galore_train.optim.natural_galore import FISHER_HISTORY
+from galore_train.optim.norm_growth import check_norm_growth_limit
 from galore_train.optim.projector import PROJ_TYPES
 from galore_train.optim.quantize import QUANT_BITS
-from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
+from galore_train.registry import OPTIMIZERS, OptimizerSpec, resolve_optimizer_name
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 AUTO_DTYPE = "bf16"  # what --dtype auto picks on the GPUs these estimates are for
@@ -57,12 +60,12 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class _Tensor:
-    """A parameter of the estimate: `trainable` ones get gradients and optimizer state, `galore` ones a
-    GaLore param group."""
+    """A parameter of the estimate: `trainable` ones get gradients and optimizer state, `matrix` ones (the
+    target weights of GaLore-family optimizers and Muon) their own param group."""
 
     shape: tuple[int, ...]
     trainable: bool = True
-    galore: bool = False
+    matrix: bool = False
 
     @property
     def numel(self) -> int:
@@ -97,6 +100,16 @@ def _state(layouts: Iterable[list[StateTensor]]) -> tuple[int, int]:
         else:
             state += tensor.nbytes
     return state + sum(shared.values()), projections
+
+
+def _matrix_group(spec: OptimizerSpec, plain: dict[str, Any], galore: dict[str, Any],
+                  cfg: TrainConfig) -> dict[str, Any]:
+    """The target weights' param group as build_optimizer makes it: GaLore's keys (spec.galore), then the
+    optimizer's own from the config (spec.matrix_group: the limiter, APOLLO's projection and rank, Muon's flag)."""
+    group = {**plain, **galore} if spec.galore else dict(plain)
+    if spec.matrix_group is not None:
+        group.update(spec.matrix_group(cfg))
+    return group
 
 
 def activation_bytes(model_config: LlamaConfig, *, dtype_bytes: int, batch_size: int, max_length: int, checkpointing: bool) -> int:
@@ -138,13 +151,16 @@ def estimate_memory(
     proj_group_size: int = 256,
     beta1: float | None = None,
     fisher_history: int = FISHER_HISTORY,
+    norm_growth_limit: float | None = None,
+    apollo_proj: str = "random",
 ) -> MemoryEstimate:
     """Memory of training `model_config` with `optimizer` (a --optimizer name: optimizer or method).
 
     Weights, gradients and activations are in `dtype` ("auto" is taken as bf16); optimizer states are
     what the optimizer's `state_layout` says for each parameter; GaLore projection matrices are stored in
     the gradient's dtype, or group-wise quantized with `proj_bits` 8 or 4. `beta1` matters for Adafactor
-    only (its optional first moment), `fisher_history` for natural_galore_adamw only.
+    only (its optional first moment), `fisher_history` for natural_galore_adamw only, `norm_growth_limit`
+    (0 = off: no scalar) for Fira and APOLLO, `apollo_proj` ("svd" stores the projection) for APOLLO.
     """
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
     if dtype not in DTYPE_BYTES:
@@ -153,23 +169,32 @@ def estimate_memory(
         raise UserError(f"--proj-type must be one of {', '.join(PROJ_TYPES)}; got {proj_type!r}")
     if proj_bits not in QUANT_BITS + (32,) or proj_group_size <= 0:
         raise UserError(f"--proj-bits must be 4, 8 or 32 and --proj-group-size positive; got {proj_bits}, {proj_group_size}")
+    if apollo_proj not in PROJECTIONS:
+        raise UserError(f"--apollo-proj must be one of {', '.join(PROJECTIONS)}; got {apollo_proj!r}")
+    try:
+        check_norm_growth_limit(norm_growth_limit or None)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     e = DTYPE_BYTES[dtype]
     method = method_class(optimizer)
     name = resolve_optimizer_name(OPTIMIZERS[optimizer].base if method else optimizer, eightbit)
     spec = OPTIMIZERS[name]
+    plain_group = {"beta1": beta1, "fisher_history": fisher_history}
+    galore = {"rank": rank, "proj_type": proj_type, "proj_bits": proj_bits, "proj_group_size": proj_group_size}
+    matrix_group = _matrix_group(spec, plain_group, galore,
+                                 TrainConfig(norm_growth_limit=norm_growth_limit, apollo_proj=apollo_proj))
+    grouped = spec.galore or spec.matrix_group is not None
+    rank = rank if method else matrix_group.get("rank", rank)  # APOLLO-Mini's is 1
     tensors: list[_Tensor] = []
     for shape, is_target in _parameter_shapes(model_config, list(galore_targets)):
-        if is_target and (spec.galore or method) and rank >= min(shape):
+        if is_target and ("rank" in matrix_group or method) and rank >= min(shape):
             raise UserError(f"--rank {rank} is not below min{shape} of a target matrix; lower --rank")
         if is_target and method:
             tensors.extend(_method_tensors(method, shape, rank))
         else:
-            tensors.append(_Tensor(shape, galore=is_target and spec.galore))
-    plain_group = {"beta1": beta1, "fisher_history": fisher_history}
-    galore_group = {**plain_group, "rank": rank, "proj_type": proj_type, "proj_bits": proj_bits,
-                    "proj_group_size": proj_group_size}
+            tensors.append(_Tensor(shape, matrix=is_target and grouped))
     layout = spec.state_layout()
-    states, projections = _state(layout(t.shape, galore_group if t.galore else plain_group, e)
+    states, projections = _state(layout(t.shape, matrix_group if t.matrix else plain_group, e)
                                  for t in tensors if t.trainable)
     trainable = [t.numel * e for t in tensors if t.trainable]
     label = [f"{optimizer if method else name} rank {rank}" if spec.galore or method else name, dtype]

@@ -63,7 +63,10 @@ def test_estimated_weights_and_states_equal_real_optimizer_bytes(name: str, dtyp
                                      *({"proj_type": side, "optimizer_name": "galore_adamw"} for side in ("reverse_std", "left", "full")),
                                      {"proj_bits": 8, "proj_group_size": 100, "proj_type": "full", "optimizer_name": "galore_adamw8bit"},
                                      {"proj_bits": 4, "proj_group_size": 64, "optimizer_name": "galore_adafactor"},
-                                     {"fisher_history": 3, "optimizer_name": "natural_galore_adamw"}])
+                                     {"fisher_history": 3, "optimizer_name": "natural_galore_adamw"},
+                                     {"norm_growth_limit": 0, "optimizer_name": "fira_adamw"},
+                                     {"apollo_proj": "svd", "proj_bits": 8, "optimizer_name": "apollo_adamw"},
+                                     {"norm_growth_limit": 0, "optimizer_name": "apollo_mini"}])
 def test_estimate_follows_optimizer_options(options: dict) -> None:
     name = options.pop("optimizer_name")
     estimate = estimate_memory(CONFIG, name, RANK, dtype="fp32", **options)
@@ -125,6 +128,10 @@ def test_bad_estimator_input_is_a_user_error() -> None:
         estimate_memory(CONFIG, "sgd", RANK)
     with pytest.raises(UserError, match="--proj-type"):
         estimate_memory(CONFIG, "galore_adamw", RANK, proj_type="diagonal")
+    with pytest.raises(UserError, match="--apollo-proj must be one of random, svd"):
+        estimate_memory(CONFIG, "apollo_adamw", RANK, apollo_proj="qr")
+    with pytest.raises(UserError, match="norm_growth_limit must be a number >= 1"):
+        estimate_memory(CONFIG, "fira_adamw", RANK, norm_growth_limit=0.5)
 
 
 # --- the paper -----------------------------------------------------------------------------------
