@@ -40,7 +40,7 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
 
 # Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
 RESUME_FIXED = frozenset({"model", "optimizer", "eightbit", "layerwise", "rank", "proj_type", "galore_targets",
-                          "proj_bits", "proj_group_size", "fisher_history", "relora_warm_start"})
+                          "proj_bits", "proj_group_size", "fisher_history", "relora_warm_start", "apollo_proj"})
 # Settings of run control and logging that a resumed run may change freely.
 RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "eval_tokens", "eval_data_files", "save_every", "keep_last",
                          "output_dir", "resume", "resume_from", "log_every", "wandb_project", "run_name", "tags",

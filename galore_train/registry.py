@@ -78,13 +78,18 @@ class OptimizerSpec:
     eightbit: Optional[str] = None  # the name --8bit turns this one into
     galore: bool = False  # the target weights form a GaLore param group
     matrix_group: Optional[Settings] = None  # a TrainConfig -> more keys of the target weights' own group
-    norm_growth: bool = False  # takes --norm-growth-limit
+    options: tuple[str, ...] = ()  # the TrainConfig fields that only the optimizers naming them read
     fsdp: bool = False  # correct on FSDP2's DTensor shards
     base: Optional[str] = None  # a method's optimizer over its trainable parameters
 
     @property
     def is_method(self) -> bool:
         return self.base is not None
+
+    @property
+    def norm_growth(self) -> bool:
+        """Whether it takes --norm-growth-limit."""
+        return "norm_growth_limit" in self.options
 
     @property
     def kind(self) -> str:
@@ -107,6 +112,8 @@ class OptimizerSpec:
 
 
 _TORCH_ADAM = "galore_train.optim.external:torch_adam_state_layout"
+_FIRA = ("fira_residual", "norm_growth_limit")
+_APOLLO = ("apollo_proj", "apollo_scale_type", "apollo_scale", "norm_growth_limit")
 _LORA_STATE = "mn frozen weight + (m+n)r adapters, AdamW moments of the adapters 2(m+n)r"
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
@@ -129,15 +136,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
                   "mr projection + 2nr moments + s nr gradient history + s^2 fp64 (s = --fisher-history)",
                   "galore_train.optim:NaturalGaLoreAdamW", _natural, galore=True),
     OptimizerSpec("fira_adamw", "Fira", "mr projection + 2nr moments + a float32 norm (unless --norm-growth-limit 0)",
-                  "galore_train.optim:FiraAdamW", _fira, galore=True, matrix_group=_limited, norm_growth=True),
+                  "galore_train.optim:FiraAdamW", _fira, galore=True, matrix_group=_limited, options=_FIRA),
     OptimizerSpec("apollo_adamw", "APOLLO",
                   "2nr moments + a float32 norm; the random projection is regenerated, not stored (+ mr with "
                   "--apollo-proj svd)",
                   "galore_train.optim:ApolloAdamW", _apollo, galore=True, matrix_group=_apollo_matrices,
-                  norm_growth=True),
+                  options=_APOLLO),
     OptimizerSpec("apollo_mini", "APOLLO-Mini", "2n moments (rank 1: O(m + n)) + a float32 norm",
                   "galore_train.optim:ApolloAdamW", _apollo, galore=True,
-                  matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True), norm_growth=True),
+                  matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True),
+                  options=tuple(name for name in _APOLLO if name != "apollo_scale_type")),  # always tensor-wise
     OptimizerSpec("muon", "Muon",
                   "mn momentum (torch.optim.Muon: no step count); AdamW's moments + a float32 step elsewhere",
                   "galore_train.optim:MuonAdamW", _adam, matrix_group=lambda cfg: {"muon": True}),

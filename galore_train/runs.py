@@ -35,7 +35,10 @@ LOW_RANK_SECTION = "GaLore and low-rank methods"  # TrainConfig's options that o
 # Settings that make two runs of one method different experiments (rows), unlike the seed.
 SETTING_FIELDS = ("lr", "rank", "gap", "scale", "proj_type", "max_length", "pack", "total_batch_size",
                   "num_training_steps", "max_train_tokens", "weight_decay", "grad_clipping", "dtype",
-                  "activation_checkpointing", "lora_alpha", "relora_reset", "relora_warm_start", "svd")
+                  "activation_checkpointing", "lora_alpha", "relora_reset", "relora_warm_start", "svd",
+                  "fira_residual", "apollo_proj", "apollo_scale_type", "apollo_scale", "norm_growth_limit")
+# Settings only some optimizers read (their registry entries' `options`): they matter for those optimizers' runs only.
+OPTIMIZER_OPTIONS = frozenset(name for spec in OPTIMIZERS.values() for name in spec.options)
 
 
 @dataclass
@@ -72,8 +75,14 @@ class Run:
 
     def settings(self) -> dict[str, Any]:
         """The SETTING_FIELDS that apply to this run's method."""
-        return {name: self.config.get(name) for name in SETTING_FIELDS
-                if self.uses_rank or TrainConfig.__dataclass_fields__[name].metadata["section"] != LOW_RANK_SECTION}
+        return {name: self.config.get(name) for name in SETTING_FIELDS if self._applies(name)}
+
+    def _applies(self, name: str) -> bool:
+        """An optimizer's own option only to its runs, the low-rank section only to GaLore and LoRA-likes."""
+        if name in OPTIMIZER_OPTIONS:
+            spec = OPTIMIZERS.get(str(self.config.get("optimizer", "")))
+            return spec is not None and name in spec.options
+        return self.uses_rank or TrainConfig.__dataclass_fields__[name].metadata["section"] != LOW_RANK_SECTION
 
     @property
     def val_perplexity(self) -> Optional[float]:

@@ -22,14 +22,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def write_run(root: Path, name: str, *, optimizer: str = "adamw", seed: int = 0, lr: float = 0.001,
               model: str = "llama_9m", final_ppl: float = 600.0, steps: int = 100, done: int | None = None,
-              dtype: str = "fp32", rank: int = 64, weights_gb: float = 0.034, optimizer_gb: float = 0.067) -> Path:
+              dtype: str = "fp32", rank: int = 64, weights_gb: float = 0.034, optimizer_gb: float = 0.067,
+              **settings) -> Path:
     """A run directory of `done` of `steps` steps (finished when done == steps): step records every
     step with memory readings, evals every 50 steps ending at `final_ppl`, a checkpoint at the end."""
     done = steps if done is None else done
     run_dir = root / name
     (run_dir / "checkpoints" / f"step_{done:08d}").mkdir(parents=True)
     config = TrainConfig(model=model, optimizer=optimizer, seed=seed, lr=lr, rank=rank, dtype=dtype,
-                         num_training_steps=steps, batch_size=8, total_batch_size=8, max_length=128)
+                         num_training_steps=steps, batch_size=8, total_batch_size=8, max_length=128, **settings)
     config.save(str(run_dir / "checkpoints" / f"step_{done:08d}" / "train_config.json"))
     records = [{"step": 0, "tokens_seen": 0, "val_loss": math.log(32000), "val_perplexity": 32000.0, "val_tokens": 16384}]
     for step in range(1, done + 1):
@@ -84,6 +85,23 @@ def test_rank_does_not_split_full_rank_runs(tmp_path: Path) -> None:
     text = report(runs)
     assert table_row(text, "Validation perplexity", "Full-Rank") == ["605.0 ±5.0 (n=2)"]
     assert table_row(text, "Runs", str(runs[0]))[5] == "—"  # rank: not a setting of full-rank AdamW
+
+
+@pytest.mark.parametrize("optimizer, settings, rows", [
+    ("fira_adamw", {"fira_residual": "paper"}, ["Fira (fira residual code)", "Fira (fira residual paper)"]),
+    ("apollo_adamw", {"apollo_proj": "svd"}, ["APOLLO (apollo proj random)", "APOLLO (apollo proj svd)"]),
+    ("apollo_adamw", {"apollo_scale": 2.0}, ["APOLLO (apollo scale None)", "APOLLO (apollo scale 2.0)"]),
+    ("apollo_mini", {"norm_growth_limit": 0}, ["APOLLO-Mini (norm growth limit None)", "APOLLO-Mini (norm growth limit 0)"]),
+    ("apollo_mini", {"apollo_scale_type": "tensor"}, ["APOLLO-Mini"]),  # always tensor-wise: the same experiment
+    ("galore_adamw", {"apollo_proj": "svd", "fira_residual": "paper", "norm_growth_limit": 2.0}, ["GaLore"]),
+    ("muon", {"norm_growth_limit": 2.0, "apollo_scale": 2.0}, ["Muon"]),
+])
+def test_an_optimizers_own_settings_split_only_its_runs(tmp_path: Path, optimizer, settings, rows) -> None:
+    runs = [write_run(tmp_path, "a", optimizer=optimizer, final_ppl=600.0),
+            write_run(tmp_path, "b", optimizer=optimizer, seed=1, final_ppl=610.0, **settings)]
+    text = report(runs).split("## Validation perplexity\n", 1)[1].split("\n## ", 1)[0]
+    labels = [line.strip("|").split("|")[0].strip() for line in text.splitlines() if line.startswith("|")][2:]
+    assert sorted(label for label in labels if label != "Training tokens") == sorted(rows)
 
 
 def test_paper_sizes_show_the_paper_value(tmp_path: Path) -> None:
