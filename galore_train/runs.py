@@ -245,7 +245,8 @@ def load_wandb_csv(path: Path) -> list[Run]:
 ESTIMATE_PARTS = {"weights": "weights", "grads": "gradients", "optimizer_state": "optimizer_states", "other": "activations"}
 # TrainConfig fields the estimator may take as keywords (it is asked only for those it declares).
 ESTIMATE_OPTIONS = ("eightbit", "layerwise", "batch_size", "max_length", "activation_checkpointing", "galore_targets",
-                    "proj_type", "beta1", "proj_bits", "proj_group_size", "fisher_history")
+                    "proj_type", "beta1", "proj_bits", "proj_group_size", "fisher_history", "norm_growth_limit",
+                    "apollo_proj")
 
 
 TRAIN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "fp32": "fp32", "bf16": "bf16"}  # summary or config -> estimator

@@ -146,6 +146,19 @@ def test_memory_measured_and_estimated(tmp_path: Path) -> None:
     assert cell.startswith("768.0 MiB · est ") and cell.endswith(" · peak 512.0 MiB")
 
 
+def test_the_estimate_follows_apollos_stored_projection(tmp_path: Path) -> None:
+    from galore_train.memory import estimate_memory
+    from galore_train.model import load_model_config
+
+    run = write_run(tmp_path, "apollo", optimizer="apollo_adamw", apollo_proj="svd", norm_growth_limit=0)
+    rows = list(csv.DictReader(io.StringIO(report([run], csv=True))))
+    expected = estimate_memory(load_model_config("llama_9m"), "apollo_adamw", 64, dtype="fp32", apollo_proj="svd",
+                               norm_growth_limit=0)
+    assert expected.projections > 0
+    as_measured = expected.weights + expected.optimizer_states + expected.projections
+    assert float(rows[0]["est_weights_and_states_gb"]) == pytest.approx(as_measured / GIB, rel=1e-12)
+
+
 def test_dtype_auto_is_estimated_with_the_dtype_the_run_resolved(tmp_path: Path) -> None:
     from galore_train.memory import estimate_memory
     from galore_train.model import load_model_config
