@@ -133,17 +133,20 @@ def list_models() -> None:
 
 # The TrainConfig fields `memory` takes: the estimator's arguments (tests/test_cli.py keeps them in step).
 ESTIMATE_OPTIONS = ("layerwise", "dtype", "batch_size", "max_length", "activation_checkpointing", "galore_targets",
-                    "proj_type", "proj_bits", "proj_group_size", "beta1", "fisher_history", "moments_dtype")
+                    "proj_type", "proj_bits", "proj_group_size", "beta1", "fisher_history", "moments_dtype",
+                    "norm_growth_limit", "apollo_proj", "distributed")
 MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [
     inspect.Parameter("compare", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--compare", help="Every optimizer side by side for this model (a Table 2 style row).")),
     inspect.Parameter("paper", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--paper", help="Reproduce the paper's Table 2 memory column, with deviations.")),
+    inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
+        1, "--nproc", help="Processes (GPUs) of the run: estimate one GPU's memory under --distributed.")),
 ]
 
 
-def memory(compare: bool, paper: bool, **values: Any) -> None:
+def memory(compare: bool, paper: bool, nproc: int, **values: Any) -> None:
     """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup:
     the same flags and defaults as `pretrain` (--dtype auto is estimated as bf16, the GPU case)."""
     from galore_train.memory import estimate_memory
@@ -155,7 +158,7 @@ def memory(compare: bool, paper: bool, **values: Any) -> None:
         return
     cfg = TrainConfig(**_split_targets(values))
     config = load_model_config(cfg.model)
-    options = {name: getattr(cfg, name) for name in ESTIMATE_OPTIONS}
+    options = {"nproc": nproc, **{name: getattr(cfg, name) for name in ESTIMATE_OPTIONS}}
     if compare:
         console.print(compare_table(config, cfg.rank, title=f"{cfg.model}, rank {cfg.rank}", **options))
     else:

@@ -41,7 +41,7 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
 # Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
 RESUME_FIXED = frozenset({"model", "optimizer", "eightbit", "layerwise", "rank", "proj_type", "galore_targets",
                           "proj_bits", "proj_group_size", "fisher_history", "relora_warm_start",
-                          "moments_dtype"})
+                          "moments_dtype", "apollo_proj"})
 # Settings newer than some checkpoints: what a saved config without them ran with.
 ABSENT_MEANS = {"moments_dtype": "param"}
 # Settings of run control and logging that a resumed run may change freely.

@@ -11,20 +11,25 @@ measured by galore_train/meter.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from galore_train.config import TrainConfig
+from galore_train.distributed import check_fsdp_supported
 from galore_train.errors import UserError
 from galore_train.methods import method_class
 from galore_train.model import target_linear_modules
+from galore_train.optim.apollo import PROJECTIONS
 from galore_train.optim.layout import StateTensor
 from galore_train.optim.natural_galore import FISHER_HISTORY
+from galore_train.optim.norm_growth import check_norm_growth_limit
 from galore_train.optim.projector import PROJ_TYPES
 from galore_train.optim.quantize import QUANT_BITS
-from galore_train.registry import OPTIMIZERS, moments_group, resolve_optimizer_name
+from galore_train.registry import OPTIMIZERS, OptimizerSpec, moments_group, resolve_optimizer_name
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 AUTO_DTYPE = "bf16"  # what --dtype auto picks on the GPUs these estimates are for
@@ -36,7 +41,8 @@ class MemoryEstimate:
 
     `total` adds every part. `peak` models the step's high-water mark: activations are largest at the
     start of the backward pass, before any gradient exists, and gradients at its end, after the
-    activations are freed, so only the larger of the two counts (the CPU bench confirms it).
+    activations are freed, so only the larger of the two counts (the CPU bench confirms it). Over several
+    GPUs every part is one GPU's, and `distributed` is DDP's gradient buckets or FSDP's gathered units.
     """
 
     label: str
@@ -45,36 +51,54 @@ class MemoryEstimate:
     optimizer_states: int
     projections: int
     activations: int
+    distributed: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_states + self.projections + self.activations
+        return (self.weights + self.gradients + self.optimizer_states + self.projections + self.activations
+                + self.distributed)
 
     @property
     def peak(self) -> int:
-        return self.weights + self.optimizer_states + self.projections + max(self.gradients, self.activations)
+        return (self.weights + self.optimizer_states + self.projections + self.distributed
+                + max(self.gradients, self.activations))
 
 
 @dataclass(frozen=True)
 class _Tensor:
-    """A parameter of the estimate: `trainable` ones get gradients and optimizer state, `galore` ones a
-    GaLore param group."""
+    """A parameter of the estimate: `trainable` ones get gradients and optimizer state, `matrix` ones (the
+    target weights of GaLore-family optimizers and Muon) their own param group."""
 
     shape: tuple[int, ...]
     trainable: bool = True
-    galore: bool = False
+    matrix: bool = False
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
 
-def _parameter_shapes(model_config: LlamaConfig, targets: Iterable[str]) -> list[tuple[tuple[int, ...], bool]]:
-    """(shape, is_target_weight) for every parameter of the LLaMA model, built on the meta device."""
+def _parameter_shapes(model_config: LlamaConfig, targets: Iterable[str]) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(name, shape, is_target_weight) for every parameter of the LLaMA model, built on the meta device."""
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config)
     target_weights = {f"{name}.weight" for name in target_linear_modules(model, targets)}
-    return [(tuple(p.shape), name in target_weights) for name, p in model.named_parameters()]
+    return [(name, tuple(p.shape), name in target_weights) for name, p in model.named_parameters()]
+
+
+def fsdp_gathered_bytes(named_shapes: Iterable[tuple[str, tuple[int, ...], bool]], dtype_bytes: int) -> int:
+    """The full (unsharded) tensors FSDP2 holds at once beside the shards, as galore_train.distributed shards
+    LLaMA (each decoder layer a unit, the rest -- embeddings, final norm, lm_head -- the root unit): the root's
+    weights and gradient, which stay unsharded all step (FSDP2 does not reshard the root after forward and
+    reduce-scatters its gradient at the end of backward), plus the largest decoder layer's weights and
+    gradient while it runs. An upper bound: the embedding gradient only appears after the last layer's."""
+    units: dict[str, int] = {}
+    for name, shape, _ in named_shapes:
+        match = re.match(r"model\.layers\.\d+\.", name)
+        unit = match.group(0) if match else "root"
+        units[unit] = units.get(unit, 0) + math.prod(shape) * dtype_bytes
+    root = units.pop("root", 0)
+    return 2 * root + 2 * max(units.values(), default=0)
 
 
 def _method_tensors(method: Any, shape: tuple[int, ...], rank: int) -> list[_Tensor]:
@@ -97,6 +121,16 @@ def _state(layouts: Iterable[list[StateTensor]]) -> tuple[int, int]:
         else:
             state += tensor.nbytes
     return state + sum(shared.values()), projections
+
+
+def _matrix_group(spec: OptimizerSpec, plain: dict[str, Any], galore: dict[str, Any],
+                  cfg: TrainConfig) -> dict[str, Any]:
+    """The target weights' param group as build_optimizer makes it: GaLore's keys (spec.galore), then the
+    optimizer's own from the config (spec.matrix_group: the limiter, APOLLO's projection and rank, Muon's flag)."""
+    group = {**plain, **galore} if spec.galore else dict(plain)
+    if spec.matrix_group is not None:
+        group.update(spec.matrix_group(cfg))
+    return group
 
 
 def activation_bytes(model_config: LlamaConfig, *, dtype_bytes: int, batch_size: int, max_length: int, checkpointing: bool) -> int:
@@ -139,6 +173,10 @@ def estimate_memory(
     beta1: float | None = None,
     fisher_history: int = FISHER_HISTORY,
     moments_dtype: str = "param",
+    norm_growth_limit: float | None = None,
+    apollo_proj: str = "random",
+    distributed: str = "ddp",
+    nproc: int = 1,
 ) -> MemoryEstimate:
     """Memory of training `model_config` with `optimizer` (a --optimizer name: optimizer or method).
 
@@ -146,7 +184,9 @@ def estimate_memory(
     what the optimizer's `state_layout` says for each parameter; GaLore projection matrices are stored in
     the gradient's dtype, or group-wise quantized with `proj_bits` 8 or 4. `beta1` matters for Adafactor
     only (its optional first moment), `fisher_history` for natural_galore_adamw only, `moments_dtype` (fp32:
-    float32 low-rank Adam moments) for the optimizers that take it (registry.MOMENTS_NAMES).
+    float32 low-rank Adam moments) for the optimizers that take it (registry.MOMENTS_NAMES), `norm_growth_limit`
+    (0 = off: no scalar) for Fira and APOLLO, `apollo_proj` ("svd" stores the projection) for APOLLO.
+    With `nproc` > 1 the estimate is per GPU under `distributed` (see `_per_gpu`).
     """
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
     if dtype not in DTYPE_BYTES:
@@ -155,31 +195,47 @@ def estimate_memory(
         raise UserError(f"--proj-type must be one of {', '.join(PROJ_TYPES)}; got {proj_type!r}")
     if proj_bits not in QUANT_BITS + (32,) or proj_group_size <= 0:
         raise UserError(f"--proj-bits must be 4, 8 or 32 and --proj-group-size positive; got {proj_bits}, {proj_group_size}")
+    if apollo_proj not in PROJECTIONS:
+        raise UserError(f"--apollo-proj must be one of {', '.join(PROJECTIONS)}; got {apollo_proj!r}")
+    try:
+        check_norm_growth_limit(norm_growth_limit or None)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if nproc < 1 or distributed not in ("ddp", "fsdp"):
+        raise UserError(f"--nproc must be positive and --distributed ddp or fsdp; got {nproc}, {distributed!r}")
+    if nproc > 1 and distributed == "fsdp":
+        check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, layerwise=layerwise))
     e = DTYPE_BYTES[dtype]
     method = method_class(optimizer)
     name = resolve_optimizer_name(OPTIMIZERS[optimizer].base if method else optimizer, eightbit)
     spec = OPTIMIZERS[name]
     moments = moments_group(name, moments_dtype)
+    plain_group = {"beta1": beta1, "fisher_history": fisher_history}
+    galore = {"rank": rank, "proj_type": proj_type, "proj_bits": proj_bits, "proj_group_size": proj_group_size,
+              **moments}
+    matrix_group = _matrix_group(spec, plain_group, galore,
+                                 TrainConfig(norm_growth_limit=norm_growth_limit, apollo_proj=apollo_proj))
+    grouped = spec.galore or spec.matrix_group is not None
+    rank = rank if method else matrix_group.get("rank", rank)  # APOLLO-Mini's is 1
     tensors: list[_Tensor] = []
-    for shape, is_target in _parameter_shapes(model_config, list(galore_targets)):
-        if is_target and (spec.galore or method) and rank >= min(shape):
+    named_shapes = _parameter_shapes(model_config, list(galore_targets))
+    for _, shape, is_target in named_shapes:
+        if is_target and ("rank" in matrix_group or method) and rank >= min(shape):
             raise UserError(f"--rank {rank} is not below min{shape} of a target matrix; lower --rank")
         if is_target and method:
             tensors.extend(_method_tensors(method, shape, rank))
         else:
-            tensors.append(_Tensor(shape, galore=is_target and spec.galore))
-    plain_group = {"beta1": beta1, "fisher_history": fisher_history}
-    galore_group = {**plain_group, "rank": rank, "proj_type": proj_type, "proj_bits": proj_bits,
-                    "proj_group_size": proj_group_size, **moments}
+            tensors.append(_Tensor(shape, matrix=is_target and grouped))
     layout = spec.state_layout()
-    states, projections = _state(layout(t.shape, galore_group if t.galore else plain_group, e)
+    states, projections = _state(layout(t.shape, matrix_group if t.matrix else plain_group, e)
                                  for t in tensors if t.trainable)
     trainable = [t.numel * e for t in tensors if t.trainable]
     label = [f"{optimizer if method else name} rank {rank}" if spec.galore or method else name, dtype]
     label += ["fp32 moments"] if moments else []
     label += ["layer-wise"] if layerwise else []
     label += ["activation checkpointing"] if activation_checkpointing else []
-    return MemoryEstimate(
+    label += [f"{distributed.upper()} on {nproc} GPUs, per GPU"] if nproc > 1 else []
+    estimate = MemoryEstimate(
         label=", ".join(label + [f"batch {batch_size}x{max_length}"]),
         weights=sum(t.numel for t in tensors) * e,
         gradients=max(trainable) if layerwise else sum(trainable),
@@ -188,3 +244,17 @@ def estimate_memory(
         activations=activation_bytes(model_config, dtype_bytes=e, batch_size=batch_size, max_length=max_length,
                                      checkpointing=activation_checkpointing),
     )
+    return _per_gpu(estimate, nproc, distributed, layerwise, fsdp_gathered_bytes(named_shapes, e))
+
+
+def _per_gpu(estimate: MemoryEstimate, nproc: int, distributed: str, layerwise: bool, gathered: int) -> MemoryEstimate:
+    """One GPU's share of a run on `nproc` (docs/memory.md). DDP: every GPU holds everything, plus DDP's
+    gradient buckets, a flat copy of every gradient (none with --layerwise: the model is not DDP-wrapped, each
+    hook all-reduces its gradient in place). FSDP: weights, gradients and states divided by nproc, plus the
+    unsharded units (`fsdp_gathered_bytes`). Activations are per GPU already (--batch-size is per device)."""
+    if nproc == 1:
+        return estimate
+    if distributed == "ddp":
+        return replace(estimate, distributed=0 if layerwise else estimate.gradients)
+    return replace(estimate, weights=-(-estimate.weights // nproc), gradients=-(-estimate.gradients // nproc),
+                   optimizer_states=-(-estimate.optimizer_states // nproc), distributed=gathered)

@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 from galore_train.memory import MemoryEstimate, estimate_memory
 from galore_train.meter import GIB
 from galore_train.model import load_model_config
-from galore_train.registry import MOMENTS_NAMES, OPTIMIZERS
+from galore_train.registry import FSDP_NAMES, MOMENTS_NAMES, OPTIMIZERS
 
 # GaLore paper, Table 2: model -> (rank, Full GB, GaLore GB): weights + optimizer states in BF16.
 PAPER_TABLE2 = {
@@ -80,6 +80,7 @@ def memory_table(estimate: MemoryEstimate, title: str | None = None) -> Table:
     parts = [("weights", estimate.weights), ("gradients", estimate.gradients),
              ("optimizer states", estimate.optimizer_states), ("projection matrices", estimate.projections),
              ("activations (estimated)", estimate.activations)]
+    parts += [("DDP buckets / FSDP unsharded units", estimate.distributed)] if estimate.distributed else []
     for name, nbytes in parts:
         table.add_row(name, f"{nbytes / GIB:.3f}")
     table.add_row("total (sum of parts)", f"{estimate.total / GIB:.3f}")
@@ -88,17 +89,22 @@ def memory_table(estimate: MemoryEstimate, title: str | None = None) -> Table:
 
 
 def compare_table(model_config: LlamaConfig, rank: int, *, title: str = "", **options: object) -> Table:
-    """Every optimizer and method side by side for one model (a Table 2 style row each);
-    `options` are estimate_memory's keywords (layerwise, dtype, batch_size, ...); --moments-dtype applies to
-    the rows that take it, the others keep their moments as they are."""
+    """Every optimizer and method side by side for one model (a Table 2 style row each; under FSDP those
+    that run sharded); `options` are estimate_memory's keywords (layerwise, dtype, batch_size, ...);
+    --moments-dtype applies to the rows that take it, the others keep their moments as they are."""
     table = Table(title=title or None)
-    for column in ("optimizer", "weights", "gradients", "states", "projections", "activations", "total", "peak", "weights+states"):
+    distributed = options.get("nproc", 1) > 1
+    sharded = distributed and options.get("distributed") == "fsdp"
+    columns = ("optimizer", "weights", "gradients", "states", "projections", "activations", *(
+        ["ddp/fsdp"] if distributed else []), "total", "peak", "weights+states")
+    for column in columns:
         table.add_column(column, justify="left" if column == "optimizer" else "right")
-    for name in OPTIMIZERS:
+    for name in FSDP_NAMES if sharded else OPTIMIZERS:
         moments = {} if name in MOMENTS_NAMES else {"moments_dtype": "param"}
         estimate = estimate_memory(model_config, name, rank, **{**options, **moments})
         parts = (estimate.weights, estimate.gradients, estimate.optimizer_states, estimate.projections,
-                 estimate.activations, estimate.total, estimate.peak, weights_and_states(estimate))
+                 estimate.activations, *([estimate.distributed] if distributed else []), estimate.total,
+                 estimate.peak, weights_and_states(estimate))
         table.add_row(name, *(f"{nbytes / GIB:.2f}" for nbytes in parts))
     return table
 

@@ -3,9 +3,10 @@
 An entry says what the name builds (a "module:attribute" path, imported on first use, so this table costs
 nothing to import and can feed TrainConfig's help text), the constructor's keywords from a TrainConfig,
 where its state layout comes from (the memory estimator's source), its 8-bit variant, its row name in
-reports, whether it is GaLore-family (projected param group) or runs under FSDP, and its state per weight
-as `galore-train optimizers` prints it. Methods (LoRA, ReLoRA, low-rank) change the model, not the
-optimizer: their entry names the Method class and the optimizer that trains their parameters.
+reports, whether it is GaLore-family (projected param group) or runs under FSDP, the target group's own keys
+and the config fields only it reads, and its state per weight as `galore-train optimizers` prints it.
+Methods (LoRA, ReLoRA, low-rank) change the model, not the optimizer: their entry names the Method class and
+the optimizer that trains their parameters.
 
 Adding an optimizer: write its class (galore_train/optim/, with a `state_layout`), add one entry here.
 """
@@ -78,14 +79,23 @@ class OptimizerSpec:
     eightbit: Optional[str] = None  # the name --8bit turns this one into
     galore: bool = False  # the target weights form a GaLore param group
     matrix_group: Optional[Settings] = None  # a TrainConfig -> more keys of the target weights' own group
-    norm_growth: bool = False  # takes --norm-growth-limit
-    moments: bool = False  # takes --moments-dtype: the Adam moments of its GaLore group
+    options: tuple[str, ...] = ()  # the TrainConfig fields that only the optimizers naming them read
     fsdp: bool = False  # correct on FSDP2's DTensor shards
     base: Optional[str] = None  # a method's optimizer over its trainable parameters
 
     @property
     def is_method(self) -> bool:
         return self.base is not None
+
+    @property
+    def norm_growth(self) -> bool:
+        """Whether it takes --norm-growth-limit."""
+        return "norm_growth_limit" in self.options
+
+    @property
+    def moments(self) -> bool:
+        """Whether it takes --moments-dtype (the Adam moments of its GaLore group)."""
+        return "moments_dtype" in self.options
 
     @property
     def kind(self) -> str:
@@ -108,6 +118,9 @@ class OptimizerSpec:
 
 
 _TORCH_ADAM = "galore_train.optim.external:torch_adam_state_layout"
+_MOMENTS = ("moments_dtype",)  # float32 Adam moments of the GaLore group (for pure bf16 runs)
+_FIRA = ("fira_residual", "norm_growth_limit", *_MOMENTS)
+_APOLLO = ("apollo_proj", "apollo_scale_type", "apollo_scale", "norm_growth_limit", *_MOMENTS)
 _LORA_STATE = "mn frozen weight + (m+n)r adapters, AdamW moments of the adapters 2(m+n)r"
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
@@ -121,23 +134,27 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
                   "galore_train.optim.external:bitsandbytes_adamw8bit", _adam,
                   "galore_train.optim.external:bitsandbytes_adamw8bit_state_layout", eightbit="adam8bit"),
     OptimizerSpec("galore_adamw", "GaLore", "mr projection + 2nr moments", "galore_train.optim:GaLoreAdamW", _adam,
-                  eightbit="galore_adamw8bit", galore=True, moments=True),
+                  eightbit="galore_adamw8bit", galore=True, options=_MOMENTS),
     OptimizerSpec("galore_adafactor", "GaLore-Adafactor", "mr projection + r + n fp32; + nr fp32 with --beta1",
                   "galore_train.optim:GaLoreAdafactor", _adafactor, galore=True),
     OptimizerSpec("galore_adamw8bit", "8-bit GaLore", "mr projection + 2nr bytes + fp32 absmax per 256 values",
                   "galore_train.optim:GaLoreAdamW8bit", _adam, eightbit="galore_adamw8bit", galore=True),
     OptimizerSpec("natural_galore_adamw", "Natural GaLore",
                   "mr projection + 2nr moments + s nr gradient history + s^2 fp64 (s = --fisher-history)",
-                  "galore_train.optim:NaturalGaLoreAdamW", _natural, galore=True, moments=True),
-    OptimizerSpec("fira_adamw", "Fira", "mr projection + 2nr moments + a float32 norm", "galore_train.optim:FiraAdamW",
-                  _fira, galore=True, matrix_group=_limited, norm_growth=True, moments=True),
-    OptimizerSpec("apollo_adamw", "APOLLO", "2nr moments + a float32 norm (random projection: regenerated, not stored)",
+                  "galore_train.optim:NaturalGaLoreAdamW", _natural, galore=True, options=_MOMENTS),
+    OptimizerSpec("fira_adamw", "Fira", "mr projection + 2nr moments + a float32 norm (unless --norm-growth-limit 0)",
+                  "galore_train.optim:FiraAdamW", _fira, galore=True, matrix_group=_limited, options=_FIRA),
+    OptimizerSpec("apollo_adamw", "APOLLO",
+                  "2nr moments + a float32 norm; the random projection is regenerated, not stored (+ mr with "
+                  "--apollo-proj svd)",
                   "galore_train.optim:ApolloAdamW", _apollo, galore=True, matrix_group=_apollo_matrices,
-                  norm_growth=True, moments=True),
-    OptimizerSpec("apollo_mini", "APOLLO-Mini", "2n moments (rank 1) + a float32 norm", "galore_train.optim:ApolloAdamW",
-                  _apollo, galore=True, matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True), norm_growth=True,
-                  moments=True),
-    OptimizerSpec("muon", "Muon", "mn momentum on the target matrices (torch.optim.Muon); AdamW's 2mn elsewhere",
+                  options=_APOLLO),
+    OptimizerSpec("apollo_mini", "APOLLO-Mini", "2n moments (rank 1: O(m + n)) + a float32 norm",
+                  "galore_train.optim:ApolloAdamW", _apollo, galore=True,
+                  matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True),
+                  options=tuple(name for name in _APOLLO if name != "apollo_scale_type")),  # always tensor-wise
+    OptimizerSpec("muon", "Muon",
+                  "mn momentum (torch.optim.Muon: no step count); AdamW's moments + a float32 step elsewhere",
                   "galore_train.optim:MuonAdamW", _adam, matrix_group=lambda cfg: {"muon": True}),
     OptimizerSpec("lora", "LoRA", _LORA_STATE, "galore_train.methods.lora:LoRA", base="adamw"),
     OptimizerSpec("relora", "ReLoRA", _LORA_STATE + "; merged and restarted every --relora-reset steps",

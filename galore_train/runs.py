@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from galore_train.checkpoint import latest_checkpoint
-from galore_train.config import TrainConfig, plan_steps
+from galore_train.config import ABSENT_MEANS, TrainConfig, plan_steps
 from galore_train.errors import UserError
 from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 
@@ -35,7 +35,11 @@ LOW_RANK_SECTION = "GaLore and low-rank methods"  # TrainConfig's options that o
 # Settings that make two runs of one method different experiments (rows), unlike the seed.
 SETTING_FIELDS = ("lr", "rank", "gap", "scale", "proj_type", "max_length", "pack", "total_batch_size",
                   "num_training_steps", "max_train_tokens", "weight_decay", "grad_clipping", "dtype",
-                  "activation_checkpointing", "lora_alpha", "relora_reset", "relora_warm_start", "svd")
+                  "activation_checkpointing", "lora_alpha", "relora_reset", "relora_warm_start", "svd",
+                  "fira_residual", "apollo_proj", "apollo_scale_type", "apollo_scale", "norm_growth_limit",
+                  "moments_dtype")
+# Settings only some optimizers read (their registry entries' `options`): they matter for those optimizers' runs only.
+OPTIMIZER_OPTIONS = frozenset(name for spec in OPTIMIZERS.values() for name in spec.options)
 
 
 @dataclass
@@ -72,8 +76,14 @@ class Run:
 
     def settings(self) -> dict[str, Any]:
         """The SETTING_FIELDS that apply to this run's method."""
-        return {name: self.config.get(name) for name in SETTING_FIELDS
-                if self.uses_rank or TrainConfig.__dataclass_fields__[name].metadata["section"] != LOW_RANK_SECTION}
+        return {name: self.config.get(name, ABSENT_MEANS.get(name)) for name in SETTING_FIELDS if self._applies(name)}
+
+    def _applies(self, name: str) -> bool:
+        """An optimizer's own option only to its runs, the low-rank section only to GaLore and LoRA-likes."""
+        if name in OPTIMIZER_OPTIONS:
+            spec = OPTIMIZERS.get(str(self.config.get("optimizer", "")))
+            return spec is not None and name in spec.options
+        return self.uses_rank or TrainConfig.__dataclass_fields__[name].metadata["section"] != LOW_RANK_SECTION
 
     @property
     def val_perplexity(self) -> Optional[float]:
@@ -236,7 +246,8 @@ def load_wandb_csv(path: Path) -> list[Run]:
 ESTIMATE_PARTS = {"weights": "weights", "grads": "gradients", "optimizer_state": "optimizer_states", "other": "activations"}
 # TrainConfig fields the estimator may take as keywords (it is asked only for those it declares).
 ESTIMATE_OPTIONS = ("eightbit", "layerwise", "batch_size", "max_length", "activation_checkpointing", "galore_targets",
-                    "proj_type", "beta1", "proj_bits", "proj_group_size", "fisher_history")
+                    "proj_type", "beta1", "proj_bits", "proj_group_size", "fisher_history", "norm_growth_limit",
+                    "apollo_proj")
 
 
 TRAIN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "fp32": "fp32", "bf16": "bf16"}  # summary or config -> estimator

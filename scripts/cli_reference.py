@@ -29,7 +29,8 @@ def reference() -> str:
     memory_flags = ", ".join(f"`{_flag(field)}`" for field in fields if field.name in MEMORY_FIELDS)
     lines += ["## `galore-train memory`", "",
               f"Takes these flags of `pretrain`, with the same defaults: {memory_flags}; and its own `--compare` "
-              "(every optimizer side by side) and `--paper` (the paper's Table 2). See docs/memory.md.", "",
+              "(every optimizer side by side), `--paper` (the paper's Table 2) and `--nproc N` (one GPU's memory "
+              "of a run on N, under `--distributed`). See docs/memory.md.", "",
               "## `galore-train optimizers`", "",
               "The `--optimizer` names (from `galore_train/registry.py`), with the state each keeps per m x n target "
               "weight (m <= n, rank r):", "", "| name | kind | `--8bit` | state |", "| --- | --- | --- | --- |"]

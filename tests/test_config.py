@@ -43,6 +43,9 @@ def test_round_trip_through_dict():
     ({"galore_targets": ["mlp", "attn"]}, [], []),  # the same set in another order
     ({"restart_warmup_steps": 100}, [], []),  # the derived default (reset 5000) stated explicitly
     ({"relora_reset": 300}, [], ["relora_reset: 5000 -> 300", "restart_warmup_steps: 100 -> 30"]),  # derived anew
+    ({"apollo_proj": "svd"}, ["apollo_proj: 'random' -> 'svd'"], []),  # APOLLO's svd stores a projection
+    ({"fira_residual": "paper", "apollo_scale_type": "tensor", "norm_growth_limit": 0}, [],  # same state layout
+     ["fira_residual: 'code' -> 'paper'", "apollo_scale_type: 'channel' -> 'tensor'", "norm_growth_limit: None -> 0"]),
 ])
 def test_resume_differences_sort_fatal_from_warned(changes, fatal, changed):
     saved = TrainConfig(galore_targets=["attn", "mlp"])

@@ -63,7 +63,10 @@ def test_estimated_weights_and_states_equal_real_optimizer_bytes(name: str, dtyp
                                      *({"proj_type": side, "optimizer_name": "galore_adamw"} for side in ("reverse_std", "left", "full")),
                                      {"proj_bits": 8, "proj_group_size": 100, "proj_type": "full", "optimizer_name": "galore_adamw8bit"},
                                      {"proj_bits": 4, "proj_group_size": 64, "optimizer_name": "galore_adafactor"},
-                                     {"fisher_history": 3, "optimizer_name": "natural_galore_adamw"}])
+                                     {"fisher_history": 3, "optimizer_name": "natural_galore_adamw"},
+                                     {"norm_growth_limit": 0, "optimizer_name": "fira_adamw"},
+                                     {"apollo_proj": "svd", "proj_bits": 8, "optimizer_name": "apollo_adamw"},
+                                     {"norm_growth_limit": 0, "optimizer_name": "apollo_mini"}])
 def test_estimate_follows_optimizer_options(options: dict) -> None:
     name = options.pop("optimizer_name")
     estimate = estimate_memory(CONFIG, name, RANK, dtype="fp32", **options)
@@ -148,6 +151,43 @@ def test_bad_estimator_input_is_a_user_error() -> None:
         estimate_memory(CONFIG, "sgd", RANK)
     with pytest.raises(UserError, match="--proj-type"):
         estimate_memory(CONFIG, "galore_adamw", RANK, proj_type="diagonal")
+    with pytest.raises(UserError, match="--apollo-proj must be one of random, svd"):
+        estimate_memory(CONFIG, "apollo_adamw", RANK, apollo_proj="qr")
+    with pytest.raises(UserError, match="norm_growth_limit must be a number >= 1"):
+        estimate_memory(CONFIG, "fira_adamw", RANK, norm_growth_limit=0.5)
+
+
+def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
+    """DDP: everything on every GPU plus the buckets' copy of the gradients (none layer-wise); FSDP: a 1/N
+    share plus the root unit and the largest decoder layer unsharded, weights and gradient."""
+    single = estimate_memory(CONFIG, "adamw", RANK, dtype="fp32")
+    assert estimate_memory(CONFIG, "adamw", RANK, dtype="fp32", nproc=1, distributed="fsdp") == single
+    ddp = estimate_memory(CONFIG, "adamw", RANK, dtype="fp32", nproc=4)
+    parts = ("weights", "gradients", "optimizer_states", "projections", "activations")
+    assert all(getattr(ddp, part) == getattr(single, part) for part in parts)
+    assert ddp.distributed == single.gradients and ddp.peak == single.peak + single.gradients
+    layerwise = estimate_memory(CONFIG, "galore_adamw", RANK, dtype="fp32", nproc=4, layerwise=True)
+    assert layerwise.distributed == 0
+    assert layerwise.gradients == estimate_memory(CONFIG, "galore_adamw", RANK, dtype="fp32", layerwise=True).gradients
+    fsdp = estimate_memory(CONFIG, "adamw", RANK, dtype="fp32", nproc=4, distributed="fsdp")
+    assert all(getattr(fsdp, part) == -(-getattr(single, part) // 4) for part in parts[:3])
+    assert fsdp.activations == single.activations and "FSDP on 4 GPUs, per GPU" in fsdp.label
+    model = build_model(CONFIG, seed=0)
+    root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("model.layers.")) * 4
+    layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    assert fsdp.distributed == 2 * root + 2 * layer
+    assert fsdp.peak == fsdp.weights + fsdp.optimizer_states + fsdp.distributed + max(fsdp.gradients, fsdp.activations)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"nproc": 0}, "--nproc must be positive"),
+    ({"nproc": 2, "distributed": "zero"}, "--distributed ddp or fsdp"),
+    ({"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adamw"}, "--distributed fsdp supports --optimizer adamw"),
+    ({"nproc": 2, "distributed": "fsdp", "layerwise": True}, "--layerwise does not run under --distributed fsdp"),
+])
+def test_bad_distributed_estimates_are_user_errors(options: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        estimate_memory(CONFIG, options.pop("optimizer", "adamw"), RANK, **options)
 
 
 # --- the paper -----------------------------------------------------------------------------------
@@ -171,6 +211,17 @@ def test_7b_plan_fits_a_24gb_gpu_only_with_galore() -> None:
     assert galore.total < 24e9  # the smaller unit: fits whichever way "24 GB" is read
     assert adam8bit.peak > 24 * GIB  # the larger unit: does not fit either way
     assert galore.gradients == 32000 * 4096 * 2  # layer-wise: one embedding-sized gradient
+
+
+def test_7b_on_8_gpus_of_24gb_per_gpu() -> None:
+    """The README's multi-GPU table: 8-bit GaLore layer-wise under DDP and AdamW under FSDP fit, AdamW under DDP not."""
+    config = load_model_config("llama_7b")
+    plan = dict(activation_checkpointing=True, batch_size=1, max_length=256, dtype="bf16", nproc=8)
+    galore = estimate_memory(config, "galore_adamw", 1024, eightbit=True, layerwise=True, **plan)
+    assert galore.peak == estimate_memory(config, "galore_adamw", 1024, eightbit=True, layerwise=True,
+                                          **{**plan, "nproc": 1}).peak
+    assert galore.peak < 24e9 and estimate_memory(config, "adamw", 1024, distributed="fsdp", **plan).peak < 24e9
+    assert estimate_memory(config, "adamw", 1024, **plan).peak > 24 * GIB
 
 
 # --- measured memory -------------------------------------------------------------------------------
@@ -233,5 +284,7 @@ def test_tables_render_every_part_and_optimizer() -> None:
     assert f"{estimate.total / GIB:.3f}" in text and f"{estimate.peak / GIB:.3f}" in text
     comparison = render_text(compare_table(CONFIG, RANK, dtype="fp32"))
     assert all(name in comparison for name in ("adamw", "adam8bit", "galore_adamw8bit", "lora", "low_rank"))
+    sharded = render_text(compare_table(CONFIG, RANK, dtype="fp32", nproc=4, distributed="fsdp"))
+    assert "adamw" in sharded and "ddp/fsdp" in sharded and "galore" not in sharded  # FSDP runs adamw, adam only
     paper = render_text(paper_table2())
     assert all(cell in paper for cell in ("0.36", "0.24", "2.06", "1.22", "7.80", "4.38"))

@@ -176,12 +176,19 @@ def test_registry_is_the_one_list_of_names() -> None:
             assert callable(spec.state_layout()) and spec.eightbit in (None, *OPTIMIZER_NAMES)
 
 
-@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_state_layout_names_every_state_tensor_of_a_real_optimizer(name: str) -> None:
+# Settings that change a layout: Fira's and APOLLO's limiter off, APOLLO's stored SVD projection (quantized).
+LAYOUT_VARIANTS = [("fira_adamw", {"fira_residual": "paper", "proj_bits": 8}), ("fira_adamw", {"norm_growth_limit": 0}),
+                   ("apollo_adamw", {"stagger_refresh": True, "norm_growth_limit": 0}),
+                   ("apollo_adamw", {"apollo_proj": "svd", "apollo_scale_type": "tensor", "proj_bits": 4})]
+
+
+@pytest.mark.parametrize("name, changes", [(name, {}) for name in OPTIMIZER_NAMES] + LAYOUT_VARIANTS)
+def test_state_layout_names_every_state_tensor_of_a_real_optimizer(name: str, changes: dict) -> None:
     """Key, size and element size of each parameter's state after two steps, against the optimizer's own
     description, for full-rank and GaLore groups (and, in 8-bit, moments above and below the threshold)."""
     _assert_layouts_match_real_states(name, build_model(SMALL_LLAMA, seed=0),
-                                      _cfg(optimizer=name, gap=1, proj_bits=4 if "galore" in name else 32))
+                                      _cfg(**{"optimizer": name, "gap": 1, "proj_bits": 4 if "galore" in name else 32,
+                                              **changes}))
 
 
 @pytest.mark.parametrize("name", MOMENTS_NAMES)

@@ -22,14 +22,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def write_run(root: Path, name: str, *, optimizer: str = "adamw", seed: int = 0, lr: float = 0.001,
               model: str = "llama_9m", final_ppl: float = 600.0, steps: int = 100, done: int | None = None,
-              dtype: str = "fp32", rank: int = 64, weights_gb: float = 0.034, optimizer_gb: float = 0.067) -> Path:
+              dtype: str = "fp32", rank: int = 64, weights_gb: float = 0.034, optimizer_gb: float = 0.067,
+              **settings) -> Path:
     """A run directory of `done` of `steps` steps (finished when done == steps): step records every
     step with memory readings, evals every 50 steps ending at `final_ppl`, a checkpoint at the end."""
     done = steps if done is None else done
     run_dir = root / name
     (run_dir / "checkpoints" / f"step_{done:08d}").mkdir(parents=True)
     config = TrainConfig(model=model, optimizer=optimizer, seed=seed, lr=lr, rank=rank, dtype=dtype,
-                         num_training_steps=steps, batch_size=8, total_batch_size=8, max_length=128)
+                         num_training_steps=steps, batch_size=8, total_batch_size=8, max_length=128, **settings)
     config.save(str(run_dir / "checkpoints" / f"step_{done:08d}" / "train_config.json"))
     records = [{"step": 0, "tokens_seen": 0, "val_loss": math.log(32000), "val_perplexity": 32000.0, "val_tokens": 16384}]
     for step in range(1, done + 1):
@@ -86,6 +87,23 @@ def test_rank_does_not_split_full_rank_runs(tmp_path: Path) -> None:
     assert table_row(text, "Runs", str(runs[0]))[5] == "—"  # rank: not a setting of full-rank AdamW
 
 
+@pytest.mark.parametrize("optimizer, settings, rows", [
+    ("fira_adamw", {"fira_residual": "paper"}, ["Fira (fira residual code)", "Fira (fira residual paper)"]),
+    ("apollo_adamw", {"apollo_proj": "svd"}, ["APOLLO (apollo proj random)", "APOLLO (apollo proj svd)"]),
+    ("apollo_adamw", {"apollo_scale": 2.0}, ["APOLLO (apollo scale None)", "APOLLO (apollo scale 2.0)"]),
+    ("apollo_mini", {"norm_growth_limit": 0}, ["APOLLO-Mini (norm growth limit None)", "APOLLO-Mini (norm growth limit 0)"]),
+    ("apollo_mini", {"apollo_scale_type": "tensor"}, ["APOLLO-Mini"]),  # always tensor-wise: the same experiment
+    ("galore_adamw", {"apollo_proj": "svd", "fira_residual": "paper", "norm_growth_limit": 2.0}, ["GaLore"]),
+    ("muon", {"norm_growth_limit": 2.0, "apollo_scale": 2.0}, ["Muon"]),
+])
+def test_an_optimizers_own_settings_split_only_its_runs(tmp_path: Path, optimizer, settings, rows) -> None:
+    runs = [write_run(tmp_path, "a", optimizer=optimizer, final_ppl=600.0),
+            write_run(tmp_path, "b", optimizer=optimizer, seed=1, final_ppl=610.0, **settings)]
+    text = report(runs).split("## Validation perplexity\n", 1)[1].split("\n## ", 1)[0]
+    labels = [line.strip("|").split("|")[0].strip() for line in text.splitlines() if line.startswith("|")][2:]
+    assert sorted(label for label in labels if label != "Training tokens") == sorted(rows)
+
+
 def test_paper_sizes_show_the_paper_value(tmp_path: Path) -> None:
     text = report([write_run(tmp_path, "r", model="llama_60m", optimizer="galore_adamw", rank=128, final_ppl=35.1)])
     assert table_row(text, "Validation perplexity", "GaLore") == ["35.10 (n=1) [paper 34.88]"]
@@ -126,6 +144,19 @@ def test_memory_measured_and_estimated(tmp_path: Path) -> None:
     assert float(rows[0]["peak_optimizer_state_gb"]) == pytest.approx(0.5)
     cell = table_row(report([run]), "Memory", "GaLore")[0]
     assert cell.startswith("768.0 MiB · est ") and cell.endswith(" · peak 512.0 MiB")
+
+
+def test_the_estimate_follows_apollos_stored_projection(tmp_path: Path) -> None:
+    from galore_train.memory import estimate_memory
+    from galore_train.model import load_model_config
+
+    run = write_run(tmp_path, "apollo", optimizer="apollo_adamw", apollo_proj="svd", norm_growth_limit=0)
+    rows = list(csv.DictReader(io.StringIO(report([run], csv=True))))
+    expected = estimate_memory(load_model_config("llama_9m"), "apollo_adamw", 64, dtype="fp32", apollo_proj="svd",
+                               norm_growth_limit=0)
+    assert expected.projections > 0
+    as_measured = expected.weights + expected.optimizer_states + expected.projections
+    assert float(rows[0]["est_weights_and_states_gb"]) == pytest.approx(as_measured / GIB, rel=1e-12)
 
 
 def test_dtype_auto_is_estimated_with_the_dtype_the_run_resolved(tmp_path: Path) -> None:

@@ -37,24 +37,26 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from galore_train.optim.base import GALORE_GROUP_DEFAULTS, GaLoreOptimizer
 from galore_train.optim.fira import (
-    StateLayout,
-    adam_layout,
     channel_dim,
     channel_norms,
     check_one_sided,
-    limiter_layout,
     norm_ratio,
-    svd_projection_layout,
 )
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
-from galore_train.optim.norm_growth import DEFAULT_LIMIT, check_norm_growth_limit, norm_growth_factor
-from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.layout import StateTensor
+from galore_train.optim.norm_growth import (
+    DEFAULT_LIMIT,
+    check_norm_growth_limit,
+    limiter_layout,
+    norm_growth_factor,
+)
 from galore_train.optim.projector import GaLoreProjector
 
 PROJECTIONS = ("random", "svd")
@@ -117,14 +119,15 @@ class ApolloAdamW(GaLoreAdamW):
                              "apply to proj 'svd' only")
 
     @classmethod
-    def state_layout(cls, shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype) -> StateLayout:
-        """The state tensors of a parameter of `shape` and `dtype` in `group` (after add_param_group filled
-        the defaults); plain values (step, refresh bookkeeping) are not listed."""
-        if "rank" not in group:
-            return adam_layout(shape, dtype)
-        low_rank = GaLoreProjector.from_group(group).low_rank_shape(torch.Size(shape))
-        projection = svd_projection_layout(shape, group, dtype) if group["proj"] == "svd" else {}
-        return {**adam_layout(low_rank, dtype), **projection, **limiter_layout(group)}
+    def state_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        """APOLLO groups: the moments of R and the limiter's scalar, plus GaLore's projection with proj "svd"
+        only (the random one is regenerated each step); other groups: AdamW's moments."""
+        if "rank" not in group or group.get("proj", "random") == "svd":
+            layout = super().state_layout(shape, group, itemsize)
+        else:
+            projector = GaLoreProjector.from_group({**GALORE_GROUP_DEFAULTS, **group})
+            layout = cls._moment_layout(projector.low_rank_shape(shape), group, itemsize)
+        return layout + limiter_layout(group) if "rank" in group else layout
 
     def _step_parameter(self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector],
                         name: Optional[str]) -> None:

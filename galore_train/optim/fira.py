@@ -25,19 +25,23 @@ limiter. S is an m x n temporary of each step, not state. Plain groups run AdamW
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
-from galore_train.optim.norm_growth import DEFAULT_LIMIT, PREVIOUS_NORM, check_norm_growth_limit, limit_norm_growth_
 from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
+from galore_train.optim.layout import StateTensor
+from galore_train.optim.norm_growth import (
+    DEFAULT_LIMIT,
+    check_norm_growth_limit,
+    limit_norm_growth_,
+    limiter_layout,
+)
 from galore_train.optim.projector import GaLoreProjector
 
 RESIDUALS = ("code", "paper")
-StateLayout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # state key -> (shape, dtype), tensors only
 
 
 def channel_dim(side: str) -> int:
@@ -61,27 +65,6 @@ def norm_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
 def check_one_sided(group: dict[str, Any], name: str) -> None:
     if group["proj_type"] == "full":
         raise ValueError(f"{name} scales by channel along the unprojected dimension; proj_type 'full' projects both")
-
-
-def adam_layout(shape: tuple[int, ...], dtype: torch.dtype) -> StateLayout:
-    return {"exp_avg": (tuple(shape), dtype), "exp_avg_sq": (tuple(shape), dtype)}
-
-
-def svd_projection_layout(shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype) -> StateLayout:
-    """What GaLoreProjector stores for a one-sided projection: the matrix in `dtype`, or Q-GaLore codes + scales."""
-    projector = GaLoreProjector.from_group(group)
-    m, n = shape
-    matrix = (m, projector.rank) if projector.side(torch.Size(shape)) == "left" else (projector.rank, n)
-    if projector.proj_bits == 32:
-        return {"projection": (matrix, dtype)}
-    numel = math.prod(matrix)
-    groups = -(-numel // projector.proj_group_size)
-    codes = ((numel,), torch.int8) if projector.proj_bits == 8 else ((-(-numel // 2),), torch.uint8)  # 2 per byte
-    return {"projection": codes, "projection_scales": ((groups,), torch.float32)}
-
-
-def limiter_layout(group: dict[str, Any]) -> StateLayout:
-    return {} if group["norm_growth_limit"] is None else {PREVIOUS_NORM: ((), torch.float32)}
 
 
 class FiraAdamW(GaLoreAdamW):
@@ -111,13 +94,10 @@ class FiraAdamW(GaLoreAdamW):
             check_one_sided(group, "Fira")
 
     @classmethod
-    def state_layout(cls, shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype) -> StateLayout:
-        """The state tensors of a parameter of `shape` and `dtype` in `group` (after add_param_group filled
-        the defaults); plain values (step, refresh bookkeeping) are not listed."""
-        if "rank" not in group:
-            return adam_layout(shape, dtype)
-        low_rank = GaLoreProjector.from_group(group).low_rank_shape(torch.Size(shape))
-        return {**adam_layout(low_rank, dtype), **svd_projection_layout(shape, group, dtype), **limiter_layout(group)}
+    def state_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        """GaLore-AdamW's layout (moments of R, the projection), plus the limiter's scalar in GaLore groups."""
+        layout = super().state_layout(shape, group, itemsize)
+        return layout + limiter_layout(group) if "rank" in group else layout
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if "rank" not in group:

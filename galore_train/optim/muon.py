@@ -10,17 +10,21 @@ Learning rate: one --lr for both. Muon's `adjust_lr_fn="match_rms_adamw"` (Moons
 scales each matrix's step to AdamW's update RMS (0.2 sqrt(max(m, n)) lr), so the AdamW lr applies.
 
 Feature-detected: a torch without torch.optim.Muon (before 2.9) gets a one-line UserError.
-State: momentum_buffer (m x n, parameter dtype) per Muon matrix; AdamW's step, exp_avg, exp_avg_sq.
+State: momentum_buffer (m x n, like the gradient; torch's Muon keeps no step count) per Muon matrix; AdamW's
+exp_avg, exp_avg_sq and step (a float32 tensor) elsewhere.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 from galore_train.errors import UserError
+from galore_train.optim.external import torch_adam_state_layout
+from galore_train.optim.layout import StateTensor
 
 MUON_MOMENTUM = 0.95  # torch's and Keller Jordan's default
 ADJUST_LR = "match_rms_adamw"
@@ -65,12 +69,11 @@ class MuonAdamW(torch.optim.Optimizer):
             inner.state = self.state
 
     @classmethod
-    def state_layout(cls, shape: tuple[int, ...], group: dict[str, Any],
-                     dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """The state tensors of a parameter of `shape` and `dtype` in `group`."""
+    def state_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
+        """torch.optim.Muon keeps one momentum buffer like the gradient (no step count); AdamW its own."""
         if group.get("muon"):
-            return {"momentum_buffer": (tuple(shape), dtype)}
-        return {"step": ((), torch.float32), "exp_avg": (tuple(shape), dtype), "exp_avg_sq": (tuple(shape), dtype)}
+            return [StateTensor("momentum_buffer", math.prod(shape), itemsize)]
+        return torch_adam_state_layout(shape, group, itemsize)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:

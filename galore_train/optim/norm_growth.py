@@ -19,10 +19,12 @@ Everything stays on the device (no .item()): the factor is a tensor the caller m
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from galore_train.optim.layout import StateTensor
 
 PREVIOUS_NORM = "norm_growth_prev"  # the state key: ||U_{t-1}|| after limiting, float32 scalar
 DEFAULT_LIMIT = 1.01  # Fira's and APOLLO's gamma
@@ -34,6 +36,11 @@ def check_norm_growth_limit(limit: Optional[float]) -> None:
         return
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit < 1.0:
         raise ValueError(f"norm_growth_limit must be a number >= 1 (or None for off), got {limit!r}")
+
+
+def limiter_layout(group: Mapping[str, Any]) -> list[StateTensor]:
+    """The limiter's state entry in a group with these settings (an omitted limit is the default, on)."""
+    return [] if group.get("norm_growth_limit", DEFAULT_LIMIT) is None else [StateTensor(PREVIOUS_NORM, 1, 4)]
 
 
 def norm_growth_factor(norm: Tensor, state: dict[str, Any], limit: Optional[float]) -> Optional[Tensor]:
