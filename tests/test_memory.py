@@ -93,7 +93,10 @@ def test_float32_moments_apply_to_the_optimizers_that_take_them() -> None:
     default, float32 = (render_text(compare_table(config, 128, moments_dtype=moments)).splitlines()
                         for moments in ("param", "fp32"))
     changed = {ours.split("│")[1].strip() for ours, theirs in zip(default, float32) if ours != theirs}
-    assert changed == set(MOMENTS_NAMES)  # the rows that take it, the others unchanged and not refused
+    assert changed <= set(MOMENTS_NAMES)  # the rows that take it, the others unchanged and not refused
+    for name in MOMENTS_NAMES:  # each of them by bytes (APOLLO-Mini's rank-1 moments do not show in GiB)
+        states = [estimate_memory(config, name, 128, moments_dtype=m).optimizer_states for m in ("param", "fp32")]
+        assert states[1] > states[0], name
 
 
 def test_gradients_are_all_trainable_parameters_or_the_largest_one() -> None:
