@@ -111,7 +111,8 @@ def load_trainer_state(directory: Path) -> tuple[dict[str, Any], list[dict[str, 
     import torch
 
     try:
-        state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
+        # Memory-mapped: pages are read as tensors are copied into the optimizer, not all at once per rank.
+        state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)
         with open(directory / "data_state.json") as f:
             data_states = json.load(f)
     except FileNotFoundError as err:
