@@ -206,6 +206,14 @@ def gradient_averager(env: DistEnv) -> Optional[Callable[[torch.Tensor], None]]:
     return average
 
 
+def share_projection_refresh(optimizer: torch.optim.Optimizer, cfg: Any, env: DistEnv) -> None:
+    """DDP (plain or layer-wise) with a GaLore optimizer: each matrix's projection refresh is computed by one
+    process, its owner, and broadcast to the others (galore_train/optim/refresh_sharing.py), instead of
+    every process running the same SVD. Nothing single-process or under FSDP."""
+    if env.enabled and cfg.distributed == "ddp" and hasattr(optimizer, "share_refresh"):
+        optimizer.share_refresh()
+
+
 def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:
     """Skip the gradient all-reduce / reduce-scatter in this backward (earlier micro-batches)."""
     if hasattr(module, "no_sync"):
@@ -306,7 +314,9 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     Every rank must call it (it gathers). `peak_memory_gb` becomes the maximum over ranks (what must fit
     on each device), with `peak_memory_gb_per_rank` beside it; `tokens_per_second` is already the
     aggregate (global tokens / wall time) and `tokens_per_second_per_device` = aggregate / world size
-    (ranks step in lockstep, so this is each device's throughput).
+    (ranks step in lockstep, so this is each device's throughput). GaLore's `svd_refreshes` becomes the
+    sum over ranks (the matrices refreshed, as one process counts them), with `svd_refreshes_per_rank`
+    beside it (the SVDs each rank ran: shared refresh divides them).
     """
     if not env.enabled:
         return {}
@@ -316,4 +326,7 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     if "peak_memory_gb" in record:
         peaks = gather_floats(record["peak_memory_gb"], env)
         metrics.update(peak_memory_gb=max(peaks), peak_memory_gb_per_rank=peaks)
+    if "svd_refreshes" in record:  # shared refresh: each rank computes its own matrices' SVDs
+        refreshes = [int(count) for count in gather_floats(record["svd_refreshes"], env)]
+        metrics.update(svd_refreshes=sum(refreshes), svd_refreshes_per_rank=refreshes)
     return metrics

@@ -126,6 +126,9 @@ class ApolloAdamW(GaLoreAdamW):
         projection = svd_projection_layout(shape, group, dtype) if group["proj"] == "svd" else {}
         return {**adam_layout(low_rank, dtype), **projection, **limiter_layout(group)}
 
+    def _uses_projector(self, group: dict[str, Any]) -> bool:
+        return "rank" in group and group["proj"] == "svd"
+
     def _step_parameter(self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector],
                         name: Optional[str]) -> None:
         if projector is None or group["proj"] == "svd":
