@@ -162,7 +162,7 @@ def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
     interval doubles after the third)."""
     runs = {"resumed": work / "ddp-adamw-resumed", "galore": work / "ddp-galore",
             "replicated": work / "ddp-galore-replicated", "layerwise": work / "ddp-galore-layerwise",
-            "quantized": work / "ddp-galore-4bit-lazy"}
+            "quantized": work / "ddp-galore-4bit-lazy", "right": work / "ddp-galore-right"}
     resume_from = str(ddp_cli / "checkpoints" / "step_00000002")
     quantized = dict(GALORE, gap=1, proj_type="full", proj_bits=4, proj_group_size=16, adaptive_gap=True,
                      cos_threshold=0.0)
@@ -174,18 +174,26 @@ def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
         {"config": run_args(runs["layerwise"], config_file, **GALORE, layerwise=True, batch_size=2),
          "dump": str(runs["layerwise"])},
         {"config": run_args(runs["quantized"], config_file, **quantized), "dump": str(runs["quantized"])},
+        {"config": run_args(runs["right"], config_file, **GALORE, proj_type="right"), "dump": None},
     ])
     return runs
 
 
 @pytest.fixture(scope="module")
 def fsdp_workers(work: Path, config_file: str, shared_data) -> dict[str, Path]:
-    """One launch: an FSDP2 AdamW run, then its resume from the step-2 checkpoint."""
-    runs = {"straight": work / "fsdp-adamw", "resumed": work / "fsdp-adamw-resumed"}
-    resume_from = str(runs["straight"] / "checkpoints" / "step_00000002")
+    """One launch: an FSDP2 AdamW run, then its resume from the step-2 checkpoint; the same for GaLore-AdamW
+    (right-side projections, refreshed at steps 0 and 2)."""
+    runs = {"straight": work / "fsdp-adamw", "resumed": work / "fsdp-adamw-resumed",
+            "galore": work / "fsdp-galore", "galore-resumed": work / "fsdp-galore-resumed"}
+    galore = dict(GALORE, proj_type="right", distributed="fsdp")
+    checkpoint = lambda run: str(runs[run] / "checkpoints" / "step_00000002")  # noqa: E731
     run_workers(work, [
         {"config": run_args(runs["straight"], config_file, distributed="fsdp"), "dump": str(runs["straight"])},
-        {"config": run_args(runs["resumed"], config_file, distributed="fsdp", resume_from=resume_from), "dump": None},
+        {"config": run_args(runs["resumed"], config_file, distributed="fsdp", resume_from=checkpoint("straight")),
+         "dump": None},
+        {"config": run_args(runs["galore"], config_file, **galore), "dump": str(runs["galore"])},
+        {"config": run_args(runs["galore-resumed"], config_file, **galore, resume_from=checkpoint("galore")),
+         "dump": str(runs["galore-resumed"])},
     ])
     return runs
 
@@ -346,6 +354,28 @@ def test_fsdp_matches_one_process_and_resumes_bit_exactly(one_process, fsdp_work
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_fsdp_galore_equals_ddp_galore_and_resumes_bit_exactly(ddp_workers, fsdp_workers):
+    """Row-local right-side projections, refreshes (steps 0 and 2) gathered to each matrix's owner and broadcast:
+    the DDP run's losses; full-state checkpoints of row-sharded moments and whole projections resume bit-exactly."""
+    straight, resumed = fsdp_workers["galore"], fsdp_workers["galore-resumed"]
+    assert losses(straight) == pytest.approx(losses(ddp_workers["right"]), rel=LOSS_RTOL)
+    a, b = weights(straight), weights(ddp_workers["right"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
+    assert losses(resumed) == {s: losses(straight)[s] for s in (3, 4)}
+    c = weights(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    for run in (straight, resumed):
+        rank0, rank1 = (dump["projections"] for dump in rank_dumps(run))
+        assert len(rank0) == 14 and all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+        assert all(p.shape[0] == GALORE["rank"] for p in rank0.values())  # Q, r x n: whole on every rank
+    assert svd_counts(straight) == [14, 14] and svd_counts(resumed) == [7, 7]  # the resumed run refreshes at step 2
+    saved = torch.load(straight / "checkpoints" / "step_00000004" / "trainer_state.pt", weights_only=True)
+    moments = [s["exp_avg"] for s in saved["optimizer"]["state"].values() if "projection" in s]
+    assert len(moments) == 14 and all(m.shape[1] == GALORE["rank"] for m in moments)
+    assert {m.shape[0] for m in moments} == {64, 160}  # gathered: all m rows, not a shard
+
+
 # --- errors and single-process identity ----------------------------------------------------------------
 
 @pytest.mark.slow
@@ -367,13 +397,20 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
     assert plan_steps(cfg.replace(total_batch_size=16), world_size=2).accumulation == 2
 
 
-@pytest.mark.parametrize("optimizer, eightbit", [("galore_adamw", False), ("adafactor", False), ("lora", False), ("adamw", True)])
+@pytest.mark.parametrize("optimizer, eightbit", [("galore_adafactor", False), ("adafactor", False), ("lora", False),
+                                                 ("adamw", True), ("galore_adamw", True)])
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
         distributed.check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, distributed="fsdp"))
     with pytest.raises(UserError, match="--layerwise does not run under --distributed fsdp"):
         distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", layerwise=True, distributed="fsdp"))
     distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", distributed="fsdp"))
+
+
+def test_fsdp_galore_needs_right_side_projections():
+    with pytest.raises(UserError, match="use --proj-type right"):
+        distributed.check_fsdp_supported(TrainConfig(optimizer="galore_adamw", distributed="fsdp"))  # std
+    distributed.check_fsdp_supported(TrainConfig(optimizer="galore_adamw", proj_type="right", distributed="fsdp"))
 
 
 def test_single_process_helpers_change_nothing():

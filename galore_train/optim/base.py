@@ -18,6 +18,7 @@ from galore_train.optim.layout import StateTensor
 from galore_train.optim.projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, RefreshStats, stagger_offsets
 from galore_train.optim.quantize import QUANT_BITS
 from galore_train.optim.refresh_sharing import DueRefresh, RefreshSharing
+from galore_train.optim.row_shards import is_row_sharded, keep_local_state, local_state
 
 GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "full",
                          "stagger_refresh": False, "proj_bits": 32, "proj_group_size": 256, "adaptive_gap": False,
@@ -128,6 +129,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
         grad = p.grad
+        if projector is not None and is_row_sharded(p):
+            self._step_row_shard(p, group, projector, name)
+            return
         if projector is not None:
             out = self._scratch_buffer(projector.low_rank_shape(p.shape), grad)
             grad = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out,
@@ -136,6 +140,25 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 return
         state["step"] = state.get("step", 0) + 1
         self._update(p, grad, group, state)
+
+    def _step_row_shard(self, p: Tensor, group: dict[str, Any], projector: GaLoreProjector,
+                        name: Optional[str]) -> None:
+        """FSDP2: project and update this rank's rows of the weight (row_shards.py); step() has already run
+        the refresh, shared, from the gathered gradient."""
+        if projector.proj_type != "right" or self._sharing is None:
+            raise ValueError(f"GaLore on row-sharded {name or 'parameters'} needs proj_type 'right' and "
+                             "share_refresh()")
+        state = self.state[p]
+        grad = p.grad.to_local()
+        out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
+        low = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out,
+                                refreshed=self._refreshed.pop(p, None))
+        if low is None:
+            return
+        local = local_state(state)
+        local["step"] = state.get("step", 0) + 1
+        self._update(p.to_local(), low, group, local)
+        keep_local_state(state, local, p)
 
     def _due_refreshes(self) -> list[DueRefresh]:
         """The parameters (with a gradient) whose projection this step refreshes, in optimizer order."""
@@ -189,9 +212,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts every floating state tensor to its parameter's dtype and uint8 ones to float; our
-        states keep their own dtypes (8-bit moments, fp32 block maxima), so restore them exactly."""
+        states keep their own dtypes (8-bit moments, fp32 block maxima), so restore them exactly. The saved
+        parameter ids are matched by position, as torch does (indices, or names under FSDP's state loading)."""
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
         for index, saved in state_dict["state"].items():
             state = self.state[params[index]]
             for key, value in saved.items():

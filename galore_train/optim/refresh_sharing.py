@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from galore_train.optim.projector import GaLoreProjector, RefreshOutcome, RefreshStats
+from galore_train.optim.row_shards import gather_rows, is_row_sharded
 
 
 def refresh_owners(count: int, world_size: int) -> list[int]:
@@ -73,20 +74,27 @@ class RefreshSharing:
         results = {}
         for begin in range(0, len(due), self.world_size):
             round_ = due[begin:begin + self.world_size]
-            owned = [self._compute(item, states[item.param], stats) if self.owner(item.param) == self.rank else None
-                     for item in round_]
+            gradients = [self._whole_gradient(item) for item in round_]  # FSDP: gathered to the owner (collective)
+            owned = [self._compute(item, grad, states[item.param], stats) if self.owner(item.param) == self.rank
+                     else None for item, grad in zip(round_, gradients)]
             for item, outcome in zip(round_, self._broadcast(round_, owned, stats)):
                 state, dtype = states[item.param], item.param.grad.dtype
                 results[item.param] = item.projector.apply_refresh(outcome, state, state.get("step", 0), dtype)
         stats.seconds += time.perf_counter() - start
         return results
 
+    def _whole_gradient(self, item: DueRefresh) -> Optional[Tensor]:
+        """The m x n gradient where the owner needs it: FSDP's row shards are gathered to it (collective)."""
+        grad = item.param.grad
+        return gather_rows(grad, self._global(self.owner(item.param)), self.group) if is_row_sharded(grad) else grad
+
     @staticmethod
-    def _compute(item: DueRefresh, state: dict[str, Any], stats: RefreshStats) -> tuple[RefreshOutcome, int]:
+    def _compute(item: DueRefresh, grad: Tensor, state: dict[str, Any],
+                 stats: RefreshStats) -> tuple[RefreshOutcome, int]:
         """The owner's outcome, with the failures it counted; matrices made contiguous for the broadcast
         (this also frees the full singular-vector matrices they were sliced from)."""
         before = stats.failures
-        outcome = item.projector.compute_refresh(item.param.grad, state, state.get("step", 0), stats, item.name)
+        outcome = item.projector.compute_refresh(grad, state, state.get("step", 0), stats, item.name)
         if outcome.matrices is not None:
             outcome.matrices = {key: m.contiguous() for key, m in outcome.matrices.items()}
         return outcome, stats.failures - before
@@ -124,9 +132,10 @@ class RefreshSharing:
         return outcomes
 
     def _send(self, tensor: Tensor, item: DueRefresh) -> dist.Work:
-        owner = self.owner(item.param)
-        src = owner if self.group is None else dist.get_global_rank(self.group, owner)
-        return dist.broadcast(tensor, src=src, group=self.group, async_op=True)
+        return dist.broadcast(tensor, src=self._global(self.owner(item.param)), group=self.group, async_op=True)
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     @staticmethod
     def _wait(works: list[dist.Work]) -> None:
