@@ -1,6 +1,7 @@
 """Shared projection refresh: under data parallelism, one process computes each matrix's refresh and broadcasts it.
 
-Data-parallel processes (DDP, layer-wise DDP) hold the same averaged gradient. Without this, every process
+Data-parallel processes (DDP, layer-wise DDP) hold the same averaged gradient (FSDP2: its row shards,
+which are gathered to the owner at a refresh, one matrix at a time: row_shards.py). Without this, every process
 ran the same SVD for every GaLore matrix and relied on getting the same bits back (true on identical
 hardware and libraries, not guaranteed across GPU models or library builds). Instead each matrix has an
 owner (`refresh_owners`: round-robin over the GaLore parameters in optimizer order; with staggered refresh
