@@ -6,9 +6,10 @@ Two data-parallel modes (`--distributed`, see docs/distributed.md):
   ddp   every rank holds the whole model and optimizer; backward averages gradients across ranks
         (all-reduce), so every optimizer, GaLore included, sees the same gradient on every rank.
   fsdp  FSDP2 `fully_shard` on each decoder layer and the root: weights, gradients and optimizer state
-        are sharded (DTensors); weights are all-gathered per layer for forward/backward. Only the
-        full-rank torch optimizers (adamw, adam) run on shards: GaLore's SVD needs the whole gradient
-        matrix, so it is refused here (UserError) instead of silently projecting shard-local gradients.
+        are sharded (DTensors, blocks of rows); weights are all-gathered per layer for forward/backward.
+        The optimizers marked fsdp in the registry run on shards: adamw, adam (elementwise) and
+        galore_adamw with right-side projections (row-local between refreshes; a refresh gathers one
+        matrix's gradient to its owner: galore_train/optim/row_shards.py). Others are refused (UserError).
 
 Checkpoints stay in one format whatever the mode: full weights (safetensors) and torch's index-keyed
 optimizer state; under FSDP they are gathered to rank 0's CPU and re-sharded on resume.
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from galore_train.errors import UserError
-from galore_train.registry import FSDP_NAMES
+from galore_train.registry import FSDP_NAMES, OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,11 @@ def check_fsdp_supported(cfg: Any) -> None:
         raise UserError("--layerwise does not run under --distributed fsdp yet: use --distributed ddp")
     if cfg.optimizer not in FSDP_NAMES or cfg.eightbit:  # FSDP-capable in the registry: elementwise updates
         chosen = f"{cfg.optimizer}{' --8bit' if cfg.eightbit else ''}"
-        raise UserError(f"--distributed fsdp supports --optimizer {' or '.join(FSDP_NAMES)} (without --8bit) for now; "
+        raise UserError(f"--distributed fsdp supports --optimizer {', '.join(FSDP_NAMES)} (without --8bit) for now; "
                         f"{chosen} does not run on sharded weights yet: use --distributed ddp")
+    if OPTIMIZERS[cfg.optimizer].galore and cfg.proj_type != "right":
+        raise UserError("GaLore under --distributed fsdp projects each rank's rows of the gradient: use --proj-type "
+                        f"right (got {cfg.proj_type}; see docs/distributed.md)")
 
 
 def shard_model(model: nn.Module, cfg: Any, env: DistEnv) -> nn.Module:
@@ -221,6 +225,15 @@ def gradient_averager(env: DistEnv) -> Optional[Callable[[torch.Tensor], None]]:
         dist.all_reduce(grad)
 
     return average
+
+
+def share_projection_refresh(optimizer: torch.optim.Optimizer, cfg: Any, env: DistEnv) -> None:
+    """Several processes with a GaLore optimizer (DDP, layer-wise DDP, FSDP2): each matrix's projection refresh
+    is computed by one process, its owner, and broadcast to the others (galore_train/optim/refresh_sharing.py),
+    instead of every process running the same SVD; under FSDP the owner gathers the gradient's row shards
+    first. Nothing single-process."""
+    if env.enabled and hasattr(optimizer, "share_refresh"):
+        optimizer.share_refresh()
 
 
 def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:
@@ -313,6 +326,8 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     by_name = {"state": {names[int(i)]: s for i, s in state["state"].items()},
                "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    if hasattr(optimizer, "svd_metrics"):  # GaLore: not the zero-gradient refreshes of torch's state initialisation
+        optimizer.svd_metrics()
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -323,7 +338,9 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     Every rank must call it (it gathers). `peak_memory_gb` becomes the maximum over ranks (what must fit
     on each device), with `peak_memory_gb_per_rank` beside it; `tokens_per_second` is already the
     aggregate (global tokens / wall time) and `tokens_per_second_per_device` = aggregate / world size
-    (ranks step in lockstep, so this is each device's throughput).
+    (ranks step in lockstep, so this is each device's throughput). GaLore's `svd_refreshes` becomes the
+    sum over ranks (the matrices refreshed, as one process counts them), with `svd_refreshes_per_rank`
+    beside it (the SVDs each rank ran: shared refresh divides them).
     """
     if not env.enabled:
         return {}
@@ -333,4 +350,7 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     if "peak_memory_gb" in record:
         peaks = gather_floats(record["peak_memory_gb"], env)
         metrics.update(peak_memory_gb=max(peaks), peak_memory_gb_per_rank=peaks)
+    if "svd_refreshes" in record:  # shared refresh: each rank computes its own matrices' SVDs
+        refreshes = [int(count) for count in gather_floats(record["svd_refreshes"], env)]
+        metrics.update(svd_refreshes=sum(refreshes), svd_refreshes_per_rank=refreshes)
     return metrics

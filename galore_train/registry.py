@@ -134,7 +134,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
                   "galore_train.optim.external:bitsandbytes_adamw8bit", _adam,
                   "galore_train.optim.external:bitsandbytes_adamw8bit_state_layout", eightbit="adam8bit"),
     OptimizerSpec("galore_adamw", "GaLore", "mr projection + 2nr moments", "galore_train.optim:GaLoreAdamW", _adam,
-                  eightbit="galore_adamw8bit", galore=True, options=_MOMENTS),
+                  eightbit="galore_adamw8bit", galore=True, options=_MOMENTS, fsdp=True),
     OptimizerSpec("galore_adafactor", "GaLore-Adafactor", "mr projection + r + n fp32; + nr fp32 with --beta1",
                   "galore_train.optim:GaLoreAdafactor", _adafactor, galore=True),
     OptimizerSpec("galore_adamw8bit", "8-bit GaLore", "mr projection + 2nr bytes + fp32 absmax per 256 values",

@@ -132,6 +132,7 @@ class Trainer:
         cfg = self.cfg
         name = resolve_optimizer_name(self.method.optimizer_name(), cfg.eightbit)
         self.optimizer = build_optimizer(self.model, cfg.replace(optimizer=name))
+        distributed.share_projection_refresh(self.optimizer, cfg, self.env)
         self.scheduler = build_scheduler(
             self.optimizer, kind=cfg.scheduler, total_steps=self.plan.total_steps, warmup_steps=self.plan.warmup_steps,
             min_ratio=cfg.min_lr_ratio, start_step=start_step, **scheduler_kwargs(cfg))

@@ -39,6 +39,8 @@ from galore_train import distributed
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.config import plan_steps
+from galore_train.optim import ApolloAdamW, GaLoreAdamW, refresh_sharing
+from galore_train.optim.refresh_sharing import refresh_owners
 from galore_train.train import Trainer
 
 ONE_SHARD = str(SHARED_DATA / "c4" / "train" / "c4-train.00000-of-01024.docs0000-0849.json.gz")
@@ -153,29 +155,64 @@ def ddp_cli(work: Path, config_file: str, shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
-    """One launch: resume the CLI run from its step-2 checkpoint; a DDP GaLore run dumping each rank's state,
-    and the same run with layer-wise updates (micro-batches of 2: accumulation 2 on each rank)."""
-    runs = {"resumed": work / "ddp-adamw-resumed", "galore": work / "ddp-galore", "layerwise": work / "ddp-galore-layerwise"}
+    """One launch: resume the CLI run from its step-2 checkpoint; a DDP GaLore run dumping each rank's state
+    (shared refresh, as the trainer sets it up), the same run with every rank computing every SVD itself
+    (the behaviour before shared refresh), the shared run with layer-wise updates (micro-batches of 2:
+    accumulation 2 on each rank), and a two-sided 4-bit lazy-refresh run (refreshes at steps 0-3, whose
+    interval doubles after the third)."""
+    runs = {"resumed": work / "ddp-adamw-resumed", "galore": work / "ddp-galore",
+            "replicated": work / "ddp-galore-replicated", "layerwise": work / "ddp-galore-layerwise",
+            "quantized": work / "ddp-galore-4bit-lazy", "right": work / "ddp-galore-right"}
     resume_from = str(ddp_cli / "checkpoints" / "step_00000002")
+    quantized = dict(GALORE, gap=1, proj_type="full", proj_bits=4, proj_group_size=16, adaptive_gap=True,
+                     cos_threshold=0.0)
     run_workers(work, [
         {"config": run_args(runs["resumed"], config_file, resume_from=resume_from), "dump": None},
         {"config": run_args(runs["galore"], config_file, **GALORE), "dump": str(runs["galore"])},
+        {"config": run_args(runs["replicated"], config_file, **GALORE), "dump": str(runs["replicated"]),
+         "replicated_refresh": True},
         {"config": run_args(runs["layerwise"], config_file, **GALORE, layerwise=True, batch_size=2),
          "dump": str(runs["layerwise"])},
+        {"config": run_args(runs["quantized"], config_file, **quantized), "dump": str(runs["quantized"])},
+        {"config": run_args(runs["right"], config_file, **GALORE, proj_type="right"), "dump": None},
     ])
     return runs
 
 
 @pytest.fixture(scope="module")
 def fsdp_workers(work: Path, config_file: str, shared_data) -> dict[str, Path]:
-    """One launch: an FSDP2 AdamW run, then its resume from the step-2 checkpoint."""
-    runs = {"straight": work / "fsdp-adamw", "resumed": work / "fsdp-adamw-resumed"}
-    resume_from = str(runs["straight"] / "checkpoints" / "step_00000002")
+    """One launch: an FSDP2 AdamW run, then its resume from the step-2 checkpoint; the same for GaLore-AdamW
+    (right-side projections, refreshed at steps 0 and 2)."""
+    runs = {"straight": work / "fsdp-adamw", "resumed": work / "fsdp-adamw-resumed",
+            "galore": work / "fsdp-galore", "galore-resumed": work / "fsdp-galore-resumed"}
+    galore = dict(GALORE, proj_type="right", distributed="fsdp")
+    checkpoint = lambda run: str(runs[run] / "checkpoints" / "step_00000002")  # noqa: E731
     run_workers(work, [
         {"config": run_args(runs["straight"], config_file, distributed="fsdp"), "dump": str(runs["straight"])},
-        {"config": run_args(runs["resumed"], config_file, distributed="fsdp", resume_from=resume_from), "dump": None},
+        {"config": run_args(runs["resumed"], config_file, distributed="fsdp", resume_from=checkpoint("straight")),
+         "dump": None},
+        {"config": run_args(runs["galore"], config_file, **galore), "dump": str(runs["galore"])},
+        {"config": run_args(runs["galore-resumed"], config_file, **galore, resume_from=checkpoint("galore")),
+         "dump": str(runs["galore-resumed"])},
     ])
     return runs
+
+
+def optimizer_states(trainer: Trainer) -> dict[str, dict]:
+    """The optimizer's whole per-parameter state (moments, projections, refresh bookkeeping), by parameter name."""
+    state = trainer.optimizer.state
+    return {name: dict(state[p]) for name, p in trainer.model.named_parameters() if p in state}
+
+
+def states_equal(a: dict[str, dict], b: dict[str, dict]) -> bool:
+    same = lambda x, y: torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y  # noqa: E731
+    return a.keys() == b.keys() and all(a[n].keys() == b[n].keys() and all(same(a[n][k], b[n][k]) for k in a[n])
+                                        for n in a)
+
+
+def svd_counts(output_dir: Path) -> list[int]:
+    """The SVDs each rank ran over the whole run (sum of the logged per-rank counts)."""
+    return [sum(column) for column in zip(*(r["svd_refreshes_per_rank"] for r in records(output_dir) if "loss" in r))]
 
 
 def projections(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -237,11 +274,15 @@ def test_ddp_resume_on_two_processes_is_bit_exact(ddp_cli, ddp_workers):
 
 @pytest.mark.slow
 def test_ddp_galore_projections_identical_on_both_ranks(one_process, ddp_workers):
-    """Both ranks SVD the same all-reduced gradient; the projections must agree bit for bit."""
+    """Each matrix's owner computes its refreshes and broadcasts them: the projections (and the whole optimizer
+    state) agree bit for bit on both ranks, and each rank ran half of the SVDs."""
     rank0, rank1 = (dump["projections"] for dump in rank_dumps(ddp_workers["galore"]))
     assert len(rank0) == 14  # 2 layers x (q, k, v, o, gate, up, down)
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    assert states_equal(*(dump["states"] for dump in rank_dumps(ddp_workers["galore"])))
+    assert svd_counts(ddp_workers["galore"]) == [14, 14]  # 14 matrices refreshed at steps 0 and 2: 7 + 7 each time
+    assert [r["svd_refreshes"] for r in records(ddp_workers["galore"]) if "loss" in r] == [14, 0, 14, 0]  # as 1 process
     # And they span the 1-process run's subspaces (up to fp32 noise in the gradient).
     single = torch.load(one_process["galore"] / "projections.pt", weights_only=True)
     for name, p in rank0.items():
@@ -253,16 +294,44 @@ def test_ddp_galore_projections_identical_on_both_ranks(one_process, ddp_workers
 
 
 @pytest.mark.slow
+def test_shared_refresh_equals_every_rank_computing_every_svd(ddp_workers):
+    """Shared refresh changes who computes, not what: the run equals the replicated one bit for bit here
+    (identical CPUs and LAPACK), with each rank running half the SVDs instead of all of them."""
+    shared, replicated = ddp_workers["galore"], ddp_workers["replicated"]
+    assert losses(shared) == losses(replicated)
+    assert states_equal(rank_dumps(shared)[0]["states"], rank_dumps(replicated)[0]["states"])
+    assert svd_counts(replicated) == [28, 28]
+    a, b = weights(shared), weights(replicated)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_layerwise_under_ddp_equals_plain_ddp(ddp_workers):
     """Each hook averages its gradient across ranks before the update: the same run as DDP's, with refreshes
-    (steps 0 and 2) and gradient accumulation, and the same projections on both ranks."""
-    layerwise, plain = losses(ddp_workers["layerwise"]), losses(ddp_workers["galore"])
+    (steps 0 and 2, each matrix's SVD on its owner only) and gradient accumulation, and the same state on both
+    ranks."""
+    layerwise, plain = losses(ddp_workers["layerwise"]), losses(ddp_workers["replicated"])
     assert list(layerwise) == list(range(1, STEPS + 1))
     assert layerwise == pytest.approx(plain, rel=LOSS_RTOL)
-    rank0, rank1 = (dump["projections"] for dump in rank_dumps(ddp_workers["layerwise"]))
+    dumps = rank_dumps(ddp_workers["layerwise"])
+    rank0, rank1 = (dump["projections"] for dump in dumps)
     assert len(rank0) == 14 and all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    assert states_equal(dumps[0]["states"], dumps[1]["states"])
+    assert svd_counts(ddp_workers["layerwise"]) == [14, 14]
     a, b = weights(ddp_workers["layerwise"]), weights(ddp_workers["galore"])
     assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
+
+
+@pytest.mark.slow
+def test_shared_refresh_keeps_4bit_lazy_projections_identical_on_both_ranks(ddp_workers):
+    """Two-sided 4-bit codes and scales, and the lazy-refresh bookkeeping, come out the same on both ranks."""
+    rank0, rank1 = (dump["states"] for dump in rank_dumps(ddp_workers["quantized"]))
+    assert states_equal(rank0, rank1)
+    galore = [state for state in rank0.values() if "projection" in state]
+    assert len(galore) == 14 and all(state["projection"].dtype == torch.uint8 for state in galore)
+    assert all("projection_right_scales" in state for state in galore)
+    assert {state["proj_gap"] for state in galore} == {2}  # doubled after three similar refreshes (threshold 0)
+    assert svd_counts(ddp_workers["quantized"]) == [28, 28]  # 4 refreshes of 14 matrices, half on each rank
 
 
 # --- FSDP2 -------------------------------------------------------------------------------------------
@@ -283,6 +352,28 @@ def test_fsdp_matches_one_process_and_resumes_bit_exactly(one_process, fsdp_work
     assert losses(resumed) == {s: losses(straight)[s] for s in (3, 4)}
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp_galore_equals_ddp_galore_and_resumes_bit_exactly(ddp_workers, fsdp_workers):
+    """Row-local right-side projections, refreshes (steps 0 and 2) gathered to each matrix's owner and broadcast:
+    the DDP run's losses; full-state checkpoints of row-sharded moments and whole projections resume bit-exactly."""
+    straight, resumed = fsdp_workers["galore"], fsdp_workers["galore-resumed"]
+    assert losses(straight) == pytest.approx(losses(ddp_workers["right"]), rel=LOSS_RTOL)
+    a, b = weights(straight), weights(ddp_workers["right"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
+    assert losses(resumed) == {s: losses(straight)[s] for s in (3, 4)}
+    c = weights(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    for run in (straight, resumed):
+        rank0, rank1 = (dump["projections"] for dump in rank_dumps(run))
+        assert len(rank0) == 14 and all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+        assert all(p.shape[0] == GALORE["rank"] for p in rank0.values())  # Q, r x n: whole on every rank
+    assert svd_counts(straight) == [14, 14] and svd_counts(resumed) == [7, 7]  # the resumed run refreshes at step 2
+    saved = torch.load(straight / "checkpoints" / "step_00000004" / "trainer_state.pt", weights_only=True)
+    moments = [s["exp_avg"] for s in saved["optimizer"]["state"].values() if "projection" in s]
+    assert len(moments) == 14 and all(m.shape[1] == GALORE["rank"] for m in moments)
+    assert {m.shape[0] for m in moments} == {64, 160}  # gathered: all m rows, not a shard
 
 
 # --- errors and single-process identity ----------------------------------------------------------------
@@ -306,13 +397,20 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
     assert plan_steps(cfg.replace(total_batch_size=16), world_size=2).accumulation == 2
 
 
-@pytest.mark.parametrize("optimizer, eightbit", [("galore_adamw", False), ("adafactor", False), ("lora", False), ("adamw", True)])
+@pytest.mark.parametrize("optimizer, eightbit", [("galore_adafactor", False), ("adafactor", False), ("lora", False),
+                                                 ("adamw", True), ("galore_adamw", True)])
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
         distributed.check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, distributed="fsdp"))
     with pytest.raises(UserError, match="--layerwise does not run under --distributed fsdp"):
         distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", layerwise=True, distributed="fsdp"))
     distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", distributed="fsdp"))
+
+
+def test_fsdp_galore_needs_right_side_projections():
+    with pytest.raises(UserError, match="use --proj-type right"):
+        distributed.check_fsdp_supported(TrainConfig(optimizer="galore_adamw", distributed="fsdp"))  # std
+    distributed.check_fsdp_supported(TrainConfig(optimizer="galore_adamw", proj_type="right", distributed="fsdp"))
 
 
 def test_single_process_helpers_change_nothing():
@@ -380,6 +478,45 @@ def test_ddp_wraps_without_buffer_broadcasts_on_every_supported_torch(one_proces
     wrapped(torch.ones(3, 4)).sum().backward()  # forward and the gradient all-reduce run
 
 
+def test_refresh_owners_are_round_robin_over_the_galore_parameters_in_optimizer_order(monkeypatch):
+    assert refresh_owners(5, 2) == [0, 1, 0, 1, 0]
+    assert refresh_owners(3, 4) == [0, 1, 2]
+    monkeypatch.setattr(refresh_sharing.dist, "get_world_size", lambda group=None: 2)  # no process group needed
+    monkeypatch.setattr(refresh_sharing.dist, "get_rank", lambda group=None: 1)
+    plain, matrices, more = torch.zeros(4), [torch.zeros(4, 3) for _ in range(3)], [torch.zeros(5, 3)]
+    optimizer = GaLoreAdamW([{"params": matrices, "rank": 2}, {"params": [plain]}, {"params": more, "rank": 2}])
+    optimizer.share_refresh()
+    assert [optimizer._sharing.owner(p) for p in matrices + more] == [0, 1, 0, 1]
+    with pytest.raises(KeyError):
+        optimizer._sharing.owner(plain)  # full-rank parameters have no refresh
+    apollo = ApolloAdamW([{"params": matrices, "rank": 2, "proj": "random"},
+                          {"params": more, "rank": 2, "proj": "svd"}])
+    apollo.share_refresh()
+    assert apollo._sharing.owner(more[0]) == 0  # APOLLO's random projections are regenerated, not refreshed
+
+
+def test_shared_refresh_on_one_process_is_the_unshared_optimizer(one_process_group):
+    """The owner's path (compute, broadcast to itself, store) changes no bit: two-sided 4-bit lazy refreshes."""
+    settings = dict(rank=3, update_proj_gap=1, proj_type="full", proj_bits=4, proj_group_size=8, adaptive_gap=True,
+                    cos_threshold=0.0)
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(12, 8, generator=generator), torch.randn(6, 10, generator=generator)]
+    gradients = [[torch.randn(p.shape, generator=generator) for p in start] for _ in range(6)]
+    params = {mode: [p.clone() for p in start] for mode in ("alone", "shared")}
+    optimizers = {mode: GaLoreAdamW([{"params": params[mode], **settings}], lr=1e-2) for mode in params}
+    optimizers["shared"].share_refresh()
+    for step_gradients in gradients:
+        for mode, optimizer in optimizers.items():
+            for p, g in zip(params[mode], step_gradients):
+                p.grad = g.clone()
+            optimizer.step()
+    alone, shared = (optimizers[mode].state_dict()["state"] for mode in ("alone", "shared"))
+    assert states_equal(alone, shared) and alone[0]["proj_gap"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(params["alone"], params["shared"]))
+    shared_metrics, alone_metrics = (optimizers[mode].svd_metrics() for mode in ("shared", "alone"))
+    assert {**shared_metrics, "svd_seconds": 0} == {**alone_metrics, "svd_seconds": 0}
+
+
 # --- torchrun worker ---------------------------------------------------------------------------------
 
 def _worker(plan_file: str) -> None:
@@ -390,16 +527,20 @@ def _worker(plan_file: str) -> None:
     import galore_train.checkpoint as checkpoint
 
     real_teardown, real_save = distributed.teardown, checkpoint.save_checkpoint
+    real_share = distributed.share_projection_refresh
     distributed.teardown = lambda: None
     rank = int(os.environ["RANK"])
     for run in json.loads(Path(plan_file).read_text()):
         saves = []
         checkpoint.save_checkpoint = lambda *args, **kwargs: saves.append(args[1]) or real_save(*args, **kwargs)
+        # "replicated_refresh": every rank computes every SVD itself, as before shared refresh
+        distributed.share_projection_refresh = (lambda *args: None) if run.get("replicated_refresh") else real_share
         trainer = Trainer(TrainConfig(**run["config"]))
         trainer.run()
         if run["dump"]:
             blank = sum(bool((batch["labels"] == -100).all()) for batch in trainer.eval_batches)
-            dump = {"saves": len(saves), "projections": projections(trainer), "blank_eval_batches": blank}
+            dump = {"saves": len(saves), "projections": projections(trainer), "states": optimizer_states(trainer),
+                    "blank_eval_batches": blank}
             Path(run["dump"]).mkdir(parents=True, exist_ok=True)
             torch.save(dump, Path(run["dump"]) / f"rank{rank}.pt")
     real_teardown()

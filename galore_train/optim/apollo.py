@@ -129,6 +129,9 @@ class ApolloAdamW(GaLoreAdamW):
             layout = cls._moment_layout(projector.low_rank_shape(shape), group, itemsize)
         return layout + limiter_layout(group) if "rank" in group else layout
 
+    def _uses_projector(self, group: dict[str, Any]) -> bool:
+        return "rank" in group and group["proj"] == "svd"
+
     def _step_parameter(self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector],
                         name: Optional[str]) -> None:
         if projector is None or group["proj"] == "svd":

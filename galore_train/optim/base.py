@@ -17,6 +17,8 @@ from torch import Tensor
 from galore_train.optim.layout import StateTensor
 from galore_train.optim.projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, RefreshStats, stagger_offsets
 from galore_train.optim.quantize import QUANT_BITS
+from galore_train.optim.refresh_sharing import DueRefresh, RefreshSharing
+from galore_train.optim.row_shards import is_row_sharded, keep_local_state, local_state
 
 GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "full",
                          "stagger_refresh": False, "proj_bits": 32, "proj_group_size": 256, "adaptive_gap": False,
@@ -69,6 +71,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.refresh_stats = RefreshStats()
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._sharing: Optional[RefreshSharing] = None
+        self._refreshed: dict[Tensor, bool] = {}  # this step's shared refreshes, already stored
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -82,6 +86,17 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if group["stagger_refresh"]:
             for p, offset in zip(group["params"], stagger_offsets(len(group["params"]), group["update_proj_gap"])):
                 self.state[p]["refresh_offset"] = offset
+
+    def share_refresh(self, process_group: Optional[Any] = None) -> None:
+        """Data parallelism (every process steps on the same averaged gradients): compute each GaLore
+        matrix's refreshes on one process and broadcast them (refresh_sharing.py). Every process of the
+        group must call this, and from then on step in lockstep (each step is collective)."""
+        params = [p for group in self.param_groups if self._uses_projector(group) for p in group["params"]]
+        self._sharing = RefreshSharing(params, process_group)
+
+    def _uses_projector(self, group: dict[str, Any]) -> bool:
+        """Whether this group's parameters are projected by GaLoreProjector (APOLLO's random ones are not)."""
+        return "rank" in group
 
     def svd_metrics(self) -> dict[str, float]:
         """svd_seconds / svd_refreshes since the last call, svd_failures_total since construction; with
@@ -98,6 +113,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._sharing is not None:
+            self._refreshed = self._sharing.refresh(self._due_refreshes(), self.state, self.refresh_stats)
         for group in self.param_groups:
             projector = GaLoreProjector.from_group(group) if "rank" in group else None
             names = group.get("param_names")
@@ -112,13 +129,48 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
         grad = p.grad
+        if projector is not None and is_row_sharded(p):
+            self._step_row_shard(p, group, projector, name)
+            return
         if projector is not None:
             out = self._scratch_buffer(projector.low_rank_shape(p.shape), grad)
-            grad = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out)
+            grad = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out,
+                                     refreshed=self._refreshed.pop(p, None))
             if grad is None:  # non-finite gradient at a refresh: skip this parameter's update
                 return
         state["step"] = state.get("step", 0) + 1
         self._update(p, grad, group, state)
+
+    def _step_row_shard(self, p: Tensor, group: dict[str, Any], projector: GaLoreProjector,
+                        name: Optional[str]) -> None:
+        """FSDP2: project and update this rank's rows of the weight (row_shards.py); step() has already run
+        the refresh, shared, from the gathered gradient."""
+        if projector.proj_type != "right" or self._sharing is None:
+            raise ValueError(f"GaLore on row-sharded {name or 'parameters'} needs proj_type 'right' and "
+                             "share_refresh()")
+        state = self.state[p]
+        grad = p.grad.to_local()
+        out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
+        low = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out,
+                                refreshed=self._refreshed.pop(p, None))
+        if low is None:
+            return
+        local = local_state(state)
+        local["step"] = state.get("step", 0) + 1
+        self._update(p.to_local(), low, group, local)
+        keep_local_state(state, local, p)
+
+    def _due_refreshes(self) -> list[DueRefresh]:
+        """The parameters (with a gradient) whose projection this step refreshes, in optimizer order."""
+        due = []
+        for group in self.param_groups:
+            if not self._uses_projector(group):
+                continue
+            projector, names = GaLoreProjector.from_group(group), group.get("param_names")
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None and projector.refresh_due(self.state[p], self.state[p].get("step", 0)):
+                    due.append(DueRefresh(p, projector, names[index] if names else None))
+        return due
 
     def _scratch_buffer(self, shape: tuple[int, int], like: Tensor) -> Tensor:
         key = (like.device, like.dtype)
@@ -160,9 +212,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts every floating state tensor to its parameter's dtype and uint8 ones to float; our
-        states keep their own dtypes (8-bit moments, fp32 block maxima), so restore them exactly."""
+        states keep their own dtypes (8-bit moments, fp32 block maxima), so restore them exactly. The saved
+        parameter ids are matched by position, as torch does (indices, or names under FSDP's state loading)."""
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
         for index, saved in state_dict["state"].items():
             state = self.state[params[index]]
             for key, value in saved.items():

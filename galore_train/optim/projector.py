@@ -47,6 +47,10 @@ to MAX_GAP_FACTOR x update_proj_gap. Refreshes stay on the fixed grid (step + of
 == 0; state["next_refresh"] is the next one due. A grid step passed over counts one skipped SVD in
 state["svd_skipped"] (checkpointed; `svd_metrics()["svd_skipped_total"]` sums them).
 
+A refresh is two halves: `compute_refresh` (the checks, the SVD, the similarity; reads the state only)
+and `apply_refresh` (stores the outcome). Under data parallelism only a matrix's owner computes, and
+every process applies the broadcast outcome (refresh_sharing.py).
+
 `GaLoreOptimizer` (base.py) drives the projector from torch.optim's step; `state_layout` tells the memory
 estimator which projection tensors a parameter keeps, without computing any.
 """
@@ -141,6 +145,15 @@ class RefreshStats:
         return metrics
 
 
+@dataclass
+class RefreshOutcome:
+    """What one refresh computed (`compute_refresh`), before `apply_refresh` stores it."""
+
+    finite: bool  # False: non-finite gradient; skip this update and keep the projection
+    matrices: Optional[dict[str, Tensor]] = None  # the new projection matrices by state key; None: keep the old
+    similar: bool = False  # adaptive gap: the new basis is close to the stored one
+
+
 def _all_finite(t: Tensor) -> bool:
     """One read pass, no temporary: NaN and inf propagate into the sum (a finite tensor whose sum
     overflows float32 counts as non-finite too, which is right for a gradient or a basis)."""
@@ -217,16 +230,18 @@ class GaLoreProjector:
         return self.on_grid(state, step)
 
     def project(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
-                name: Optional[str] = None, out: Optional[Tensor] = None) -> Optional[Tensor]:
+                name: Optional[str] = None, out: Optional[Tensor] = None,
+                refreshed: Optional[bool] = None) -> Optional[Tensor]:
         """The low-rank gradient R (written into `out` if given), refreshing the projection first if due.
 
+        `refreshed`: what `apply_refresh` returned when the caller has already run this step's refresh
+        (shared refresh, refresh_sharing.py); None: refresh here if due.
         Returns None when the gradient is unusable (non-finite at a refresh): skip this update.
         """
-        due = self.refresh_due(state, step)
-        if due and not self._refresh(grad, state, step, stats, name):
+        if refreshed is None:
+            refreshed = self._refresh_if_due(grad, state, step, stats, name)
+        if not refreshed:
             return None
-        if not due and self.adaptive_gap and self.on_grid(state, step):
-            state["svd_skipped"] = state.get("svd_skipped", 0) + 1
         side = self.side(grad.shape)
         projection = self.matrix(state, "projection", grad.shape, grad.dtype)
         if side == "left":
@@ -255,34 +270,65 @@ class GaLoreProjector:
         stored = state[key]
         if stored.is_floating_point():
             return stored
-        m, n = shape
-        matrix_shape = (self.rank, n) if key == "projection_right" or self.side(shape) == "right" else (m, self.rank)
+        matrix_shape = self._matrix_shape(key, shape)
         bits = 8 if stored.dtype == torch.int8 else 4
         return dequantize(QuantizedMatrix(stored, state[f"{key}_scales"]), bits, self.proj_group_size, matrix_shape, dtype)
 
-    def _refresh(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
-                 name: Optional[str]) -> bool:
-        """Recompute the projection from `grad`; False if the gradient is non-finite (skip the update)."""
+    def _refresh_if_due(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
+                        name: Optional[str]) -> bool:
+        """Refresh if due (else count a grid step the lazy refresh passed over); False: skip the update."""
+        if not self.refresh_due(state, step):
+            if self.adaptive_gap and self.on_grid(state, step):
+                state["svd_skipped"] = state.get("svd_skipped", 0) + 1
+            return True
         start = time.perf_counter()
         try:
-            matrix = grad.to(torch.promote_types(grad.dtype, torch.float32))
-            if not _all_finite(matrix):
-                stats.record_failure(name, f"non-finite gradient at step {step}; update skipped, projection kept")
-                return False
-            first = "projection" not in state
-            top = self._top_singular_vectors(matrix, step, stats, name, first)
-            if top is not None:
-                if self.adaptive_gap and not first:
-                    self._track_stability(state, top)
-                self._store(state, top, grad.dtype)
-                state["projection_step"] = step  # Natural GaLore empties its history at a new basis
-                stats.refreshes += 1
-            if self.adaptive_gap:  # the next refresh: `proj_gap` on from the last grid step
-                grid_phase = (step + state.get("refresh_offset", 0)) % self.update_proj_gap
-                state["next_refresh"] = step - grid_phase + state.get("proj_gap", self.update_proj_gap)
-            return True
+            return self.apply_refresh(self.compute_refresh(grad, state, step, stats, name), state, step, grad.dtype)
         finally:
             stats.seconds += time.perf_counter() - start
+
+    def compute_refresh(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
+                        name: Optional[str]) -> RefreshOutcome:
+        """The new projection from `grad`, without touching `state`: under shared refresh only the
+        matrix's owner runs this (the SVD) and the outcome is broadcast to the others."""
+        matrix = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        if not _all_finite(matrix):
+            stats.record_failure(name, f"non-finite gradient at step {step}; update skipped, projection kept")
+            return RefreshOutcome(finite=False)
+        first = "projection" not in state
+        top = self._top_singular_vectors(matrix, step, stats, name, first)
+        if top is None:
+            return RefreshOutcome(finite=True)
+        stats.refreshes += 1
+        matrices = self._new_matrices(top, grad.shape)
+        similar = self.adaptive_gap and not first and \
+            self._similarity(state, matrices, grad.shape) >= self.cos_threshold
+        return RefreshOutcome(finite=True, matrices=matrices, similar=similar)
+
+    def apply_refresh(self, outcome: RefreshOutcome, state: dict[str, Any], step: int, dtype: torch.dtype) -> bool:
+        """Store a refresh's outcome in `state` (the gradient's `dtype`) and schedule the next one;
+        False if the gradient was non-finite (skip the update). The same outcome gives the same state."""
+        if not outcome.finite:
+            return False
+        if outcome.matrices is not None:
+            if self.adaptive_gap and "projection" in state:
+                self._advance_gap(state, outcome.similar)
+            for key, matrix in outcome.matrices.items():
+                self._put(state, key, matrix, dtype)
+            state["projection_step"] = step  # Natural GaLore empties its history at a new basis
+        if self.adaptive_gap:  # the next refresh: `proj_gap` on from the last grid step
+            grid_phase = (step + state.get("refresh_offset", 0)) % self.update_proj_gap
+            state["next_refresh"] = step - grid_phase + state.get("proj_gap", self.update_proj_gap)
+        return True
+
+    def stored_shapes(self, shape: torch.Size) -> dict[str, tuple[int, int]]:
+        """The shape of each matrix a refresh stores for a parameter of `shape`, by state key."""
+        keys = ("projection", "projection_right") if self.side(shape) == "full" else ("projection",)
+        return {key: self._matrix_shape(key, shape) for key in keys}
+
+    def _matrix_shape(self, key: str, shape: torch.Size) -> tuple[int, int]:
+        m, n = shape
+        return (self.rank, n) if key == "projection_right" or self.side(shape) == "right" else (m, self.rank)
 
     def _top_singular_vectors(self, matrix: Tensor, step: int, stats: RefreshStats, name: Optional[str],
                               first: bool) -> Optional[tuple[Tensor, Tensor]]:
@@ -304,31 +350,32 @@ class GaLoreProjector:
                 pass
         return random_orthonormal_top(matrix, self.rank, seed=step)
 
-    def _track_stability(self, state: dict[str, Any], top: tuple[Tensor, Tensor]) -> None:
-        """Lazy refresh bookkeeping: compare the new singular vectors with the stored basis and double
-        the parameter's interval after STABLE_REFRESHES similar refreshes in a row."""
+    def _new_matrices(self, top: tuple[Tensor, Tensor], shape: torch.Size) -> dict[str, Tensor]:
+        """The singular vectors a parameter of `shape` keeps, by state key: P (m x r) and/or Q (r x n)."""
         left, right = top
-        shape = torch.Size((left.shape[0], right.shape[1]))
         side = self.side(shape)
-        stored = self.matrix(state, "projection", shape, left.dtype).to(left.dtype)
+        matrices = {"projection": right if side == "right" else left}
         if side == "full":
-            stored_right = self.matrix(state, "projection_right", shape, left.dtype).to(left.dtype)
-            pairs = [(left, stored), (right.mT, stored_right.mT)]
-        else:
-            pairs = [(left, stored)] if side == "left" else [(right.mT, stored.mT)]
-        similarity = sum(subspace_similarity(new, old) for new, old in pairs) / len(pairs)
-        stable = state.get("stable_refreshes", 0) + 1 if similarity >= self.cos_threshold else 0
+            matrices["projection_right"] = right
+        return matrices
+
+    def _similarity(self, state: dict[str, Any], matrices: dict[str, Tensor], shape: torch.Size) -> float:
+        """Lazy refresh: how close the new bases are to the stored ones (for "full" the mean of both sides)."""
+        total = 0.0
+        for key, new in matrices.items():
+            old = self.matrix(state, key, shape, new.dtype).to(new.dtype)
+            rows = key == "projection_right" or self.side(shape) == "right"  # Q: orthonormal rows
+            total += subspace_similarity(new.mT, old.mT) if rows else subspace_similarity(new, old)
+        return total / len(matrices)
+
+    def _advance_gap(self, state: dict[str, Any], similar: bool) -> None:
+        """Lazy refresh bookkeeping: double the parameter's interval after STABLE_REFRESHES similar
+        refreshes in a row."""
+        stable = state.get("stable_refreshes", 0) + 1 if similar else 0
         gap = state.get("proj_gap", self.update_proj_gap)
         if stable >= STABLE_REFRESHES:
             gap, stable = min(2 * gap, MAX_GAP_FACTOR * self.update_proj_gap), 0
         state["stable_refreshes"], state["proj_gap"] = stable, gap
-
-    def _store(self, state: dict[str, Any], top: tuple[Tensor, Tensor], dtype: torch.dtype) -> None:
-        left, right = top
-        side = self.side((left.shape[0], right.shape[1]))
-        self._put(state, "projection", right if side == "right" else left, dtype)
-        if side == "full":
-            self._put(state, "projection_right", right, dtype)
 
     def _put(self, state: dict[str, Any], key: str, matrix: Tensor, dtype: torch.dtype) -> None:
         if self.proj_bits == 32:
