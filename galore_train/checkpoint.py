@@ -116,5 +116,7 @@ def load_trainer_state(directory: Path) -> tuple[dict[str, Any], list[dict[str, 
         with open(directory / "data_state.json") as f:
             data_states = json.load(f)
     except FileNotFoundError as err:
-        raise UserError(f"{directory} is not a complete galore-train checkpoint (missing {Path(err.filename).name})") from None
+        raise UserError(
+            f"{directory} is not a complete galore-train checkpoint (missing {Path(err.filename).name})"
+        ) from None
     return state, data_states

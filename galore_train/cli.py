@@ -20,8 +20,12 @@ from rich.table import Table
 from galore_train.config import TrainConfig
 from galore_train.errors import TrainingStopped, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Pretrain LLaMA on C4 with GaLore and other memory-efficient optimizers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Pretrain LLaMA on C4 with GaLore and other memory-efficient optimizers.",
+)
 console = Console()
 if not console.is_terminal:
     console.width = 140  # piped or logged: keep tables whole
@@ -39,15 +43,25 @@ def _config_parameters(names: Optional[tuple[str, ...]] = None) -> list[inspect.
         if names is not None and field.name not in names:
             continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        option = typer.Option(default, _flag(field), help=field.metadata["help"], rich_help_panel=field.metadata["section"],
-                              show_default=default not in (None, [], False))
-        parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[field.name]))
+        option = typer.Option(
+            default,
+            _flag(field),
+            help=field.metadata["help"],
+            rich_help_panel=field.metadata["section"],
+            show_default=default not in (None, [], False),
+        )
+        parameters.append(
+            inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[field.name])
+        )
     return parameters
 
 
 def _split_targets(values: dict[str, Any]) -> dict[str, Any]:
     """--galore-targets may be repeated or comma-separated."""
-    return {**values, "galore_targets": [part for entry in values["galore_targets"] for part in entry.split(",") if part]}
+    return {
+        **values,
+        "galore_targets": [part for entry in values["galore_targets"] for part in entry.split(",") if part],
+    }
 
 
 def config_from_cli(values: dict[str, Any], context: typer.Context) -> TrainConfig:
@@ -59,8 +73,9 @@ def config_from_cli(values: dict[str, Any], context: typer.Context) -> TrainConf
 
         # The command's own context, and the source compared by name: typer >= 0.2x runs a private copy of
         # click, whose context stack and ParameterSource are not the `click` package's.
-        explicit = {name for name in values
-                    if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+        explicit = {
+            name for name in values if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"
+        }
         cfg = apply_recipe(cfg, explicit)
     return cfg.validate()
 
@@ -72,8 +87,10 @@ def pretrain(ctx: typer.Context, **values: Any) -> None:
     cfg = config_from_cli(values, ctx)
     summary = Trainer(cfg).run()
     if "val_perplexity" in summary and int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"final validation loss {summary['val_loss']:.4f}, perplexity {summary['val_perplexity']:.2f} "
-                      f"after {summary['tokens_seen']:,} training tokens")
+        console.print(
+            f"final validation loss {summary['val_loss']:.4f}, perplexity {summary['val_perplexity']:.2f} "
+            f"after {summary['tokens_seen']:,} training tokens"
+        )
 
 
 _context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
@@ -83,10 +100,14 @@ app.command(context_settings={"max_content_width": 120})(pretrain)
 
 @app.command("eval")
 def evaluate_checkpoint(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder (step_*) or a run folder (uses its latest checkpoint)."),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="A checkpoint folder (step_*) or a run folder (uses its latest checkpoint)."
+    ),
     eval_data_files: Optional[str] = typer.Option(None, help="Validation shards (default: those the run used)."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (default: the one the run used)."),
-    eval_tokens: Optional[int] = typer.Option(None, help="Held-out tokens to score (default: the run's --eval-tokens)."),
+    eval_tokens: Optional[int] = typer.Option(
+        None, help="Held-out tokens to score (default: the run's --eval-tokens)."
+    ),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per batch."),
     dtype: str = typer.Option("auto", help="auto, bf16 or fp32."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -94,28 +115,41 @@ def evaluate_checkpoint(
     """Score a checkpoint on the fixed held-out tokens: validation loss and perplexity."""
     from galore_train.evaluate import score_checkpoint
 
-    result = score_checkpoint(checkpoint, eval_data_files=eval_data_files, tokenizer=tokenizer, eval_tokens=eval_tokens,
-                              batch_size=batch_size, dtype=dtype)
+    result = score_checkpoint(
+        checkpoint,
+        eval_data_files=eval_data_files,
+        tokenizer=tokenizer,
+        eval_tokens=eval_tokens,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
     if as_json:
         print(json.dumps(result))
     else:
-        console.print(f"{result['checkpoint']}: validation loss {result['val_loss']:.4f}, perplexity {result['val_perplexity']:.2f} "
-                      f"on {result['val_tokens']:,} tokens")
+        console.print(
+            f"{result['checkpoint']}: validation loss {result['val_loss']:.4f}, perplexity"
+            f" {result['val_perplexity']:.2f} "
+            f"on {result['val_tokens']:,} tokens"
+        )
 
 
 @app.command("prepare-data")
 def prepare_data_command(
     data_files: str = typer.Option(..., help="Glob of C4 json/json.gz shards to tokenize."),
     tokenizer: str = typer.Option(..., help="Tokenizer the runs will use: hub id, directory or spiece.model."),
-    output: Path = typer.Option(..., help="Directory for the token files and manifest.json (pass it as pretrain --data-files)."),
+    output: Path = typer.Option(
+        ..., help="Directory for the token files and manifest.json (pass it as pretrain --data-files)."
+    ),
     num_proc: int = typer.Option(1, help="Processes tokenizing shards in parallel."),
 ) -> None:
     """Tokenize training shards ahead into memory-mapped uint16 token files that `pretrain --data-files DIR` reads."""
     from galore_train.data.prepared import prepare_data
 
     manifest = prepare_data(data_files, tokenizer, output, num_proc)
-    console.print(f"wrote {manifest['documents']:,} documents, {manifest['tokens']:,} tokens from "
-                  f"{len(manifest['shards'])} shard(s) to {output}")
+    console.print(
+        f"wrote {manifest['documents']:,} documents, {manifest['tokens']:,} tokens from "
+        f"{len(manifest['shards'])} shard(s) to {output}"
+    )
 
 
 @app.command("models")
@@ -126,23 +160,60 @@ def list_models() -> None:
     table = Table("name", "hidden", "intermediate", "layers", "heads", "vocab", "parameters")
     for name in known_model_names():
         c = load_model_config(name)
-        table.add_row(name, str(c.hidden_size), str(c.intermediate_size), str(c.num_hidden_layers),
-                      str(c.num_attention_heads), str(c.vocab_size), f"{count_parameters(c) / 1e6:,.1f}M")
+        table.add_row(
+            name,
+            str(c.hidden_size),
+            str(c.intermediate_size),
+            str(c.num_hidden_layers),
+            str(c.num_attention_heads),
+            str(c.vocab_size),
+            f"{count_parameters(c) / 1e6:,.1f}M",
+        )
     console.print(table)
 
 
 # The TrainConfig fields `memory` takes: the estimator's arguments (tests/test_cli.py keeps them in step).
-ESTIMATE_OPTIONS = ("layerwise", "dtype", "batch_size", "max_length", "activation_checkpointing", "galore_targets",
-                    "proj_type", "proj_bits", "proj_group_size", "beta1", "fisher_history", "moments_dtype",
-                    "norm_growth_limit", "apollo_proj", "distributed")
+ESTIMATE_OPTIONS = (
+    "layerwise",
+    "dtype",
+    "batch_size",
+    "max_length",
+    "activation_checkpointing",
+    "galore_targets",
+    "proj_type",
+    "proj_bits",
+    "proj_group_size",
+    "beta1",
+    "fisher_history",
+    "moments_dtype",
+    "norm_growth_limit",
+    "apollo_proj",
+    "distributed",
+)
 MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [
-    inspect.Parameter("compare", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, "--compare", help="Every optimizer side by side for this model (a Table 2 style row).")),
-    inspect.Parameter("paper", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, "--paper", help="Reproduce the paper's Table 2 memory column, with deviations.")),
-    inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
-        1, "--nproc", help="Processes (GPUs) of the run: estimate one GPU's memory under --distributed.")),
+    inspect.Parameter(
+        "compare",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(
+            False, "--compare", help="Every optimizer side by side for this model (a Table 2 style row)."
+        ),
+    ),
+    inspect.Parameter(
+        "paper",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(False, "--paper", help="Reproduce the paper's Table 2 memory column, with deviations."),
+    ),
+    inspect.Parameter(
+        "nproc",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=int,
+        default=typer.Option(
+            1, "--nproc", help="Processes (GPUs) of the run: estimate one GPU's memory under --distributed."
+        ),
+    ),
 ]
 
 
@@ -182,11 +253,23 @@ def list_optimizers() -> None:
 
 @app.command("report")
 def report_runs(
-    run_dirs: Optional[list[Path]] = typer.Argument(None, help="Run directories (--output-dir of `pretrain`); missing or unfinished ones are marked.", show_default=False),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the markdown report to this file (default: print it)."),
-    csv: bool = typer.Option(False, "--csv", help="Also write one CSV line per run beside --output (without --output: print the CSV instead)."),
+    run_dirs: Optional[list[Path]] = typer.Argument(
+        None,
+        help="Run directories (--output-dir of `pretrain`); missing or unfinished ones are marked.",
+        show_default=False,
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write the markdown report to this file (default: print it)."
+    ),
+    csv: bool = typer.Option(
+        False,
+        "--csv",
+        help="Also write one CSV line per run beside --output (without --output: print the CSV instead).",
+    ),
     plots_dir: Optional[Path] = typer.Option(None, help="Write val_perplexity.png and memory.png into this folder."),
-    wandb_csv: Optional[Path] = typer.Option(None, help="Also read the runs of a W&B runs-table CSV export (no curves)."),
+    wandb_csv: Optional[Path] = typer.Option(
+        None, help="Also read the runs of a W&B runs-table CSV export (no curves)."
+    ),
     title: Optional[str] = typer.Option(None, help="Title of the report."),
 ) -> None:
     """Table-2-style report of runs: validation perplexity and memory per method and model, plus plots."""
@@ -204,7 +287,9 @@ def list_recipes() -> None:
     """List the published settings `--recipe paper` fills in, with their sources."""
     from galore_train.recipes import PAPER_RECIPES
 
-    table = Table("model", "settings (GaLore optimizers: lr 0.01, scale 0.25, gap 200; others lr 0.001; 7B as listed)", "source")
+    table = Table(
+        "model", "settings (GaLore optimizers: lr 0.01, scale 0.25, gap 200; others lr 0.001; 7B as listed)", "source"
+    )
     for name, recipe in PAPER_RECIPES.items():
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in recipe.values.items() if v is not None), recipe.source)
     console.print(table)
@@ -212,7 +297,9 @@ def list_recipes() -> None:
 
 def _configure_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("datasets", "transformers", "httpx", "urllib3", "filelock", "fsspec", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("WANDB_SILENT", "true")

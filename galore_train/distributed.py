@@ -21,8 +21,8 @@ import contextlib
 import inspect
 import os
 import time
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -63,8 +63,9 @@ def setup(timeout_minutes: float = 60.0) -> DistEnv:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes)
+        )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -143,17 +144,22 @@ def all_finite(tensors: Iterable[torch.Tensor], env: DistEnv) -> bool:
 
 # --- wrapping ------------------------------------------------------------------------------------
 
+
 def check_fsdp_supported(cfg: Any) -> None:
     """UserError for what FSDP2 sharding cannot run correctly yet (see the module docstring)."""
     if cfg.layerwise:
         raise UserError("--layerwise does not run under --distributed fsdp yet: use --distributed ddp")
     if cfg.optimizer not in FSDP_NAMES or cfg.eightbit:  # FSDP-capable in the registry: elementwise updates
         chosen = f"{cfg.optimizer}{' --8bit' if cfg.eightbit else ''}"
-        raise UserError(f"--distributed fsdp supports --optimizer {', '.join(FSDP_NAMES)} (without --8bit) for now; "
-                        f"{chosen} does not run on sharded weights yet: use --distributed ddp")
+        raise UserError(
+            f"--distributed fsdp supports --optimizer {', '.join(FSDP_NAMES)} (without --8bit) for now; "
+            f"{chosen} does not run on sharded weights yet: use --distributed ddp"
+        )
     if OPTIMIZERS[cfg.optimizer].galore and cfg.proj_type != "right":
-        raise UserError("GaLore under --distributed fsdp projects each rank's rows of the gradient: use --proj-type "
-                        f"right (got {cfg.proj_type}; see docs/distributed.md)")
+        raise UserError(
+            "GaLore under --distributed fsdp projects each rank's rows of the gradient: use --proj-type "
+            f"right (got {cfg.proj_type}; see docs/distributed.md)"
+        )
 
 
 def shard_model(model: nn.Module, cfg: Any, env: DistEnv) -> nn.Module:
@@ -195,8 +201,9 @@ def wrap_model(model: nn.Module, env: DistEnv, *, layerwise: bool = False) -> nn
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     # Gradients as views into DDP's buckets: otherwise every gradient exists twice (+13.5 GB at 7B in bf16).
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
-                                               **_no_forward_buffer_sync())
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, gradient_as_bucket_view=True, **_no_forward_buffer_sync()
+    )
 
 
 def _no_forward_buffer_sync() -> dict[str, bool]:
@@ -254,7 +261,9 @@ def _fsdp_no_sync(module: nn.Module) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
-def lockstep_batches(batches: list[dict[str, torch.Tensor]], model: nn.Module, env: DistEnv) -> list[dict[str, torch.Tensor]]:
+def lockstep_batches(
+    batches: list[dict[str, torch.Tensor]], model: nn.Module, env: DistEnv
+) -> list[dict[str, torch.Tensor]]:
     """Evaluation batches padded so every rank scores the same number of them.
 
     Ranks score every world_size-th batch; FSDP all-gathers weights inside each forward, so ranks must
@@ -268,6 +277,7 @@ def lockstep_batches(batches: list[dict[str, torch.Tensor]], model: nn.Module, e
 
 
 # --- checkpoint state ------------------------------------------------------------------------------
+
 
 def _full_state_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -302,8 +312,12 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     if not full:  # ranks other than 0
         return {}
     index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
-    return {"state": {index[name]: state for name, state in full["state"].items()},
-            "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in full["param_groups"]]}
+    return {
+        "state": {index[name]: state for name, state in full["state"].items()},
+        "param_groups": [
+            {**group, "params": [index[name] for name in group["params"]]} for group in full["param_groups"]
+        ],
+    }
 
 
 def load_full_weights(model: nn.Module, read: Callable[[], dict[str, torch.Tensor]]) -> None:
@@ -323,14 +337,17 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = _parameter_names(model, optimizer)
-    by_name = {"state": {names[int(i)]: s for i, s in state["state"].items()},
-               "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
+    by_name = {
+        "state": {names[int(i)]: s for i, s in state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
     if hasattr(optimizer, "svd_metrics"):  # GaLore: not the zero-gradient refreshes of torch's state initialisation
         optimizer.svd_metrics()
 
 
 # --- metrics ---------------------------------------------------------------------------------------
+
 
 def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     """Per-rank and aggregate numbers for a logged training record ({} single-process).

@@ -38,7 +38,9 @@ def target_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, env: DistEnv = DistEnv()) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, env: DistEnv = DistEnv()
+) -> dict[str, float]:
     """Each rank scores every world_size-th batch; sums are reduced so the result equals one process's."""
     was_training = model.training
     model.eval()
@@ -52,8 +54,15 @@ def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: t
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": int(tokens)}
 
 
-def score_checkpoint(path: Path, *, eval_data_files: Optional[str], tokenizer: Optional[str], eval_tokens: Optional[int],
-                     batch_size: Optional[int], dtype: str) -> dict[str, Any]:
+def score_checkpoint(
+    path: Path,
+    *,
+    eval_data_files: Optional[str],
+    tokenizer: Optional[str],
+    eval_tokens: Optional[int],
+    batch_size: Optional[int],
+    dtype: str,
+) -> dict[str, Any]:
     """`galore-train eval`: the run's own validation tokens (unless overridden) on a saved checkpoint."""
     from transformers import AutoModelForCausalLM
 
@@ -71,6 +80,10 @@ def score_checkpoint(path: Path, *, eval_data_files: Optional[str], tokenizer: O
     tokenize = Tokenize(load_tokenizer(tokenizer or cfg.tokenizer), cfg.max_length, model.config.vocab_size)
     files = eval_data_files or cfg.eval_data_files
     source = document_source(files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation")
-    batches, _ = build_eval_batches(source, tokenize, eval_tokens=eval_tokens or cfg.eval_tokens,
-                                    batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size)
+    batches, _ = build_eval_batches(
+        source,
+        tokenize,
+        eval_tokens=eval_tokens or cfg.eval_tokens,
+        batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size,
+    )
     return {"checkpoint": str(path), **evaluate(model, batches, device)}

@@ -57,11 +57,17 @@ class LossGuard:
     def accept(self, loss: float) -> None:
         self.consecutive_skips = 0
         self.accepted += 1
-        self.running_mean = loss if self.running_mean is None else self.ema_decay * self.running_mean + (1 - self.ema_decay) * loss
+        self.running_mean = (
+            loss if self.running_mean is None else self.ema_decay * self.running_mean + (1 - self.ema_decay) * loss
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"running_mean": self.running_mean, "accepted": self.accepted,
-                "consecutive_skips": self.consecutive_skips, "total_skips": self.total_skips}
+        return {
+            "running_mean": self.running_mean,
+            "accepted": self.accepted,
+            "consecutive_skips": self.consecutive_skips,
+            "total_skips": self.total_skips,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.running_mean = state["running_mean"]

@@ -55,13 +55,24 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.gradients + self.optimizer_states + self.projections + self.activations
-                + self.distributed)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer_states
+            + self.projections
+            + self.activations
+            + self.distributed
+        )
 
     @property
     def peak(self) -> int:
-        return (self.weights + self.optimizer_states + self.projections + self.distributed
-                + max(self.gradients, self.activations))
+        return (
+            self.weights
+            + self.optimizer_states
+            + self.projections
+            + self.distributed
+            + max(self.gradients, self.activations)
+        )
 
 
 @dataclass(frozen=True)
@@ -123,8 +134,9 @@ def _state(layouts: Iterable[list[StateTensor]]) -> tuple[int, int]:
     return state + sum(shared.values()), projections
 
 
-def _matrix_group(spec: OptimizerSpec, plain: dict[str, Any], galore: dict[str, Any],
-                  cfg: TrainConfig) -> dict[str, Any]:
+def _matrix_group(
+    spec: OptimizerSpec, plain: dict[str, Any], galore: dict[str, Any], cfg: TrainConfig
+) -> dict[str, Any]:
     """The target weights' param group as build_optimizer makes it: GaLore's keys (spec.galore), then the
     optimizer's own from the config (spec.matrix_group: the limiter, APOLLO's projection and rank, Muon's flag)."""
     group = {**plain, **galore} if spec.galore else dict(plain)
@@ -133,7 +145,9 @@ def _matrix_group(spec: OptimizerSpec, plain: dict[str, Any], galore: dict[str, 
     return group
 
 
-def activation_bytes(model_config: LlamaConfig, *, dtype_bytes: int, batch_size: int, max_length: int, checkpointing: bool) -> int:
+def activation_bytes(
+    model_config: LlamaConfig, *, dtype_bytes: int, batch_size: int, max_length: int, checkpointing: bool
+) -> int:
     """Peak activation bytes of one micro-batch (HF LLaMA, SDPA attention), per token:
 
         layer = 2 (4h + e h + 4) + e (6h + 4i) + 4a     two RMSNorms (fp32 internals), q/k/v/RoPE/
@@ -194,7 +208,9 @@ def estimate_memory(
     if proj_type not in PROJ_TYPES:
         raise UserError(f"--proj-type must be one of {', '.join(PROJ_TYPES)}; got {proj_type!r}")
     if proj_bits not in QUANT_BITS + (32,) or proj_group_size <= 0:
-        raise UserError(f"--proj-bits must be 4, 8 or 32 and --proj-group-size positive; got {proj_bits}, {proj_group_size}")
+        raise UserError(
+            f"--proj-bits must be 4, 8 or 32 and --proj-group-size positive; got {proj_bits}, {proj_group_size}"
+        )
     if apollo_proj not in PROJECTIONS:
         raise UserError(f"--apollo-proj must be one of {', '.join(PROJECTIONS)}; got {apollo_proj!r}")
     try:
@@ -211,10 +227,16 @@ def estimate_memory(
     spec = OPTIMIZERS[name]
     moments = moments_group(name, moments_dtype)
     plain_group = {"beta1": beta1, "fisher_history": fisher_history}
-    galore = {"rank": rank, "proj_type": proj_type, "proj_bits": proj_bits, "proj_group_size": proj_group_size,
-              **moments}
-    matrix_group = _matrix_group(spec, plain_group, galore,
-                                 TrainConfig(norm_growth_limit=norm_growth_limit, apollo_proj=apollo_proj))
+    galore = {
+        "rank": rank,
+        "proj_type": proj_type,
+        "proj_bits": proj_bits,
+        "proj_group_size": proj_group_size,
+        **moments,
+    }
+    matrix_group = _matrix_group(
+        spec, plain_group, galore, TrainConfig(norm_growth_limit=norm_growth_limit, apollo_proj=apollo_proj)
+    )
     grouped = spec.galore or spec.matrix_group is not None
     rank = rank if method else matrix_group.get("rank", rank)  # APOLLO-Mini's is 1
     tensors: list[_Tensor] = []
@@ -227,8 +249,9 @@ def estimate_memory(
         else:
             tensors.append(_Tensor(shape, matrix=is_target and grouped))
     layout = spec.state_layout()
-    states, projections = _state(layout(t.shape, matrix_group if t.matrix else plain_group, e)
-                                 for t in tensors if t.trainable)
+    states, projections = _state(
+        layout(t.shape, matrix_group if t.matrix else plain_group, e) for t in tensors if t.trainable
+    )
     trainable = [t.numel * e for t in tensors if t.trainable]
     label = [f"{optimizer if method else name} rank {rank}" if spec.galore or method else name, dtype]
     label += ["fp32 moments"] if moments else []
@@ -241,8 +264,13 @@ def estimate_memory(
         gradients=max(trainable) if layerwise else sum(trainable),
         optimizer_states=states,
         projections=projections,
-        activations=activation_bytes(model_config, dtype_bytes=e, batch_size=batch_size, max_length=max_length,
-                                     checkpointing=activation_checkpointing),
+        activations=activation_bytes(
+            model_config,
+            dtype_bytes=e,
+            batch_size=batch_size,
+            max_length=max_length,
+            checkpointing=activation_checkpointing,
+        ),
     )
     return _per_gpu(estimate, nproc, distributed, layerwise, fsdp_gathered_bytes(named_shapes, e))
 
@@ -256,5 +284,10 @@ def _per_gpu(estimate: MemoryEstimate, nproc: int, distributed: str, layerwise: 
         return estimate
     if distributed == "ddp":
         return replace(estimate, distributed=0 if layerwise else estimate.gradients)
-    return replace(estimate, weights=-(-estimate.weights // nproc), gradients=-(-estimate.gradients // nproc),
-                   optimizer_states=-(-estimate.optimizer_states // nproc), distributed=gathered)
+    return replace(
+        estimate,
+        weights=-(-estimate.weights // nproc),
+        gradients=-(-estimate.gradients // nproc),
+        optimizer_states=-(-estimate.optimizer_states // nproc),
+        distributed=gathered,
+    )

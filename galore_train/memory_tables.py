@@ -55,8 +55,17 @@ def table2_rows() -> list[Table2Row]:
         config = load_model_config(model)
         full = estimate_memory(config, "adamw", rank, dtype="bf16")
         galore = estimate_memory(config, "galore_adamw", rank, dtype="bf16")
-        rows.append(Table2Row(model, rank, weights_and_states(full) / GIB, paper_full,
-                              weights_and_states(galore) / GIB, paper_galore, galore.projections / GIB))
+        rows.append(
+            Table2Row(
+                model,
+                rank,
+                weights_and_states(full) / GIB,
+                paper_full,
+                weights_and_states(galore) / GIB,
+                paper_galore,
+                galore.projections / GIB,
+            )
+        )
     return rows
 
 
@@ -66,9 +75,17 @@ def paper_table2() -> Table:
     for column in ("model", "rank", "Full", "paper", "dev", "GaLore", "paper", "dev", "+ projections"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in table2_rows():
-        table.add_row(row.model, str(row.rank), f"{row.full:.2f}", f"{row.paper_full:.2f}", f"{row.full_deviation:+.1%}",
-                      f"{row.galore:.2f}", f"{row.paper_galore:.2f}", f"{row.galore_deviation:+.1%}",
-                      f"{row.galore + row.galore_projections:.2f}")
+        table.add_row(
+            row.model,
+            str(row.rank),
+            f"{row.full:.2f}",
+            f"{row.paper_full:.2f}",
+            f"{row.full_deviation:+.1%}",
+            f"{row.galore:.2f}",
+            f"{row.paper_galore:.2f}",
+            f"{row.galore_deviation:+.1%}",
+            f"{row.galore + row.galore_projections:.2f}",
+        )
     return table
 
 
@@ -77,9 +94,13 @@ def memory_table(estimate: MemoryEstimate, title: str | None = None) -> Table:
     table = Table(title=title or estimate.label, min_width=60)
     table.add_column("part")
     table.add_column("GiB", justify="right")
-    parts = [("weights", estimate.weights), ("gradients", estimate.gradients),
-             ("optimizer states", estimate.optimizer_states), ("projection matrices", estimate.projections),
-             ("activations (estimated)", estimate.activations)]
+    parts = [
+        ("weights", estimate.weights),
+        ("gradients", estimate.gradients),
+        ("optimizer states", estimate.optimizer_states),
+        ("projection matrices", estimate.projections),
+        ("activations (estimated)", estimate.activations),
+    ]
     parts += [("DDP buckets / FSDP unsharded units", estimate.distributed)] if estimate.distributed else []
     for name, nbytes in parts:
         table.add_row(name, f"{nbytes / GIB:.3f}")
@@ -95,16 +116,34 @@ def compare_table(model_config: LlamaConfig, rank: int, *, title: str = "", **op
     table = Table(title=title or None)
     distributed = options.get("nproc", 1) > 1
     sharded = distributed and options.get("distributed") == "fsdp"
-    columns = ("optimizer", "weights", "gradients", "states", "projections", "activations", *(
-        ["ddp/fsdp"] if distributed else []), "total", "peak", "weights+states")
+    columns = (
+        "optimizer",
+        "weights",
+        "gradients",
+        "states",
+        "projections",
+        "activations",
+        *(["ddp/fsdp"] if distributed else []),
+        "total",
+        "peak",
+        "weights+states",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "optimizer" else "right")
     for name in FSDP_NAMES if sharded else OPTIMIZERS:
         moments = {} if name in MOMENTS_NAMES else {"moments_dtype": "param"}
         estimate = estimate_memory(model_config, name, rank, **{**options, **moments})
-        parts = (estimate.weights, estimate.gradients, estimate.optimizer_states, estimate.projections,
-                 estimate.activations, *([estimate.distributed] if distributed else []), estimate.total,
-                 estimate.peak, weights_and_states(estimate))
+        parts = (
+            estimate.weights,
+            estimate.gradients,
+            estimate.optimizer_states,
+            estimate.projections,
+            estimate.activations,
+            *([estimate.distributed] if distributed else []),
+            estimate.total,
+            estimate.peak,
+            weights_and_states(estimate),
+        )
         table.add_row(name, *(f"{nbytes / GIB:.2f}" for nbytes in parts))
     return table
 

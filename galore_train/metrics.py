@@ -26,8 +26,19 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsSink:
-    def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int, config: dict[str, Any],
-                 wandb_mode: Optional[str], project: str, run_name: str, tags: list[str], resume: bool) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        config: dict[str, Any],
+        wandb_mode: Optional[str],
+        project: str,
+        run_name: str,
+        tags: list[str],
+        resume: bool,
+    ) -> None:
         self.enabled = enabled
         self.output_dir = output_dir
         self.console = Console(stderr=True)
@@ -42,11 +53,20 @@ class MetricsSink:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(output_dir / "metrics.jsonl", "a" if resume else "w")
-        self._start_wandb(wandb_mode or os.environ.get("WANDB_MODE") or "online", project, run_name, tags, config, resume)
+        self._start_wandb(
+            wandb_mode or os.environ.get("WANDB_MODE") or "online", project, run_name, tags, config, resume
+        )
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False, disable=not self.console.is_terminal,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            disable=not self.console.is_terminal,
         )
         self._task = self._progress.add_task("train", total=total_steps, status="")
         self._progress.start()
@@ -60,8 +80,16 @@ class MetricsSink:
 
             run_id_file = self.output_dir / "wandb_run_id"
             run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
-            self.wandb_run = wandb.init(project=project, name=run_name, tags=tags or None, config=config, mode=mode,
-                                        dir=str(self.output_dir), id=run_id, resume="allow" if run_id else None)
+            self.wandb_run = wandb.init(
+                project=project,
+                name=run_name,
+                tags=tags or None,
+                config=config,
+                mode=mode,
+                dir=str(self.output_dir),
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
             run_id_file.write_text(self.wandb_run.id + "\n")
         except Exception as err:  # any W&B failure must not cost a training run
             self._warn_wandb(err)

@@ -50,7 +50,9 @@ def resolve_config_path(model: str) -> Path:
         return path
     candidate = config_dir() / f"{model}.json"
     if not candidate.is_file():
-        raise UserError(f"unknown model {model!r}; known: {', '.join(known_model_names())} (or give a path to a JSON config)")
+        raise UserError(
+            f"unknown model {model!r}; known: {', '.join(known_model_names())} (or give a path to a JSON config)"
+        )
     return candidate
 
 
@@ -83,23 +85,39 @@ def build_model(model_config: LlamaConfig, seed: int, dtype: torch.dtype = torch
     return model.to(dtype=dtype)
 
 
-ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "vocab_size", "hidden_act", "tie_word_embeddings")
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "hidden_act",
+    "tie_word_embeddings",
+)
 
 
 def architecture_differences(old: LlamaConfig, new: LlamaConfig) -> list[tuple[str, object, object]]:
     """(field, old value, new value) for each ARCHITECTURE_FIELDS entry that differs: configs that build
     different weights, whatever their file names."""
-    return [(name, getattr(old, name), getattr(new, name)) for name in ARCHITECTURE_FIELDS
-            if getattr(old, name) != getattr(new, name)]
+    return [
+        (name, getattr(old, name), getattr(new, name))
+        for name in ARCHITECTURE_FIELDS
+        if getattr(old, name) != getattr(new, name)
+    ]
 
 
 def _looks_like_path(source: str) -> bool:
     """Not a hub id: those are "name" or "owner/name", never start with "." or "~", never hold a backslash.
     An "owner/name" whose "owner" folder exists here is taken as a path too."""
     path = Path(source)
-    return (source.startswith((".", "~")) or path.is_absolute() or source.count("/") > 1 or "\\" in source
-            or (len(path.parts) > 1 and path.parent.exists()))
+    return (
+        source.startswith((".", "~"))
+        or path.is_absolute()
+        or source.count("/") > 1
+        or "\\" in source
+        or (len(path.parts) > 1 and path.parent.exists())
+    )
 
 
 def init_weights_source(source: str) -> str:
@@ -112,8 +130,10 @@ def init_weights_source(source: str) -> str:
     if path.exists():
         folder = resolve_checkpoint(path)
         if not (folder / "config.json").is_file():
-            raise UserError(f"--init-from {source} holds no model weights (no config.json, no checkpoint): "
-                            "give a checkpoint folder, a run folder or its checkpoints/ folder")
+            raise UserError(
+                f"--init-from {source} holds no model weights (no config.json, no checkpoint): "
+                "give a checkpoint folder, a run folder or its checkpoints/ folder"
+            )
         return str(folder)
     if _looks_like_path(source):
         raise UserError(f"--init-from {source}: no such file or directory")

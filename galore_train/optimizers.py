@@ -38,11 +38,14 @@ def _check_rank(galore: NamedParams, rank: int) -> None:
         raise UserError(f"--rank must be positive, got {rank}")
     for name, param in galore:
         if rank >= min(param.shape):
-            raise UserError(f"--rank {rank} is not below min{tuple(param.shape)} of {name}: GaLore would save nothing; lower --rank")
+            raise UserError(
+                f"--rank {rank} is not below min{tuple(param.shape)} of {name}: GaLore would save nothing; lower --rank"
+            )
 
 
-def _matrix_groups(model: nn.Module, cfg: TrainConfig, spec: OptimizerSpec,
-                   moments: dict[str, Any]) -> list[dict[str, Any]]:
+def _matrix_groups(
+    model: nn.Module, cfg: TrainConfig, spec: OptimizerSpec, moments: dict[str, Any]
+) -> list[dict[str, Any]]:
     """[plain, matrices]: the target weights in their own group, with GaLore's keys (spec.galore), the moments'
     dtype (--moments-dtype) and the optimizer's own (spec.matrix_group: Fira's and APOLLO's limiter, APOLLO's
     projection, Muon's flag)."""
@@ -51,9 +54,19 @@ def _matrix_groups(model: nn.Module, cfg: TrainConfig, spec: OptimizerSpec,
         raise UserError(f"--galore-targets {cfg.galore_targets} selects no trainable weight")
     group: dict[str, Any] = {"params": galore}
     if spec.galore:
-        group.update(rank=cfg.rank, update_proj_gap=cfg.gap, scale=cfg.scale, proj_type=cfg.proj_type, svd=cfg.svd,
-                     stagger_refresh=cfg.stagger_refresh, proj_bits=cfg.proj_bits, proj_group_size=cfg.proj_group_size,
-                     adaptive_gap=cfg.adaptive_gap, cos_threshold=cfg.cos_threshold, **moments)
+        group.update(
+            rank=cfg.rank,
+            update_proj_gap=cfg.gap,
+            scale=cfg.scale,
+            proj_type=cfg.proj_type,
+            svd=cfg.svd,
+            stagger_refresh=cfg.stagger_refresh,
+            proj_bits=cfg.proj_bits,
+            proj_group_size=cfg.proj_group_size,
+            adaptive_gap=cfg.adaptive_gap,
+            cos_threshold=cfg.cos_threshold,
+            **moments,
+        )
     if spec.matrix_group is not None:
         group.update(spec.matrix_group(cfg))
     if "rank" in group:

@@ -22,8 +22,15 @@ def plot_perplexity(runs: list[Run], path: Path) -> Optional[Path]:
     for index, cell in enumerate(group_cells(curves)):
         for number, run in enumerate(cell.runs):
             tokens, ppl = zip(*run.evals)
-            ax.plot(tokens, ppl, marker="o", markersize=3, color=colors(index % 10), linestyle=styles[number % len(styles)],
-                    label=f"{cell.row} · {cell.model} · seed {run.config.get('seed', '?')}")
+            ax.plot(
+                tokens,
+                ppl,
+                marker="o",
+                markersize=3,
+                color=colors(index % 10),
+                linestyle=styles[number % len(styles)],
+                label=f"{cell.row} · {cell.model} · seed {run.config.get('seed', '?')}",
+            )
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -43,18 +50,33 @@ def plot_memory(runs: list[Run], path: Path) -> Optional[Path]:
     plt = _pyplot()
     cells = group_cells(measured)
     colors = dict(zip(COMPONENTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    names = {"weights": "weights", "grads": "gradients", "optimizer_state": "optimizer states", "other": "activations and other"}
+    names = {
+        "weights": "weights",
+        "grads": "gradients",
+        "optimizer_state": "optimizer states",
+        "other": "activations and other",
+    }
     fig, ax = plt.subplots(figsize=(max(8, 3 + 1.4 * len(cells)), 4.5))
     for x, cell in enumerate(cells):
         for offset, source, hatch in ((-0.2, "measured", None), (0.2, "estimated", "//")):
             bottom = 0.0
             for part in COMPONENTS:
-                values = [r.peaks.get(part) if source == "measured" else r.estimated(ESTIMATE_PARTS[part]) for r in cell.runs]
+                values = [
+                    r.peaks.get(part) if source == "measured" else r.estimated(ESTIMATE_PARTS[part]) for r in cell.runs
+                ]
                 height = known_mean(values)
                 if height is None:
                     continue
-                ax.bar(x + offset, height * 1024, 0.38, bottom=bottom, color=colors[part], hatch=hatch,
-                       edgecolor="black" if hatch else None, linewidth=0.3)
+                ax.bar(
+                    x + offset,
+                    height * 1024,
+                    0.38,
+                    bottom=bottom,
+                    color=colors[part],
+                    hatch=hatch,
+                    edgecolor="black" if hatch else None,
+                    linewidth=0.3,
+                )
                 bottom += height * 1024
         peak = known_mean(r.peaks.get("memory") for r in cell.runs)
         if peak is not None:

@@ -33,8 +33,10 @@ class Recipe:
 
 
 def _size(size: str, rank: int, steps: int) -> Recipe:
-    return Recipe({**_COMMON, "rank": rank, "num_training_steps": steps},
-                  f"GaLore paper Table 2 ({size}: rank {rank}), Table 5 and reference scripts ({steps // 1000}K steps)")
+    return Recipe(
+        {**_COMMON, "rank": rank, "num_training_steps": steps},
+        f"GaLore paper Table 2 ({size}: rank {rank}), Table 5 and reference scripts ({steps // 1000}K steps)",
+    )
 
 
 PAPER_RECIPES: dict[str, Recipe] = {
@@ -42,9 +44,18 @@ PAPER_RECIPES: dict[str, Recipe] = {
     "llama_130m": _size("130M", 256, 20_000),
     "llama_350m": _size("350M", 256, 60_000),
     "llama_1b": _size("1B", 512, 100_000),
-    "llama_7b": Recipe({**_COMMON, "rank": 1024, "gap": 500, "scale": 0.25, "lr": 0.005,
-                         "num_training_steps": 150_000, "grad_clipping": 1.0},
-                       "GaLore paper Table 3 / Section 5.2 (7B: rank 1024, gap 500, lr 0.005, 150K steps)"),
+    "llama_7b": Recipe(
+        {
+            **_COMMON,
+            "rank": 1024,
+            "gap": 500,
+            "scale": 0.25,
+            "lr": 0.005,
+            "num_training_steps": 150_000,
+            "grad_clipping": 1.0,
+        },
+        "GaLore paper Table 3 / Section 5.2 (7B: rank 1024, gap 500, lr 0.005, 150K steps)",
+    ),
 }
 
 

@@ -23,8 +23,12 @@ Settings = Callable[[Any], dict[str, Any]]  # a TrainConfig -> the constructor's
 
 
 def _adam(cfg: Any) -> dict[str, Any]:
-    return {"lr": cfg.lr, "betas": (0.9 if cfg.beta1 is None else cfg.beta1, cfg.beta2), "eps": cfg.eps,
-            "weight_decay": cfg.weight_decay}
+    return {
+        "lr": cfg.lr,
+        "betas": (0.9 if cfg.beta1 is None else cfg.beta1, cfg.beta2),
+        "eps": cfg.eps,
+        "weight_decay": cfg.weight_decay,
+    }
 
 
 def _adafactor(cfg: Any) -> dict[str, Any]:
@@ -56,8 +60,12 @@ def _apollo_matrices(cfg: Any, mini: bool = False) -> dict[str, Any]:
     from galore_train.optim.apollo import APOLLO_SCALE, MINI_SCALE
 
     default_scale = MINI_SCALE if mini else APOLLO_SCALE
-    group = {**_limited(cfg), "proj": cfg.apollo_proj, "scale_type": "tensor" if mini else cfg.apollo_scale_type,
-             "scale": cfg.apollo_scale if cfg.apollo_scale is not None else default_scale}
+    group = {
+        **_limited(cfg),
+        "proj": cfg.apollo_proj,
+        "scale_type": "tensor" if mini else cfg.apollo_scale_type,
+        "scale": cfg.apollo_scale if cfg.apollo_scale is not None else default_scale,
+    }
     return {**group, "rank": 1} if mini else group
 
 
@@ -123,45 +131,138 @@ _FIRA = ("fira_residual", "norm_growth_limit", *_MOMENTS)
 _APOLLO = ("apollo_proj", "apollo_scale_type", "apollo_scale", "norm_growth_limit", *_MOMENTS)
 _LORA_STATE = "mn frozen weight + (m+n)r adapters, AdamW moments of the adapters 2(m+n)r"
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
-    OptimizerSpec("adamw", "Full-Rank", "2mn moments + a float32 step", "torch.optim:AdamW", _adam, _TORCH_ADAM,
-                  eightbit="adam8bit", fsdp=True),
-    OptimizerSpec("adam", "Full-Rank (Adam)", "2mn moments + a float32 step", "torch.optim:Adam", _adam, _TORCH_ADAM,
-                  eightbit="adam8bit", fsdp=True),
-    OptimizerSpec("adafactor", "Adafactor", "m + n fp32 (factored second moment); + mn fp32 with --beta1",
-                  "galore_train.optim:GaLoreAdafactor", _adafactor),
-    OptimizerSpec("adam8bit", "8-bit Adam", "2mn bytes + fp32 absmax per 256 values (fp32 moments below 4096 values)",
-                  "galore_train.optim.external:bitsandbytes_adamw8bit", _adam,
-                  "galore_train.optim.external:bitsandbytes_adamw8bit_state_layout", eightbit="adam8bit"),
-    OptimizerSpec("galore_adamw", "GaLore", "mr projection + 2nr moments", "galore_train.optim:GaLoreAdamW", _adam,
-                  eightbit="galore_adamw8bit", galore=True, options=_MOMENTS, fsdp=True),
-    OptimizerSpec("galore_adafactor", "GaLore-Adafactor", "mr projection + r + n fp32; + nr fp32 with --beta1",
-                  "galore_train.optim:GaLoreAdafactor", _adafactor, galore=True),
-    OptimizerSpec("galore_adamw8bit", "8-bit GaLore", "mr projection + 2nr bytes + fp32 absmax per 256 values",
-                  "galore_train.optim:GaLoreAdamW8bit", _adam, eightbit="galore_adamw8bit", galore=True),
-    OptimizerSpec("natural_galore_adamw", "Natural GaLore",
-                  "mr projection + 2nr moments + s nr gradient history + s^2 fp64 (s = --fisher-history)",
-                  "galore_train.optim:NaturalGaLoreAdamW", _natural, galore=True, options=_MOMENTS),
-    OptimizerSpec("fira_adamw", "Fira", "mr projection + 2nr moments + a float32 norm (unless --norm-growth-limit 0)",
-                  "galore_train.optim:FiraAdamW", _fira, galore=True, matrix_group=_limited, options=_FIRA),
-    OptimizerSpec("apollo_adamw", "APOLLO",
-                  "2nr moments + a float32 norm; the random projection is regenerated, not stored (+ mr with "
-                  "--apollo-proj svd)",
-                  "galore_train.optim:ApolloAdamW", _apollo, galore=True, matrix_group=_apollo_matrices,
-                  options=_APOLLO),
-    OptimizerSpec("apollo_mini", "APOLLO-Mini", "2n moments (rank 1: O(m + n)) + a float32 norm",
-                  "galore_train.optim:ApolloAdamW", _apollo, galore=True,
-                  matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True),
-                  options=tuple(name for name in _APOLLO if name != "apollo_scale_type")),  # always tensor-wise
-    OptimizerSpec("muon", "Muon",
-                  "mn momentum (torch.optim.Muon: no step count); AdamW's moments + a float32 step elsewhere",
-                  "galore_train.optim:MuonAdamW", _adam, matrix_group=lambda cfg: {"muon": True}),
-    OptimizerSpec("lora", "LoRA", _LORA_STATE, "galore_train.methods.lora:LoRA", base="adamw"),
-    OptimizerSpec("relora", "ReLoRA", _LORA_STATE + "; merged and restarted every --relora-reset steps",
-                  "galore_train.methods.relora:ReLoRA", base="adamw"),
-    OptimizerSpec("low_rank", "Low-Rank", "(m+n)r factors replace the weight, AdamW moments 2(m+n)r",
-                  "galore_train.methods.low_rank:LowRank", base="adamw"),
-)}
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec(
+            "adamw",
+            "Full-Rank",
+            "2mn moments + a float32 step",
+            "torch.optim:AdamW",
+            _adam,
+            _TORCH_ADAM,
+            eightbit="adam8bit",
+            fsdp=True,
+        ),
+        OptimizerSpec(
+            "adam",
+            "Full-Rank (Adam)",
+            "2mn moments + a float32 step",
+            "torch.optim:Adam",
+            _adam,
+            _TORCH_ADAM,
+            eightbit="adam8bit",
+            fsdp=True,
+        ),
+        OptimizerSpec(
+            "adafactor",
+            "Adafactor",
+            "m + n fp32 (factored second moment); + mn fp32 with --beta1",
+            "galore_train.optim:GaLoreAdafactor",
+            _adafactor,
+        ),
+        OptimizerSpec(
+            "adam8bit",
+            "8-bit Adam",
+            "2mn bytes + fp32 absmax per 256 values (fp32 moments below 4096 values)",
+            "galore_train.optim.external:bitsandbytes_adamw8bit",
+            _adam,
+            "galore_train.optim.external:bitsandbytes_adamw8bit_state_layout",
+            eightbit="adam8bit",
+        ),
+        OptimizerSpec(
+            "galore_adamw",
+            "GaLore",
+            "mr projection + 2nr moments",
+            "galore_train.optim:GaLoreAdamW",
+            _adam,
+            eightbit="galore_adamw8bit",
+            galore=True,
+            options=_MOMENTS,
+            fsdp=True,
+        ),
+        OptimizerSpec(
+            "galore_adafactor",
+            "GaLore-Adafactor",
+            "mr projection + r + n fp32; + nr fp32 with --beta1",
+            "galore_train.optim:GaLoreAdafactor",
+            _adafactor,
+            galore=True,
+        ),
+        OptimizerSpec(
+            "galore_adamw8bit",
+            "8-bit GaLore",
+            "mr projection + 2nr bytes + fp32 absmax per 256 values",
+            "galore_train.optim:GaLoreAdamW8bit",
+            _adam,
+            eightbit="galore_adamw8bit",
+            galore=True,
+        ),
+        OptimizerSpec(
+            "natural_galore_adamw",
+            "Natural GaLore",
+            "mr projection + 2nr moments + s nr gradient history + s^2 fp64 (s = --fisher-history)",
+            "galore_train.optim:NaturalGaLoreAdamW",
+            _natural,
+            galore=True,
+            options=_MOMENTS,
+        ),
+        OptimizerSpec(
+            "fira_adamw",
+            "Fira",
+            "mr projection + 2nr moments + a float32 norm (unless --norm-growth-limit 0)",
+            "galore_train.optim:FiraAdamW",
+            _fira,
+            galore=True,
+            matrix_group=_limited,
+            options=_FIRA,
+        ),
+        OptimizerSpec(
+            "apollo_adamw",
+            "APOLLO",
+            "2nr moments + a float32 norm; the random projection is regenerated, not stored (+ mr with "
+            "--apollo-proj svd)",
+            "galore_train.optim:ApolloAdamW",
+            _apollo,
+            galore=True,
+            matrix_group=_apollo_matrices,
+            options=_APOLLO,
+        ),
+        OptimizerSpec(
+            "apollo_mini",
+            "APOLLO-Mini",
+            "2n moments (rank 1: O(m + n)) + a float32 norm",
+            "galore_train.optim:ApolloAdamW",
+            _apollo,
+            galore=True,
+            matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True),
+            options=tuple(name for name in _APOLLO if name != "apollo_scale_type"),
+        ),  # always tensor-wise
+        OptimizerSpec(
+            "muon",
+            "Muon",
+            "mn momentum (torch.optim.Muon: no step count); AdamW's moments + a float32 step elsewhere",
+            "galore_train.optim:MuonAdamW",
+            _adam,
+            matrix_group=lambda cfg: {"muon": True},
+        ),
+        OptimizerSpec("lora", "LoRA", _LORA_STATE, "galore_train.methods.lora:LoRA", base="adamw"),
+        OptimizerSpec(
+            "relora",
+            "ReLoRA",
+            _LORA_STATE + "; merged and restarted every --relora-reset steps",
+            "galore_train.methods.relora:ReLoRA",
+            base="adamw",
+        ),
+        OptimizerSpec(
+            "low_rank",
+            "Low-Rank",
+            "(m+n)r factors replace the weight, AdamW moments 2(m+n)r",
+            "galore_train.methods.low_rank:LowRank",
+            base="adamw",
+        ),
+    )
+}
 OPTIMIZER_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if not spec.is_method)
 METHOD_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if spec.is_method)
 GALORE_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if spec.galore)
@@ -197,8 +298,10 @@ def moments_group(name: str, moments_dtype: str) -> dict[str, Any]:
     if moments_dtype == "param":
         return {}
     if not OPTIMIZERS[name].moments:
-        raise UserError(f"--moments-dtype {moments_dtype} applies to the low-rank Adam moments of "
-                        f"{listing(MOMENTS_NAMES)}, not to {name}")
+        raise UserError(
+            f"--moments-dtype {moments_dtype} applies to the low-rank Adam moments of "
+            f"{listing(MOMENTS_NAMES)}, not to {name}"
+        )
     import torch
 
     return {"moment_dtype": torch.float32}

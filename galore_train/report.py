@@ -34,6 +34,7 @@ PAPER_TABLE2_PERPLEXITY = {
 # Formatting
 # ---------------------------------------------------------------------------------------------
 
+
 def _ppl(value: Optional[float], like: Optional[float] = None) -> str:
     """Perplexity with 2 decimals below 100, 1 above (as precise as `like`, for a spread)."""
     if value is None:
@@ -104,7 +105,9 @@ def _full_rank_reference(cells: list[Cell]) -> dict[str, float]:
     return reference
 
 
-def _relative_rows(cells: list[Cell], rows: list[str], models: list[str], reference: dict[str, float]) -> list[list[str]]:
+def _relative_rows(
+    cells: list[Cell], rows: list[str], models: list[str], reference: dict[str, float]
+) -> list[list[str]]:
     """Each row's perplexity relative to the Full-Rank reference of the same model, with the paper's."""
     table = []
     for row in rows:
@@ -130,13 +133,41 @@ def _paper_relative(method: str) -> str:
 def _runs_table(runs: list[Run]) -> str:
     def row(r: Run) -> list[str]:
         known = r.status != "missing"
-        return [r.source, r.status_text(), r.model if known else "—", r.method if known else "—",
-                str(r.config.get("seed", "—")), str(r.config.get("lr", "—")), str(r.config.get("rank", "—")) if r.uses_rank else "—",
-                str(r.steps_done), _count(r.tokens_seen), str(r.summary.get("epochs", "—")), _ppl(r.val_perplexity),
-                *(_gib(r.peaks.get(p)) for p in ("memory", *COMPONENTS)), _count(r.tokens_per_second)]
+        return [
+            r.source,
+            r.status_text(),
+            r.model if known else "—",
+            r.method if known else "—",
+            str(r.config.get("seed", "—")),
+            str(r.config.get("lr", "—")),
+            str(r.config.get("rank", "—")) if r.uses_rank else "—",
+            str(r.steps_done),
+            _count(r.tokens_seen),
+            str(r.summary.get("epochs", "—")),
+            _ppl(r.val_perplexity),
+            *(_gib(r.peaks.get(p)) for p in ("memory", *COMPONENTS)),
+            _count(r.tokens_per_second),
+        ]
 
-    header = ["Run", "Status", "Model", "Method", "Seed", "LR", "Rank", "Steps", "Tokens", "Epochs", "Val ppl",
-              "Peak", "Weights", "Grads", "Opt. state", "Other", "Tokens/s"]
+    header = [
+        "Run",
+        "Status",
+        "Model",
+        "Method",
+        "Seed",
+        "LR",
+        "Rank",
+        "Steps",
+        "Tokens",
+        "Epochs",
+        "Val ppl",
+        "Peak",
+        "Weights",
+        "Grads",
+        "Opt. state",
+        "Other",
+        "Tokens/s",
+    ]
     return _markdown_table(header, [row(r) for r in runs])
 
 
@@ -151,21 +182,39 @@ def markdown_report(runs: list[Run], plots: list[Path], output: Optional[Path], 
     parts = [f"# {title or 'Training runs'}"]
     if cells:
         tokens = [_count(known_mean(r.tokens_seen for r in present if r.model == m)) for m in models]
-        parts += ["## Validation perplexity", _markdown_table(
-            ["Method", *models], [[row, *(_perplexity_cell(find.get((row, m))) for m in models)] for row in rows]
-            + [["Training tokens", *tokens]]),
+        parts += [
+            "## Validation perplexity",
+            _markdown_table(
+                ["Method", *models],
+                [[row, *(_perplexity_cell(find.get((row, m))) for m in models)] for row in rows]
+                + [["Training tokens", *tokens]],
+            ),
             "Mean over finished runs (seeds); ± is half the range of the runs"
-            + ("; [paper] is the GaLore paper's Table 2." if any(PAPER_TABLE2_PERPLEXITY.get(r, {}).get(m) for r in rows for m in models) else ".")]
-        parts += ["## Memory", _markdown_table(
-            ["Method", *models], [[row, *(_memory_cell(find.get((row, m))) for m in models)] for row in rows]),
-            "Weights + optimizer states (the paper's Table 2 memory; GaLore's projection matrices count as optimizer state) "
+            + (
+                "; [paper] is the GaLore paper's Table 2."
+                if any(PAPER_TABLE2_PERPLEXITY.get(r, {}).get(m) for r in rows for m in models)
+                else "."
+            ),
+        ]
+        parts += [
+            "## Memory",
+            _markdown_table(
+                ["Method", *models], [[row, *(_memory_cell(find.get((row, m))) for m in models)] for row in rows]
+            ),
+            "Weights + optimizer states (the paper's Table 2 memory; GaLore's projection matrices count as optimizer"
+            " state) "
             "measured (highest reading of each in metrics.jsonl), `est` the same from galore_train.memory's estimator, "
-            "`peak` the measured peak of all live tensors. MiB = 2^20 bytes, GiB = 2^30 bytes."]
+            "`peak` the measured peak of all live tensors. MiB = 2^20 bytes, GiB = 2^30 bytes.",
+        ]
     reference = _full_rank_reference(cells)
     if reference:
-        parts += ["## Relative to Full-Rank", _markdown_table(
-            ["Method", *models, "paper: 60M / 130M / 350M / 1B"], _relative_rows(cells, rows, models, reference)),
-            "Perplexity relative to the best Full-Rank row of the same model (negative = better)."]
+        parts += [
+            "## Relative to Full-Rank",
+            _markdown_table(
+                ["Method", *models, "paper: 60M / 130M / 350M / 1B"], _relative_rows(cells, rows, models, reference)
+            ),
+            "Perplexity relative to the best Full-Rank row of the same model (negative = better).",
+        ]
     parts += ["## Runs", _runs_table(runs)]
     if plots:
         base = output.parent if output else Path.cwd()
@@ -173,9 +222,27 @@ def markdown_report(runs: list[Run], plots: list[Path], output: Optional[Path], 
     return "\n\n".join(parts) + "\n"
 
 
-CSV_FIELDS = ("source", "status", "model", "method", "row", "seed", "lr", "rank", "steps", "total_steps", "tokens_seen",
-              "epochs", "val_loss", "val_perplexity", "peak_memory_gb", *(f"peak_{c}_gb" for c in COMPONENTS),
-              "est_weights_and_states_gb", "est_total_gb", "tokens_per_second")
+CSV_FIELDS = (
+    "source",
+    "status",
+    "model",
+    "method",
+    "row",
+    "seed",
+    "lr",
+    "rank",
+    "steps",
+    "total_steps",
+    "tokens_seen",
+    "epochs",
+    "val_loss",
+    "val_perplexity",
+    "peak_memory_gb",
+    *(f"peak_{c}_gb" for c in COMPONENTS),
+    "est_weights_and_states_gb",
+    "est_total_gb",
+    "tokens_per_second",
+)
 
 
 def csv_report(runs: list[Run]) -> str:
@@ -185,17 +252,29 @@ def csv_report(runs: list[Run]) -> str:
     writer = csv_module.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for run in runs:
-        writer.writerow({
-            "source": run.source, "status": run.status, "model": run.model if run.status != "missing" else "",
-            "method": run.method if run.status != "missing" else "", "row": rows.get(id(run), ""),
-            "seed": run.config.get("seed", ""), "lr": run.config.get("lr", ""), "rank": run.config.get("rank", "") if run.uses_rank else "",
-            "steps": run.steps_done, "total_steps": run.total_steps or "", "tokens_seen": run.tokens_seen or "",
-            "epochs": run.summary.get("epochs", ""), "val_loss": run.summary.get("val_loss", ""),
-            "val_perplexity": run.val_perplexity or "", "peak_memory_gb": run.peaks.get("memory", ""),
-            **{f"peak_{c}_gb": run.peaks.get(c, "") for c in COMPONENTS},
-            "est_weights_and_states_gb": run.estimated("weights_and_states") or "",
-            "est_total_gb": run.estimated("total") or "", "tokens_per_second": run.tokens_per_second or "",
-        })
+        writer.writerow(
+            {
+                "source": run.source,
+                "status": run.status,
+                "model": run.model if run.status != "missing" else "",
+                "method": run.method if run.status != "missing" else "",
+                "row": rows.get(id(run), ""),
+                "seed": run.config.get("seed", ""),
+                "lr": run.config.get("lr", ""),
+                "rank": run.config.get("rank", "") if run.uses_rank else "",
+                "steps": run.steps_done,
+                "total_steps": run.total_steps or "",
+                "tokens_seen": run.tokens_seen or "",
+                "epochs": run.summary.get("epochs", ""),
+                "val_loss": run.summary.get("val_loss", ""),
+                "val_perplexity": run.val_perplexity or "",
+                "peak_memory_gb": run.peaks.get("memory", ""),
+                **{f"peak_{c}_gb": run.peaks.get(c, "") for c in COMPONENTS},
+                "est_weights_and_states_gb": run.estimated("weights_and_states") or "",
+                "est_total_gb": run.estimated("total") or "",
+                "tokens_per_second": run.tokens_per_second or "",
+            }
+        )
     return out.getvalue()
 
 
@@ -203,8 +282,16 @@ def csv_report(runs: list[Run]) -> str:
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-def report(run_dirs: list[Path], *, output: Optional[Path] = None, csv: bool = False, plots_dir: Optional[Path] = None,
-           wandb_csv: Optional[Path] = None, title: Optional[str] = None) -> str:
+
+def report(
+    run_dirs: list[Path],
+    *,
+    output: Optional[Path] = None,
+    csv: bool = False,
+    plots_dir: Optional[Path] = None,
+    wandb_csv: Optional[Path] = None,
+    title: Optional[str] = None,
+) -> str:
     """Build the report. Writes `output` (markdown; with `csv` also the .csv beside it) and the plots
     into `plots_dir`. Returns the text to show: the markdown, or the CSV when `csv` has no `output`."""
     if not run_dirs and wandb_csv is None:
@@ -214,8 +301,14 @@ def report(run_dirs: list[Path], *, output: Optional[Path] = None, csv: bool = F
         run.estimate = estimated_memory(run) if run.status != "missing" else None
     plots = []
     if plots_dir is not None:
-        plots = [p for p in (plot_perplexity(runs, plots_dir / "val_perplexity.png"),
-                             plot_memory(runs, plots_dir / "memory.png")) if p is not None]
+        plots = [
+            p
+            for p in (
+                plot_perplexity(runs, plots_dir / "val_perplexity.png"),
+                plot_memory(runs, plots_dir / "memory.png"),
+            )
+            if p is not None
+        ]
     markdown = markdown_report(runs, plots, output, title)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

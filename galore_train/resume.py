@@ -42,7 +42,9 @@ def find_checkpoint(cfg: TrainConfig, output_dir: Path) -> Optional[Path]:
     if cfg.resume:
         return checkpoint.latest_checkpoint(root)  # None: nothing saved yet, start fresh
     if (output_dir / "metrics.jsonl").exists() or checkpoint.list_checkpoints(root):
-        raise UserError(f"{output_dir} already holds a run: pass --resume to continue it, or choose another --output-dir")
+        raise UserError(
+            f"{output_dir} already holds a run: pass --resume to continue it, or choose another --output-dir"
+        )
     return None
 
 
@@ -64,8 +66,10 @@ def check_ranks_agree(path: Optional[Path], env: distributed.DistEnv) -> None:
     seen = distributed.gather_objects(fingerprint(path), env)
     if len(set(seen)) > 1:
         found = "; ".join(f"rank {rank}: {view[0]}" for rank, view in enumerate(seen))
-        raise UserError(f"the processes would not resume the same checkpoint ({found}); "
-                        "put --output-dir on a filesystem every node sees, or pass --resume-from")
+        raise UserError(
+            f"the processes would not resume the same checkpoint ({found}); "
+            "put --output-dir on a filesystem every node sees, or pass --resume-from"
+        )
 
 
 def _built_optimizer(name: str, eightbit: bool) -> str:
@@ -103,12 +107,21 @@ def check_compatible(path: Path, cfg: TrainConfig, model_config: LlamaConfig, dt
     fatal, changed = cfg.resume_differences(saved)
     fatal = (built_differently or []) + fatal
     if fatal:
-        recipe = f"; it was trained with --recipe {saved['recipe']}: pass it again" if saved.get("recipe") != cfg.recipe else ""
-        raise UserError(f"cannot resume {path} with a different {'; '.join(fatal)} "
-                        f"(its saved state was built for the old value{recipe}; or start a new run, with --init-from for the weights)")
+        recipe = (
+            f"; it was trained with --recipe {saved['recipe']}: pass it again"
+            if saved.get("recipe") != cfg.recipe
+            else ""
+        )
+        raise UserError(
+            f"cannot resume {path} with a different {'; '.join(fatal)} "
+            f"(its saved state was built for the old value{recipe}; or start a new run, with --init-from for the"
+            " weights)"
+        )
     if changed:
-        log.warning("resuming with settings changed since the checkpoint, so the run will differ from an "
-                    "uninterrupted one: %s", "; ".join(changed))
+        log.warning(
+            "resuming with settings changed since the checkpoint, so the run will differ from an uninterrupted one: %s",
+            "; ".join(changed),
+        )
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -143,8 +156,10 @@ def load_weights(model: nn.Module, path: Path) -> None:
                         found.add(name)
     if found != set(targets):
         missing = sorted(set(targets) - found)
-        raise UserError(f"{path} does not hold the weights of this model (missing {', '.join(missing[:3])}"
-                        f"{' ...' if len(missing) > 3 else ''})")
+        raise UserError(
+            f"{path} does not hold the weights of this model (missing {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''})"
+        )
 
 
 def _read_all(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -155,7 +170,9 @@ def _read_all(files: list[Path]) -> dict[str, torch.Tensor]:
     return weights
 
 
-def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, state: dict[str, Any]) -> None:
+def restore_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, state: dict[str, Any]
+) -> None:
     """Load the optimizer and schedule state, keeping this run's hyperparameters.
 
     Loading also loads the checkpoint's hyperparameters (peak lr, betas, weight decay, GaLore's gap and

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from galore_train.checkpoint import latest_checkpoint
-from galore_train.config import ABSENT_MEANS, TrainConfig, plan_steps
+from galore_train.config import ABSENT_MEANS, TrainConfig
 from galore_train.errors import UserError
+from galore_train.plan import plan_steps
 from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 
 GIB = 2**30
@@ -29,15 +30,37 @@ COMPONENTS = ("weights", "grads", "optimizer_state", "other")  # the measured pa
 # Row order: the paper's Table 2 methods first, then every other registry entry in registry order.
 _PAPER_ROWS = ("adamw", "adam", "galore_adamw", "low_rank", "lora", "relora")
 ROW_ORDER = [OPTIMIZERS[name].label for name in _PAPER_ROWS] + [
-    spec.label for name, spec in OPTIMIZERS.items() if name not in _PAPER_ROWS]
+    spec.label for name, spec in OPTIMIZERS.items() if name not in _PAPER_ROWS
+]
 
 LOW_RANK_SECTION = "GaLore and low-rank methods"  # TrainConfig's options that only GaLore and LoRA-likes use
 # Settings that make two runs of one method different experiments (rows), unlike the seed.
-SETTING_FIELDS = ("lr", "rank", "gap", "scale", "proj_type", "max_length", "pack", "total_batch_size",
-                  "num_training_steps", "max_train_tokens", "weight_decay", "grad_clipping", "dtype",
-                  "activation_checkpointing", "lora_alpha", "relora_reset", "relora_warm_start", "svd",
-                  "fira_residual", "apollo_proj", "apollo_scale_type", "apollo_scale", "norm_growth_limit",
-                  "moments_dtype")
+SETTING_FIELDS = (
+    "lr",
+    "rank",
+    "gap",
+    "scale",
+    "proj_type",
+    "max_length",
+    "pack",
+    "total_batch_size",
+    "num_training_steps",
+    "max_train_tokens",
+    "weight_decay",
+    "grad_clipping",
+    "dtype",
+    "activation_checkpointing",
+    "lora_alpha",
+    "relora_reset",
+    "relora_warm_start",
+    "svd",
+    "fira_residual",
+    "apollo_proj",
+    "apollo_scale_type",
+    "apollo_scale",
+    "norm_growth_limit",
+    "moments_dtype",
+)
 # Settings only some optimizers read (their registry entries' `options`): they matter for those optimizers' runs only.
 OPTIMIZER_OPTIONS = frozenset(name for spec in OPTIMIZERS.values() for name in spec.options)
 
@@ -171,7 +194,9 @@ def load_run(run_dir: Path) -> Run:
     """Read one run directory; never raises for missing or half-written files."""
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     # Before its first checkpoint (or without a config in it), the run's own copy, written at every start.
-    config = (_read_json(checkpoint / "train_config.json") if checkpoint else {}) or _read_json(run_dir / "train_config.json")
+    config = (_read_json(checkpoint / "train_config.json") if checkpoint else {}) or _read_json(
+        run_dir / "train_config.json"
+    )
     records = _read_jsonl(run_dir / "metrics.jsonl")
     summary = _read_json(run_dir / "summary.json")
     if not (config or records or summary):
@@ -186,10 +211,16 @@ def load_run(run_dir: Path) -> Run:
     speeds = [s for s in speeds if s is not None]
     model_config = checkpoint / "config.json" if checkpoint and (checkpoint / "config.json").is_file() else None
     return Run(
-        source=str(run_dir), status="finished" if finished else "unfinished", config=config, summary=summary,
-        steps_done=steps_done, total_steps=total, tokens_done=max(tokens) if tokens else None,
+        source=str(run_dir),
+        status="finished" if finished else "unfinished",
+        config=config,
+        summary=summary,
+        steps_done=steps_done,
+        total_steps=total,
+        tokens_done=max(tokens) if tokens else None,
         evals=[(int(r.get("tokens_seen", 0)), float(r["val_perplexity"])) for _, r in sorted(evals.items())],
-        peaks=_peaks(steps), tokens_per_second=statistics.median(speeds) if speeds else None,
+        peaks=_peaks(steps),
+        tokens_per_second=statistics.median(speeds) if speeds else None,
         model_config_path=model_config,
     )
 
@@ -231,10 +262,21 @@ def load_wandb_csv(path: Path) -> list[Run]:
         steps = int(_number(values.get("steps", values.get("_step"))) or 0)
         total = planned_steps(config)
         status = "unfinished" if state == "running" else state
-        peaks = {part: v for part in ("memory", *COMPONENTS) if (v := _number(values.get(f"peak_{part}_gb"))) is not None}
-        runs.append(Run(source=f"W&B: {values.get('Name', '?')}", status=status, config=config, summary=summary,
-                        steps_done=steps, total_steps=total, peaks=peaks,
-                        tokens_per_second=_number(values.get("tokens_per_second"))))
+        peaks = {
+            part: v for part in ("memory", *COMPONENTS) if (v := _number(values.get(f"peak_{part}_gb"))) is not None
+        }
+        runs.append(
+            Run(
+                source=f"W&B: {values.get('Name', '?')}",
+                status=status,
+                config=config,
+                summary=summary,
+                steps_done=steps,
+                total_steps=total,
+                peaks=peaks,
+                tokens_per_second=_number(values.get("tokens_per_second")),
+            )
+        )
     return runs
 
 
@@ -243,11 +285,28 @@ def load_wandb_csv(path: Path) -> list[Run]:
 # ---------------------------------------------------------------------------------------------
 
 # The estimator's part that corresponds to each measured component.
-ESTIMATE_PARTS = {"weights": "weights", "grads": "gradients", "optimizer_state": "optimizer_states", "other": "activations"}
+ESTIMATE_PARTS = {
+    "weights": "weights",
+    "grads": "gradients",
+    "optimizer_state": "optimizer_states",
+    "other": "activations",
+}
 # TrainConfig fields the estimator may take as keywords (it is asked only for those it declares).
-ESTIMATE_OPTIONS = ("eightbit", "layerwise", "batch_size", "max_length", "activation_checkpointing", "galore_targets",
-                    "proj_type", "beta1", "proj_bits", "proj_group_size", "fisher_history", "norm_growth_limit",
-                    "apollo_proj")
+ESTIMATE_OPTIONS = (
+    "eightbit",
+    "layerwise",
+    "batch_size",
+    "max_length",
+    "activation_checkpointing",
+    "galore_targets",
+    "proj_type",
+    "beta1",
+    "proj_bits",
+    "proj_group_size",
+    "fisher_history",
+    "norm_growth_limit",
+    "apollo_proj",
+)
 
 
 TRAIN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "fp32": "fp32", "bf16": "bf16"}  # summary or config -> estimator
@@ -273,8 +332,14 @@ def estimated_memory(run: Run) -> Optional[dict[str, float]]:
         estimate = estimate_memory(model_config, c["optimizer"], c.get("rank", 128), dtype=dtype, **options)
         # GaLore's projection matrices live in the optimizer's state, where the meter counts them too.
         states = estimate.optimizer_states + estimate.projections
-        parts = {"weights": estimate.weights, "gradients": estimate.gradients, "optimizer_states": states,
-                 "activations": estimate.activations, "weights_and_states": estimate.weights + states, "total": estimate.total}
+        parts = {
+            "weights": estimate.weights,
+            "gradients": estimate.gradients,
+            "optimizer_states": states,
+            "activations": estimate.activations,
+            "weights_and_states": estimate.weights + states,
+            "total": estimate.total,
+        }
     except (ImportError, TypeError, AttributeError, KeyError, UserError):
         return None
     return {name: nbytes / GIB for name, nbytes in parts.items()}

@@ -33,7 +33,9 @@ def base_factor(step: int, *, kind: str, total_steps: int, warmup_steps: int, mi
     raise ValueError(f"unknown schedule {kind!r}")
 
 
-def restart_ramp(step: int, *, restart_every: int, restart_warmup: int, restart_offset: int, warmup_steps: int) -> float:
+def restart_ramp(
+    step: int, *, restart_every: int, restart_warmup: int, restart_offset: int, warmup_steps: int
+) -> float:
     """Multiplier in (0, 1] that re-warms the lr linearly for `restart_warmup` steps after each restart.
 
     Restarts happen at steps `restart_offset + k * restart_every`. A restart at step 0 or inside the
@@ -64,7 +66,11 @@ def lr_factor(
     """The lr multiplier used by optimizer step `step` (0-based): global schedule x restart ramp."""
     factor = base_factor(step, kind=kind, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_ratio)
     ramp = restart_ramp(
-        step, restart_every=restart_every, restart_warmup=restart_warmup, restart_offset=restart_offset, warmup_steps=warmup_steps
+        step,
+        restart_every=restart_every,
+        restart_warmup=restart_warmup,
+        restart_offset=restart_offset,
+        warmup_steps=warmup_steps,
     )
     return factor * ramp
 

@@ -13,15 +13,22 @@ import signal
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from galore_train import checkpoint, distributed, resume
-from galore_train.config import TrainConfig, plan_steps
+from galore_train.config import TrainConfig
 from galore_train.data import (
-    BAD_LINES, PretrainingStream, Tokenize, cached_eval_batches, document_source, eval_cache_key, load_tokenizer, pin_batches,
+    BAD_LINES,
+    PretrainingStream,
+    Tokenize,
+    cached_eval_batches,
+    document_source,
+    eval_cache_key,
+    load_tokenizer,
+    pin_batches,
 )
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import evaluate, summed_loss, target_count, to_device
@@ -31,8 +38,10 @@ from galore_train.methods import METHOD_NAMES, build_method, scheduler_kwargs
 from galore_train.metrics import MetricsSink
 from galore_train.model import build_model, dtype_name, load_model_config, load_pretrained_llama, resolve_dtype
 from galore_train.optimizers import build_optimizer
+from galore_train.plan import plan_steps
 from galore_train.registry import resolve_optimizer_name
 from galore_train.schedule import build_scheduler
+from galore_train.signals import StopRequest
 from galore_train.updates import build_updates
 
 log = logging.getLogger(__name__)
@@ -43,29 +52,8 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{Path(cfg.model).stem}-{method}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-class StopRequest:
-    """Turns SIGINT/SIGTERM into 'finish this step, save, exit'; a second signal stops at once."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 # --- the trainer ---------------------------------------------------------------------------------
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
@@ -87,22 +75,40 @@ class Trainer:
         self.tokenize = Tokenize(load_tokenizer(cfg.tokenizer), cfg.max_length, self.model_config.vocab_size)
         self.step = saved_state["step"] if self.resume_dir is not None else 0
         self.tokens_seen = 0
-        self.guard = LossGuard(spike_threshold=cfg.spike_threshold, skip_nonfinite=cfg.skip_nonfinite, max_consecutive=cfg.max_spikes)
+        self.guard = LossGuard(
+            spike_threshold=cfg.spike_threshold, skip_nonfinite=cfg.skip_nonfinite, max_consecutive=cfg.max_spikes
+        )
         self.method = build_method(cfg)  # LoRA/ReLoRA/low-rank rewrite the model; FullModel leaves it as built
         self.model = self._build_model()
         self._build_optimizer()
         self.train_stream = PretrainingStream(
-            lambda: document_source(cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train", self.tokenize),
-            self.tokenize, batch_size=cfg.batch_size, pack=cfg.pack, shuffle_buffer=cfg.shuffle_buffer,
-            seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
-            prefetch=2 * self.plan.accumulation, pin_memory=pin_batches(self.device),
+            lambda: document_source(
+                cfg.data_files, "--data-files", cfg.dataset, cfg.dataset_config, "train", self.tokenize
+            ),
+            self.tokenize,
+            batch_size=cfg.batch_size,
+            pack=cfg.pack,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            prefetch=2 * self.plan.accumulation,
+            pin_memory=pin_batches(self.device),
         )
-        eval_key = eval_cache_key(cfg.eval_data_files, f"{cfg.dataset}/{cfg.dataset_config}/validation", self.tokenize, cfg.eval_tokens)
+        eval_key = eval_cache_key(
+            cfg.eval_data_files, f"{cfg.dataset}/{cfg.dataset_config}/validation", self.tokenize, cfg.eval_tokens
+        )
         self.eval_batches, self.eval_tokens = cached_eval_batches(
-            self.output_dir / "eval_cache", eval_key,
-            lambda: document_source(cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation"),
-            self.tokenize, batch_size=cfg.eval_batch_size or cfg.batch_size, builder=self.env.is_main,
-            agree=lambda failed: distributed.any_rank(failed, self.env))
+            self.output_dir / "eval_cache",
+            eval_key,
+            lambda: document_source(
+                cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation"
+            ),
+            self.tokenize,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            builder=self.env.is_main,
+            agree=lambda failed: distributed.any_rank(failed, self.env),
+        )
         self.eval_batches = distributed.lockstep_batches(self.eval_batches, self.model, self.env)
         if self.resume_dir is not None:
             self._restore(saved_state, data_states)
@@ -134,10 +140,18 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.replace(optimizer=name))
         distributed.share_projection_refresh(self.optimizer, cfg, self.env)
         self.scheduler = build_scheduler(
-            self.optimizer, kind=cfg.scheduler, total_steps=self.plan.total_steps, warmup_steps=self.plan.warmup_steps,
-            min_ratio=cfg.min_lr_ratio, start_step=start_step, **scheduler_kwargs(cfg))
+            self.optimizer,
+            kind=cfg.scheduler,
+            total_steps=self.plan.total_steps,
+            warmup_steps=self.plan.warmup_steps,
+            min_ratio=cfg.min_lr_ratio,
+            start_step=start_step,
+            **scheduler_kwargs(cfg),
+        )
         # With --layerwise the optimizer steps inside backward, from per-parameter gradient hooks.
-        self.updates = build_updates(self.model, self.optimizer, self.env, layerwise=cfg.layerwise, grad_clipping=cfg.grad_clipping)
+        self.updates = build_updates(
+            self.model, self.optimizer, self.env, layerwise=cfg.layerwise, grad_clipping=cfg.grad_clipping
+        )
         module = distributed.wrap_model(self.model, self.env, layerwise=cfg.layerwise)
         self.train_model = torch.compile(module) if cfg.compile else module
 
@@ -159,7 +173,9 @@ class Trainer:
         per_rank = distributed.gather_to_main((self.train_stream.state_dict(), resume.rng_state()), self.env)
         weights = distributed.full_model_state(self.model)  # FSDP: gathered to rank 0's CPU; else None
         trainer_state = {
-            "step": self.step, "tokens_seen": self.tokens_seen, "guard": self.guard.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "guard": self.guard.state_dict(),
             "optimizer": distributed.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -180,7 +196,10 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any], data_states: list[dict[str, Any]]) -> None:
         if len(data_states) != self.env.world_size:
-            raise UserError(f"checkpoint {self.resume_dir} was written by {len(data_states)} process(es); resume with the same number")
+            raise UserError(
+                f"checkpoint {self.resume_dir} was written by {len(data_states)} process(es); resume with the same"
+                " number"
+            )
         if self.method.changes_model:
             self.model.load_state_dict(state["model"])
             self.method.load_state_dict(state["method"])
@@ -208,7 +227,9 @@ class Trainer:
         loss_scale = self.env.world_size / max(global_targets, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the schedule steps after the update)
 
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no read per micro-batch
+        loss_sum = torch.zeros(
+            (), dtype=torch.float64, device=self.device
+        )  # summed on the device: no read per micro-batch
         for index, (batch, count) in enumerate(zip(batches, targets)):
             last = index == len(batches) - 1
             with self._accumulation_context(last):
@@ -254,7 +275,11 @@ class Trainer:
         self.updates.abandon()
         lr = self.optimizer.param_groups[0]["lr"]
         latest = checkpoint.latest_checkpoint(self.checkpoint_root)
-        where = f" at step {self.step + 1}; last good checkpoint: {latest}" if latest else f" at step {self.step + 1}; no checkpoint was saved yet"
+        where = (
+            f" at step {self.step + 1}; last good checkpoint: {latest}"
+            if latest
+            else f" at step {self.step + 1}; no checkpoint was saved yet"
+        )
         self.guard.reject(reason, where)
         log.warning("skipping step %d: %s", self.step + 1, reason)
         self.scheduler.step()
@@ -264,9 +289,17 @@ class Trainer:
     # --- the run -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, plan = self.cfg, self.plan
-        sink = MetricsSink(self.output_dir, enabled=self.env.is_main, total_steps=plan.total_steps,
-                           config=cfg.to_dict(), wandb_mode=cfg.wandb_mode, project=cfg.wandb_project,
-                           run_name=self.run_name, tags=cfg.tags, resume=self.resume_dir is not None)
+        sink = MetricsSink(
+            self.output_dir,
+            enabled=self.env.is_main,
+            total_steps=plan.total_steps,
+            config=cfg.to_dict(),
+            wandb_mode=cfg.wandb_mode,
+            project=cfg.wandb_project,
+            run_name=self.run_name,
+            tags=cfg.tags,
+            resume=self.resume_dir is not None,
+        )
         try:
             with StopRequest() as stop:
                 return self._run(sink, stop)
@@ -282,7 +315,13 @@ class Trainer:
             cfg.save(str(self.output_dir / "train_config.json"))
         if self.step == 0:
             with self.memory.excluded():
-                sink.log({"step": 0, "tokens_seen": 0, **evaluate(self.train_model, self.eval_batches, self.device, self.env)})
+                sink.log(
+                    {
+                        "step": 0,
+                        "tokens_seen": 0,
+                        **evaluate(self.train_model, self.eval_batches, self.device, self.env),
+                    }
+                )
         window_start, window_tokens = time.perf_counter(), 0
         last_eval: dict[str, Any] = {}
         while self.step < plan.total_steps:
@@ -292,9 +331,14 @@ class Trainer:
             window_tokens += record.get("step_tokens", 0)
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
                 elapsed = time.perf_counter() - window_start
-                record.update(step=self.step, tokens_seen=self.tokens_seen,
-                              tokens_per_second=window_tokens / max(elapsed, 1e-9), epoch=self.train_stream.epoch,
-                              skipped_steps=self.guard.total_skips, **self.memory.read_and_reset())
+                record.update(
+                    step=self.step,
+                    tokens_seen=self.tokens_seen,
+                    tokens_per_second=window_tokens / max(elapsed, 1e-9),
+                    epoch=self.train_stream.epoch,
+                    skipped_steps=self.guard.total_skips,
+                    **self.memory.read_and_reset(),
+                )
                 if hasattr(self.optimizer, "svd_metrics"):  # GaLore: time in SVD, refreshes, failures
                     record.update(self.optimizer.svd_metrics())
                 record.update(distributed.rank_metrics(record, self.env))
@@ -305,7 +349,10 @@ class Trainer:
                 with self.memory.excluded():  # nor is its memory a training step's
                     last_eval = evaluate(self.train_model, self.eval_batches, self.device, self.env)
                 sink.log({"step": self.step, "tokens_seen": self.tokens_seen, **last_eval})
-                sink.print(f"step {self.step}: val loss {last_eval['val_loss']:.4f}, perplexity {last_eval['val_perplexity']:.2f}")
+                sink.print(
+                    f"step {self.step}: val loss {last_eval['val_loss']:.4f}, perplexity"
+                    f" {last_eval['val_perplexity']:.2f}"
+                )
                 window_start = time.perf_counter()  # eval time is not training throughput
             if self.step % cfg.save_every == 0 or self.step == plan.total_steps:
                 self.save()
@@ -313,10 +360,24 @@ class Trainer:
             if distributed.any_rank(stop.signum is not None, self.env):  # all ranks stop after the same step
                 saved = self.save()
                 signum = stop.signum or signal.SIGTERM  # a rank the signal has not reached yet
-                raise TrainingStopped(f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {saved} (continue with --resume)", 128 + signum)
-        summary = {"run_name": self.run_name, "model": cfg.model, "optimizer": cfg.optimizer, "dtype": dtype_name(self.dtype), "steps": self.step,
-                   "tokens_seen": self.tokens_seen, "epochs": self.train_stream.epoch, "skipped_steps": self.guard.total_skips,
-                   "bad_data_lines": BAD_LINES.count, "remapped_token_ids": self.tokenize.remapped_ids, **last_eval}
+                raise TrainingStopped(
+                    f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {saved}"
+                    " (continue with --resume)",
+                    128 + signum,
+                )
+        summary = {
+            "run_name": self.run_name,
+            "model": cfg.model,
+            "optimizer": cfg.optimizer,
+            "dtype": dtype_name(self.dtype),
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "epochs": self.train_stream.epoch,
+            "skipped_steps": self.guard.total_skips,
+            "bad_data_lines": BAD_LINES.count,
+            "remapped_token_ids": self.tokenize.remapped_ids,
+            **last_eval,
+        }
         sink.write_summary(summary)
         return summary
 
@@ -326,10 +387,13 @@ class Trainer:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         where = f"resuming from {self.resume_dir} at step {self.step}" if self.resume_dir else "starting from scratch"
         sink.print(
-            f"[bold]{self.run_name}[/bold]: {self.cfg.model} ({parameters / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable), "
-            f"{self.cfg.optimizer}, {plan.total_steps} steps x {plan.total_batch_size} sequences of {self.cfg.max_length} "
+            f"[bold]{self.run_name}[/bold]: {self.cfg.model} ({parameters / 1e6:.1f}M parameters,"
+            f" {trainable / 1e6:.1f}M trainable), "
+            f"{self.cfg.optimizer}, {plan.total_steps} steps x {plan.total_batch_size} sequences of"
+            f" {self.cfg.max_length} "
             f"(accumulation {plan.accumulation}, {self.env.world_size} process(es)), {self.dtype}, {self.device}; "
-            f"validation on {self.eval_tokens:,} tokens; {where}; output in {self.output_dir}")
+            f"validation on {self.eval_tokens:,} tokens; {where}; output in {self.output_dir}"
+        )
         defaults = TrainConfig()
         chosen = {k: v for k, v in self.cfg.to_dict().items() if v != getattr(defaults, k)}
         sink.print("resolved configuration (non-default values): " + ", ".join(f"{k}={v}" for k, v in chosen.items()))

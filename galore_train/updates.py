@@ -66,8 +66,12 @@ class PlainUpdates:
         self.abandon()
 
 
-def build_updates(model: nn.Module, optimizer: Optimizer, env: DistEnv, *, layerwise: bool, grad_clipping: float) -> WeightUpdates:
+def build_updates(
+    model: nn.Module, optimizer: Optimizer, env: DistEnv, *, layerwise: bool, grad_clipping: float
+) -> WeightUpdates:
     """Layer-wise under torchrun: the hooks average each gradient across ranks (the model is not DDP-wrapped)."""
     if layerwise:
-        return LayerwiseUpdater(model, optimizer, grad_clipping=grad_clipping, reduce=distributed.gradient_averager(env))
+        return LayerwiseUpdater(
+            model, optimizer, grad_clipping=grad_clipping, reduce=distributed.gradient_averager(env)
+        )
     return PlainUpdates(model, optimizer, grad_clipping=grad_clipping)

@@ -31,8 +31,14 @@ DATA = Path(os.environ.get("GALORE_TRAIN_SHARED_DATA", ROOT.parent / "shared" / 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
     """tokens/s (and padded positions/s) of each path, with whichever galore_train is importable."""
-    from galore_train.data import (PretrainingStream, Tokenize, document_source, expand_data_files, load_tokenizer,
-                                   read_c4_lines)
+    from galore_train.data import (
+        PretrainingStream,
+        Tokenize,
+        document_source,
+        expand_data_files,
+        load_tokenizer,
+        read_c4_lines,
+    )
 
     tokenizer = load_tokenizer(args.tokenizer)
     texts = [record["text"] for record in read_c4_lines(expand_data_files(args.data_files, "--data-files"))]
@@ -47,8 +53,9 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         sources["prepared_"] = lambda: document_source(args.prepared, "--data-files", "", "", "train", tokenize)
     for prefix, source in sources.items():
         for pack in (False, True):
-            stream = PretrainingStream(source, tokenize, batch_size=args.batch_size, pack=pack,
-                                       shuffle_buffer=args.shuffle_buffer, seed=0)
+            stream = PretrainingStream(
+                source, tokenize, batch_size=args.batch_size, pack=pack, shuffle_buffer=args.shuffle_buffer, seed=0
+            )
             stream.next_batch()  # fills the shuffle buffer
             start = time.perf_counter()
             real = sum(int(stream.next_batch()["attention_mask"].sum()) for _ in range(args.batches))
@@ -61,9 +68,23 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
 
 def measure_elsewhere(args: argparse.Namespace) -> dict[str, float]:
     """One round of `measure` in a subprocess that imports galore_train from --baseline-src."""
-    command = [sys.executable, __file__, "--json", "--data-files", args.data_files, "--tokenizer", args.tokenizer,
-               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--batches", str(args.batches), "--shuffle-buffer", str(args.shuffle_buffer)]
+    command = [
+        sys.executable,
+        __file__,
+        "--json",
+        "--data-files",
+        args.data_files,
+        "--tokenizer",
+        args.tokenizer,
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--batches",
+        str(args.batches),
+        "--shuffle-buffer",
+        str(args.shuffle_buffer),
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(args.baseline_src).resolve())}
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -97,8 +118,10 @@ def main() -> None:
         rounds.append(measure(args))
     results = best(rounds)
     baseline = best(baseline_rounds) if baseline_rounds else None
-    print(f"{args.batch_size} x {args.max_length} tokens per batch, {args.batches} timed batches, best of {args.rounds} "
-          f"rounds, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.batch_size} x {args.max_length} tokens per batch, {args.batches} timed batches, best of {args.rounds} "
+        f"rounds, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     header = f"{'path':<27}{'tokens/s':>12}{'/ bare':>9}"
     print(header + (f"{'baseline':>12}{'/ bare':>9}{'speedup':>9}" if baseline else ""))
     for name, value in results.items():

@@ -32,10 +32,23 @@ from galore_train.train import Trainer  # noqa: E402
 
 
 def galore_train_trainer(args, output_dir: str, compile: bool = False) -> Trainer:
-    cfg = TrainConfig(model=args.model, tokenizer=str(DATA / "t5-tokenizer"), data_files=str(DATA / "c4/train/*.json.gz"),
-                      eval_data_files=str(DATA / "c4/eval/*.json.gz"), eval_tokens=256, batch_size=args.batch_size,
-                      max_length=args.max_length, num_training_steps=10**6, dtype="fp32", lr=1e-3, pack=True,
-                      output_dir=output_dir, wandb_mode="disabled", seed=0, compile=compile)
+    cfg = TrainConfig(
+        model=args.model,
+        tokenizer=str(DATA / "t5-tokenizer"),
+        data_files=str(DATA / "c4/train/*.json.gz"),
+        eval_data_files=str(DATA / "c4/eval/*.json.gz"),
+        eval_tokens=256,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        num_training_steps=10**6,
+        dtype="fp32",
+        lr=1e-3,
+        pack=True,
+        output_dir=output_dir,
+        wandb_mode="disabled",
+        seed=0,
+        compile=compile,
+    )
     return Trainer(cfg)
 
 
@@ -67,7 +80,9 @@ def main() -> None:
 
         def bare_step() -> None:
             batch = batches[next(cursor) % len(batches)]
-            loss = bare_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss = bare_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
             loss.backward()
             bare_optimizer.step()
             bare_optimizer.zero_grad(set_to_none=True)
@@ -77,6 +92,7 @@ def main() -> None:
                 with run.memory.track():
                     run._train_step()
                 run.memory.read_and_reset()
+
             return step
 
         loops = {"bare PyTorch": bare_step, "galore-train": galore_train_step(trainer)}
@@ -91,12 +107,17 @@ def main() -> None:
 
     tokens = args.batch_size * args.max_length
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"{args.model}, batch {args.batch_size} x {args.max_length} tokens, fp32, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds x {args.steps} steps (median)")
+    print(
+        f"{args.model}, batch {args.batch_size} x {args.max_length} tokens, fp32, {torch.get_num_threads()} threads, "
+        f"{args.rounds} rounds x {args.steps} steps (median)"
+    )
     print(f"{'loop':<14}{'s/step':>10}{'tokens/s':>12}")
     for name, seconds in median.items():
         print(f"{name:<14}{seconds:>10.3f}{tokens / seconds:>12,.0f}")
-    print(f"overhead of galore-train's step: {100 * (median['galore-train'] / median['bare PyTorch'] - 1):+.1f}% (target <= 5%)")
+    print(
+        f"overhead of galore-train's step: {100 * (median['galore-train'] / median['bare PyTorch'] - 1):+.1f}%"
+        " (target <= 5%)"
+    )
     if args.compile:
         print(f"--compile speed-up over eager galore-train: {median['galore-train'] / median['--compile']:.2f}x")
 

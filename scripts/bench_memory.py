@@ -40,8 +40,9 @@ def rank_of(model_name: str) -> int:
     return load_model_config(model_name).hidden_size // 4
 
 
-def training_step(model_name: str, optimizer_name: str, layerwise: bool, batch: int,
-                  length: int) -> tuple[MemoryMeter, Callable[[], float]]:
+def training_step(
+    model_name: str, optimizer_name: str, layerwise: bool, batch: int, length: int
+) -> tuple[MemoryMeter, Callable[[], float]]:
     """A meter and a function running one timed optimizer step on random tokens."""
     config = load_model_config(model_name)
     model = build_model(config, seed=0).train()
@@ -68,12 +69,22 @@ def memory_row(model_name: str, optimizer_name: str, layerwise: bool, batch: int
         with meter.track():
             step()
     measured = {key: value * GIB / MIB for key, value in meter.read_and_reset().items()}
-    est = estimate_memory(load_model_config(model_name), optimizer_name, rank_of(model_name), layerwise=layerwise,
-                          dtype="fp32", batch_size=batch, max_length=length)
-    pairs = [(measured["peak_memory_gb"], est.peak), (measured["peak_weights_gb"], est.weights),
-             (measured["peak_grads_gb"], est.gradients),
-             (measured["peak_optimizer_state_gb"], est.optimizer_states + est.projections),
-             (measured["peak_other_gb"], est.activations)]
+    est = estimate_memory(
+        load_model_config(model_name),
+        optimizer_name,
+        rank_of(model_name),
+        layerwise=layerwise,
+        dtype="fp32",
+        batch_size=batch,
+        max_length=length,
+    )
+    pairs = [
+        (measured["peak_memory_gb"], est.peak),
+        (measured["peak_weights_gb"], est.weights),
+        (measured["peak_grads_gb"], est.gradients),
+        (measured["peak_optimizer_state_gb"], est.optimizer_states + est.projections),
+        (measured["peak_other_gb"], est.activations),
+    ]
     cells = [model_name, optimizer_name, "yes" if layerwise else "no"]
     cells += [f"{m:.1f} / {e / MIB:.1f}" for m, e in pairs]
     return "| " + " | ".join(cells) + " |"
@@ -107,8 +118,10 @@ def main() -> None:
             for layerwise in (False, True):
                 print(memory_row(model_name, optimizer_name, layerwise, batch, length), flush=True)
     tracked, untracked = tracking_overhead(args.models[0], batch, length)
-    print(f"\nTracking cost ({args.models[0]}, adamw, best of 3): {tracked:.2f} s tracked vs {untracked:.2f} s "
-          f"untracked per step ({tracked / untracked - 1:+.0%})")
+    print(
+        f"\nTracking cost ({args.models[0]}, adamw, best of 3): {tracked:.2f} s tracked vs {untracked:.2f} s "
+        f"untracked per step ({tracked / untracked - 1:+.0%})"
+    )
 
 
 if __name__ == "__main__":

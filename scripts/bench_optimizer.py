@@ -43,7 +43,7 @@ from galore_train.model import build_model, load_model_config, target_linear_mod
 from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
 from galore_train.optim.galore_adamw8bit import import_bitsandbytes  # noqa: E402
 from galore_train.optim.layout import EIGHTBIT_BLOCK as BLOCK_SIZE  # noqa: E402
-from galore_train.optim.projector import randomized_svd_top, subspace_similarity, svd_top  # noqa: E402
+from galore_train.optim.svd import randomized_svd_top, subspace_similarity, svd_top  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("GALORE_TRAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 PAPER_RANKS = {"llama_60m": 128, "llama_130m": 256}
@@ -61,15 +61,23 @@ def real_block_gradients(model_name: str, tokens: torch.Tensor) -> Block:
     loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
     targets = target_linear_modules(model, ["attn", "mlp"])
-    block = [(name, module.weight.detach().clone(), module.weight.grad.clone())
-             for name, module in targets.items() if name.startswith("model.layers.0.")]
+    block = [
+        (name, module.weight.detach().clone(), module.weight.grad.clone())
+        for name, module in targets.items()
+        if name.startswith("model.layers.0.")
+    ]
     del model
     return block
 
 
 def c4_tokens(length: int) -> torch.Tensor:
     tokenizer = load_tokenizer(str(SHARED_DATA / "t5-tokenizer"))
-    text = " ".join(doc["text"] for _, doc in zip(range(20), read_c4_lines(expand_data_files(str(SHARED_DATA / "c4" / "train" / "*.json.gz"), "data"))))
+    text = " ".join(
+        doc["text"]
+        for _, doc in zip(
+            range(20), read_c4_lines(expand_data_files(str(SHARED_DATA / "c4" / "train" / "*.json.gz"), "data"))
+        )
+    )
     ids = tokenizer(text)["input_ids"][:length]
     return torch.tensor([ids])
 
@@ -142,19 +150,24 @@ def matmul_floor(block: Block, rank: int) -> Callable[[], None]:
     return step
 
 
-
 def bench_step_time(block: Block, rank: int, reps: int, refresh_reps: int) -> dict[str, float]:
     never, always = 10**9, 1  # gap that never / always refreshes after the first step
-    normal = fastest_of({
-        "ours": warmed(GaLoreAdamW(galore_group(fresh_params(block), rank, never), lr=1e-3)).step,
-        "galore-torch": warmed(reference_galore_adamw(fresh_params(block), rank, never)).step,
-        "adamw": warmed(torch.optim.AdamW(fresh_params(block), lr=1e-3)).step,
-        "matmul floor": matmul_floor(block, rank),
-    }, reps)
-    refresh = fastest_of({
-        "ours": warmed(GaLoreAdamW(galore_group(fresh_params(block), rank, always), lr=1e-3), 1).step,
-        "galore-torch": warmed(reference_galore_adamw(fresh_params(block), rank, always), 1).step,
-    }, refresh_reps)
+    normal = fastest_of(
+        {
+            "ours": warmed(GaLoreAdamW(galore_group(fresh_params(block), rank, never), lr=1e-3)).step,
+            "galore-torch": warmed(reference_galore_adamw(fresh_params(block), rank, never)).step,
+            "adamw": warmed(torch.optim.AdamW(fresh_params(block), lr=1e-3)).step,
+            "matmul floor": matmul_floor(block, rank),
+        },
+        reps,
+    )
+    refresh = fastest_of(
+        {
+            "ours": warmed(GaLoreAdamW(galore_group(fresh_params(block), rank, always), lr=1e-3), 1).step,
+            "galore-torch": warmed(reference_galore_adamw(fresh_params(block), rank, always), 1).step,
+        },
+        refresh_reps,
+    )
     results = {f"{name} normal": seconds for name, seconds in normal.items()}
     for name, seconds in refresh.items():
         results[f"{name} refresh"] = seconds
@@ -168,13 +181,23 @@ def bench_step_time(block: Block, rank: int, reps: int, refresh_reps: int) -> di
 def bench_svd(block: Block, rank: int) -> list[tuple[str, tuple[int, int], float, float, float]]:
     rows = []
     for name, _, grad in block:
-        timings = fastest_of({"full": lambda: svd_top(grad, rank),
-                                       "randomized": lambda: randomized_svd_top(grad, rank, seed=0)}, 3)
+        timings = fastest_of(
+            {"full": lambda g=grad: svd_top(g, rank), "randomized": lambda g=grad: randomized_svd_top(g, rank, seed=0)},
+            3,
+        )
         exact, approx = svd_top(grad, rank), randomized_svd_top(grad, rank, seed=0)
         m, n = grad.shape
         side = 0 if m < n else 1  # the side "std" projects: left singular vectors when m < n
         pick = (lambda top: top[0]) if side == 0 else (lambda top: top[1].mT)
-        rows.append((name.split(".")[-1], (m, n), timings["full"], timings["randomized"], subspace_similarity(pick(exact), pick(approx))))
+        rows.append(
+            (
+                name.split(".")[-1],
+                (m, n),
+                timings["full"],
+                timings["randomized"],
+                subspace_similarity(pick(exact), pick(approx)),
+            )
+        )
     return rows
 
 
@@ -194,10 +217,19 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def state_formulas(shapes: list[tuple[int, int]], rank: int) -> dict[str, int]:
     """Paper-style byte counts per optimizer: fp32 = 4 bytes, 8-bit = 1 byte + one fp32 absmax per 256."""
+
     def eightbit(elements: int) -> int:
         return 2 * elements + 2 * math.ceil(elements / BLOCK_SIZE) * 4
 
-    formulas = {"adamw": 0, "adam": 0, "adafactor": 0, "adam8bit": 0, "galore_adamw": 0, "galore_adafactor": 0, "galore_adamw8bit": 0}
+    formulas = {
+        "adamw": 0,
+        "adam": 0,
+        "adafactor": 0,
+        "adam8bit": 0,
+        "galore_adamw": 0,
+        "galore_adafactor": 0,
+        "galore_adamw8bit": 0,
+    }
     for shape in shapes:
         small, large = min(shape), max(shape)  # std: the projection is small x r, moments r x large
         formulas["adamw"] += 4 * 2 * small * large
@@ -222,7 +254,9 @@ def bench_state_bytes(block: Block, rank: int) -> list[tuple[str, int, int]]:
         "galore_adamw8bit": lambda ps: GaLoreAdamW8bit(galore_group(ps, rank, GAP)),
     }
     formulas = state_formulas([tuple(w.shape) for _, w, _ in block], rank)
-    return [(name, state_bytes(warmed(build(fresh_params(block)), 1)), formulas[name]) for name, build in builders.items()]
+    return [
+        (name, state_bytes(warmed(build(fresh_params(block)), 1)), formulas[name]) for name, build in builders.items()
+    ]
 
 
 # --- 4. staggered refresh ------------------------------------------------------------------------------
@@ -231,8 +265,10 @@ def bench_state_bytes(block: Block, rank: int) -> list[tuple[str, int, int]]:
 def bench_stagger(block: Block, rank: int) -> dict[bool, list[float]]:
     """Step times over two refresh windows (gap = number of matrices), first step excluded."""
     gap = len(block)
-    optimizers = {stagger: GaLoreAdamW(galore_group(fresh_params(block), rank, gap, stagger_refresh=stagger), lr=1e-3)
-                  for stagger in (False, True)}
+    optimizers = {
+        stagger: GaLoreAdamW(galore_group(fresh_params(block), rank, gap, stagger_refresh=stagger), lr=1e-3)
+        for stagger in (False, True)
+    }
     for optimizer in optimizers.values():
         optimizer.step()  # step 0 refreshes every matrix either way
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -248,15 +284,20 @@ def bench_stagger(block: Block, rank: int) -> dict[bool, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(PAPER_RANKS), choices=list(PAPER_RANKS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: stable timings on a shared machine)"
+    )
     parser.add_argument("--reps", type=int, default=20, help="timed normal steps per optimizer")
     parser.add_argument("--refresh-reps", type=int, default=3, help="timed refresh steps per optimizer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tokens = c4_tokens(256)
-    print(f"torch {torch.__version__}, {args.threads} thread(s); workload: block 0 of each model, gradients from one real "
-          f"C4 sequence of {tokens.shape[1]} tokens; gap {GAP}, scale 0.25, proj_type std\n")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); workload: block 0 of each model, gradients from one"
+        " real "
+        f"C4 sequence of {tokens.shape[1]} tokens; gap {GAP}, scale 0.25, proj_type std\n"
+    )
 
     for model_name in args.models:
         rank = PAPER_RANKS[model_name]
@@ -267,23 +308,36 @@ def main() -> None:
         t = bench_step_time(block, rank, args.reps, args.refresh_reps)
         print(f"\n1. step time (ms, one block){'':18}normal    refresh   amortized over gap {GAP}")
         for name in ("ours", "galore-torch"):
-            print(f"   GaLoreAdamW {name:<28}{t[f'{name} normal'] * 1e3:8.1f}  {t[f'{name} refresh'] * 1e3:9.1f}  {t[f'{name} amortized'] * 1e3:9.1f}")
+            print(
+                f"   GaLoreAdamW {name:<28}{t[f'{name} normal'] * 1e3:8.1f}  {t[f'{name} refresh'] * 1e3:9.1f} "
+                f" {t[f'{name} amortized'] * 1e3:9.1f}"
+            )
         print(f"   torch AdamW {'':28}{t['adamw normal'] * 1e3:8.1f}")
         floor = t["matmul floor normal"]
-        print(f"   matmul floor (2 rank-{rank} GEMMs/matrix) {floor * 1e3:8.1f}   -> time above it: ours "
-              f"{(t['ours normal'] - floor) * 1e3:.1f} ms, galore-torch {(t['galore-torch normal'] - floor) * 1e3:.1f} ms")
-        print(f"   ours / galore-torch: normal {t['ours normal'] / t['galore-torch normal']:.3f}, refresh "
-              f"{t['ours refresh'] / t['galore-torch refresh']:.3f}, amortized {t['ours amortized'] / t['galore-torch amortized']:.3f}"
-              f"  (target <= 0.9)")
+        print(
+            f"   matmul floor (2 rank-{rank} GEMMs/matrix) {floor * 1e3:8.1f}   -> time above it: ours "
+            f"{(t['ours normal'] - floor) * 1e3:.1f} ms, galore-torch {(t['galore-torch normal'] - floor) * 1e3:.1f} ms"
+        )
+        print(
+            f"   ours / galore-torch: normal {t['ours normal'] / t['galore-torch normal']:.3f}, refresh "
+            f"{t['ours refresh'] / t['galore-torch refresh']:.3f}, amortized"
+            f" {t['ours amortized'] / t['galore-torch amortized']:.3f}"
+            f"  (target <= 0.9)"
+        )
         bound = (floor + t["ours refresh"] / GAP) / t["galore-torch amortized"]
-        print(f"   lower bound with this refresh: (matmul floor + ours refresh / {GAP}) / galore-torch amortized = {bound:.3f}"
-              f"  (nothing but the GEMMs in a normal step)")
+        print(
+            f"   lower bound with this refresh: (matmul floor + ours refresh / {GAP}) / galore-torch amortized ="
+            f" {bound:.3f}"
+            f"  (nothing but the GEMMs in a normal step)"
+        )
         print(f"   GaLore (ours, amortized) / AdamW: {t['ours amortized'] / t['adamw normal']:.2f}")
 
         print("\n2. projection refresh: full SVD vs randomized (rank + 8 columns, 2 power iterations)")
         print(f"   {'matrix':<10}{'shape':<14}{'full ms':>9}{'rand ms':>9}{'speed-up':>10}{'similarity':>12}")
         for name, shape, full, rand, similarity in bench_svd(block, rank):
-            print(f"   {name:<10}{str(shape):<14}{full * 1e3:9.1f}{rand * 1e3:9.1f}{full / rand:9.2f}x{similarity:12.4f}")
+            print(
+                f"   {name:<10}{str(shape):<14}{full * 1e3:9.1f}{rand * 1e3:9.1f}{full / rand:9.2f}x{similarity:12.4f}"
+            )
         print("   similarity = mean squared cosine of the principal angles between the top-r subspaces (1 = identical)")
 
         print("\n3. optimizer state bytes (one block)")
@@ -291,15 +345,26 @@ def main() -> None:
         rows = bench_state_bytes(block, rank)
         adamw_bytes = rows[0][1]
         for name, measured, formula in rows:
-            print(f"   {name:<18}{measured:12,d}{formula:12,d}  {'yes' if measured == formula else 'NO ':<6}{measured / adamw_bytes:8.3f}")
-        print("   formulas per m x n matrix (fp32 = 4 B): AdamW/Adam 2mn; Adafactor m + n; GaLore-AdamW mr + 2nr with m <= n;\n"
-              "   GaLore-Adafactor mr + r + n; 8-bit moments 1 B/element + one fp32 absmax per 256 elements")
+            print(
+                f"   {name:<18}{measured:12,d}{formula:12,d} "
+                f" {'yes' if measured == formula else 'NO ':<6}{measured / adamw_bytes:8.3f}"
+            )
+        print(
+            "   formulas per m x n matrix (fp32 = 4 B): AdamW/Adam 2mn; Adafactor m + n; GaLore-AdamW mr + 2nr with"
+            " m <= n;\n"
+            "   GaLore-Adafactor mr + r + n; 8-bit moments 1 B/element + one fp32 absmax per 256 elements"
+        )
 
         times = bench_stagger(block, rank)
-        print(f"\n4. staggered refresh (gap {len(block)} = one SVD per step when staggered; {2 * len(block)} steps after step 0)")
+        print(
+            f"\n4. staggered refresh (gap {len(block)} = one SVD per step when staggered; {2 * len(block)} steps"
+            " after step 0)"
+        )
         for stagger in (False, True):
-            print(f"   stagger {'on ' if stagger else 'off'}: max step {max(times[stagger]) * 1e3:8.1f} ms, "
-                  f"median {statistics.median(times[stagger]) * 1e3:7.1f} ms, total {sum(times[stagger]):6.2f} s")
+            print(
+                f"   stagger {'on ' if stagger else 'off'}: max step {max(times[stagger]) * 1e3:8.1f} ms, "
+                f"median {statistics.median(times[stagger]) * 1e3:7.1f} ms, total {sum(times[stagger]):6.2f} s"
+            )
         print()
     print(f"total bench time {time.perf_counter() - started:.0f} s")
 

@@ -15,9 +15,13 @@ from galore_train.registry import OPTIMIZERS
 
 
 def reference() -> str:
-    lines = ["# `galore-train pretrain` flags", "",
-             "Generated from `galore_train/config.py` by `python scripts/cli_reference.py > docs/cli.md`.",
-             "Every flag is also a field of the `TrainConfig` saved as `train_config.json` in each checkpoint.", ""]
+    lines = [
+        "# `galore-train pretrain` flags",
+        "",
+        "Generated from `galore_train/config.py` by `python scripts/cli_reference.py > docs/cli.md`.",
+        "Every flag is also a field of the `TrainConfig` saved as `train_config.json` in each checkpoint.",
+        "",
+    ]
     fields = dataclasses.fields(TrainConfig)
     for section, members in groupby(fields, key=lambda f: f.metadata["section"]):
         lines += [f"## {section}", "", "| flag | default | meaning |", "| --- | --- | --- |"]
@@ -27,13 +31,21 @@ def reference() -> str:
             lines.append(f"| `{_flag(field)}` | {shown} | {field.metadata['help']} |")
         lines.append("")
     memory_flags = ", ".join(f"`{_flag(field)}`" for field in fields if field.name in MEMORY_FIELDS)
-    lines += ["## `galore-train memory`", "",
-              f"Takes these flags of `pretrain`, with the same defaults: {memory_flags}; and its own `--compare` "
-              "(every optimizer side by side), `--paper` (the paper's Table 2) and `--nproc N` (one GPU's memory "
-              "of a run on N, under `--distributed`). See docs/memory.md.", "",
-              "## `galore-train optimizers`", "",
-              "The `--optimizer` names (from `galore_train/registry.py`), with the state each keeps per m x n target "
-              "weight (m <= n, rank r):", "", "| name | kind | `--8bit` | state |", "| --- | --- | --- | --- |"]
+    lines += [
+        "## `galore-train memory`",
+        "",
+        f"Takes these flags of `pretrain`, with the same defaults: {memory_flags}; and its own `--compare` "
+        "(every optimizer side by side), `--paper` (the paper's Table 2) and `--nproc N` (one GPU's memory "
+        "of a run on N, under `--distributed`). See docs/memory.md.",
+        "",
+        "## `galore-train optimizers`",
+        "",
+        "The `--optimizer` names (from `galore_train/registry.py`), with the state each keeps per m x n target "
+        "weight (m <= n, rank r):",
+        "",
+        "| name | kind | `--8bit` | state |",
+        "| --- | --- | --- | --- |",
+    ]
     for spec in OPTIMIZERS.values():
         variant = f"`{spec.other_8bit}`" if spec.other_8bit else ""
         lines.append(f"| `{spec.name}` | {spec.kind} | {variant} | {spec.state} |")

@@ -21,10 +21,21 @@ TOKENIZER = str(SHARED_DATA / "t5-tokenizer")
 
 # A LLaMA small enough for many CPU steps per second; vocab of the paper's models (32,000).
 TINY_LLAMA = {
-    "model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 256,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "vocab_size": 32000, "pad_token_id": 0, "bos_token_id": 0,
-    "eos_token_id": 1, "tie_word_embeddings": False,
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "hidden_act": "silu",
+    "max_position_embeddings": 256,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 32000,
+    "pad_token_id": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "tie_word_embeddings": False,
 }
 
 
@@ -44,8 +55,23 @@ def tiny_config_file(tmp_path: Path) -> str:
 
 def tiny_run_args(config_file: str, output_dir: Path, **overrides) -> dict:
     """TrainConfig values for a fast real-data run: tiny LLaMA, 64-token sequences, few eval tokens."""
-    values = dict(model=config_file, tokenizer=TOKENIZER, data_files=TRAIN_FILES, eval_data_files=EVAL_FILES,
-                  max_length=64, batch_size=4, num_training_steps=6, eval_tokens=2000, eval_every=3, save_every=3,
-                  lr=3e-3, shuffle_buffer=64, output_dir=str(output_dir), wandb_mode="disabled", dtype="fp32", seed=0)
+    values = dict(
+        model=config_file,
+        tokenizer=TOKENIZER,
+        data_files=TRAIN_FILES,
+        eval_data_files=EVAL_FILES,
+        max_length=64,
+        batch_size=4,
+        num_training_steps=6,
+        eval_tokens=2000,
+        eval_every=3,
+        save_every=3,
+        lr=3e-3,
+        shuffle_buffer=64,
+        output_dir=str(output_dir),
+        wandb_mode="disabled",
+        dtype="fp32",
+        seed=0,
+    )
     values.update(overrides)
     return values

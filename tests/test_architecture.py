@@ -44,7 +44,7 @@ def test_no_import_cycle_inside_the_package():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle.extend(path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt])
+                cycle.extend(path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt])
                 return True
             if nxt not in state and visit(nxt, path + [node]):
                 return True
@@ -55,7 +55,9 @@ def test_no_import_cycle_inside_the_package():
 
 
 def test_the_optimizers_import_without_transformers_or_the_app_config():
-    code = ("import sys, galore_train.optim; "
-            "print(sorted(m for m in sys.modules if m == 'transformers' or m == 'galore_train.config'))")
+    code = (
+        "import sys, galore_train.optim; "
+        "print(sorted(m for m in sys.modules if m == 'transformers' or m == 'galore_train.config'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
     assert out.stdout.strip() == "[]"

@@ -14,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -31,8 +37,17 @@ def test_bench_loop_prints_its_table() -> None:
 
 @pytest.mark.slow
 def test_bench_memory_prints_its_table() -> None:
-    out = bench("bench_memory.py", "--models", "llama_9m", "--optimizers", "galore_adamw", "--batch-size", "2",
-                "--max-length", "32")
+    out = bench(
+        "bench_memory.py",
+        "--models",
+        "llama_9m",
+        "--optimizers",
+        "galore_adamw",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "32",
+    )
     rows = [line for line in out.splitlines() if line.startswith("| llama_9m | galore_adamw |")]
     assert [row.split(" | ")[2] for row in rows] == ["no", "yes"]  # without and with --layerwise
     assert all(row.count(" / ") == 5 for row in rows)  # measured / estimated for every part

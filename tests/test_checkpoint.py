@@ -1,8 +1,6 @@
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,10 @@ from galore_train.errors import UserError
 
 def write_state(value: float):
     def write(directory: Path) -> None:
-        checkpoint.save_trainer_state(directory, {"step": int(value), "weights": torch.full((4,), value)}, [{"epoch": 0}])
+        checkpoint.save_trainer_state(
+            directory, {"step": int(value), "weights": torch.full((4,), value)}, [{"epoch": 0}]
+        )
+
     return write
 
 
@@ -59,8 +60,12 @@ checkpoint.save_checkpoint(Path(sys.argv[1]), 2, slow, keep_last=5)
 
 def test_save_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, write_state(1.0), keep_last=5)
-    process = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                               cwd=Path(__file__).resolve().parents[1])
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVE, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert process.stdout.readline().strip() == "writing"
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -1,7 +1,6 @@
 """The command line as a user meets it: one-line errors with exit code 2, signals, eval, listings."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,20 +8,42 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import EVAL_FILES, TOKENIZER, TRAIN_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "galore_train", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "galore_train", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 def tiny_args(config_file, output_dir, *extra):
-    return ["pretrain", "--model", config_file, "--tokenizer", TOKENIZER, "--data-files", TRAIN_FILES,
-            "--eval-data-files", EVAL_FILES, "--max-length", "64", "--batch-size", "4", "--eval-tokens", "1000",
-            "--dtype", "fp32", "--wandb-mode", "disabled", "--output-dir", str(output_dir), *extra]
+    return [
+        "pretrain",
+        "--model",
+        config_file,
+        "--tokenizer",
+        TOKENIZER,
+        "--data-files",
+        TRAIN_FILES,
+        "--eval-data-files",
+        EVAL_FILES,
+        "--max-length",
+        "64",
+        "--batch-size",
+        "4",
+        "--eval-tokens",
+        "1000",
+        "--dtype",
+        "fp32",
+        "--wandb-mode",
+        "disabled",
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 def assert_one_line_error(result, pattern):
@@ -78,15 +99,18 @@ def test_memory_takes_pretrains_flags_and_defaults():
     assert_one_line_error(bad, "--8bit has no variant of 'galore_adafactor'")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--model", "llama_2m"], "unknown model 'llama_2m'"),
-    (["--data-files", "/nowhere/*.json.gz"], "--data-files '/nowhere/*.json.gz' matches no files"),
-    (["--total-batch-size", "6"], "--total-batch-size 6 is not a multiple of --batch-size 4"),
-    (["--scheduler", "step"], "--scheduler must be one of"),
-    (["--optimizer", "sgd"], "sgd"),
-    (["--max-train-tokens", "lots"], "cannot read token count"),
-    (["--init-from", "./runs/no-such-run"], "--init-from ./runs/no-such-run: no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "llama_2m"], "unknown model 'llama_2m'"),
+        (["--data-files", "/nowhere/*.json.gz"], "--data-files '/nowhere/*.json.gz' matches no files"),
+        (["--total-batch-size", "6"], "--total-batch-size 6 is not a multiple of --batch-size 4"),
+        (["--scheduler", "step"], "--scheduler must be one of"),
+        (["--optimizer", "sgd"], "sgd"),
+        (["--max-train-tokens", "lots"], "cannot read token count"),
+        (["--init-from", "./runs/no-such-run"], "--init-from ./runs/no-such-run: no such file or directory"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tiny_config_file, tmp_path, extra, message, shared_data):
     result = cli(*tiny_args(tiny_config_file, tmp_path / "run", "--num-training-steps", "2", *extra))
     assert_one_line_error(result, message)
@@ -112,9 +136,27 @@ def wait_for_step(output_dir: Path, process, deadline=240):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_exits(tiny_config_file, tmp_path, signum, shared_data):
     output_dir = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "galore_train", *tiny_args(
-        tiny_config_file, output_dir, "--num-training-steps", "1000", "--eval-every", "1000", "--save-every", "1000")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "galore_train",
+            *tiny_args(
+                tiny_config_file,
+                output_dir,
+                "--num-training-steps",
+                "1000",
+                "--eval-every",
+                "1000",
+                "--save-every",
+                "1000",
+            ),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(output_dir, process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
@@ -159,8 +201,9 @@ def test_relora_reset_alone_needs_no_warmup_flag(extra):
     """`--optimizer relora --relora-reset 10` once stopped on the never-set default warm-up of 100."""
     from galore_train.methods import build_method, scheduler_kwargs
 
-    cfg = parse_pretrain("--model", "llama_60m", "--optimizer", "relora", "--relora-reset", "10",
-                         "--num-training-steps", "100", *extra)
+    cfg = parse_pretrain(
+        "--model", "llama_60m", "--optimizer", "relora", "--relora-reset", "10", "--num-training-steps", "100", *extra
+    )
     build_method(cfg)
     assert scheduler_kwargs(cfg)["restart_warmup"] == 1 and cfg.restart_warmup_steps is None
 
@@ -177,8 +220,18 @@ def test_pretrain_on_prepared_data_trains_exactly_as_on_the_shards(tiny_config_f
         assert cli(*args).returncode == 0
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in runs["shards"]] == [r.get("loss") for r in runs["prepared"]]
-    assert_one_line_error(cli("prepare-data", "--data-files", str(tmp_path / "none*.json"), "--tokenizer", TOKENIZER,
-                              "--output", str(tmp_path / "x")), "matches no files")
+    assert_one_line_error(
+        cli(
+            "prepare-data",
+            "--data-files",
+            str(tmp_path / "none*.json"),
+            "--tokenizer",
+            TOKENIZER,
+            "--output",
+            str(tmp_path / "x"),
+        ),
+        "matches no files",
+    )
     manifest = json.loads((prepared / "manifest.json").read_text())
     manifest["tokenizer"]["fingerprint"] = "0" * 64  # as if prepared with another tokenizer
     (prepared / "manifest.json").write_text(json.dumps(manifest))

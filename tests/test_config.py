@@ -4,7 +4,10 @@ from galore_train.config import TrainConfig, parse_token_count
 from galore_train.errors import UserError
 
 
-@pytest.mark.parametrize("text, expected", [("1.1B", 1_100_000_000), ("13.1B", 13_100_000_000), ("500k", 500_000), ("2048", 2048), (7, 7), (None, None)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1.1B", 1_100_000_000), ("13.1B", 13_100_000_000), ("500k", 500_000), ("2048", 2048), (7, 7), (None, None)],
+)
 def test_token_counts_with_suffixes(text, expected):
     assert parse_token_count(text) == expected
 
@@ -14,15 +17,18 @@ def test_bad_token_count_is_a_user_error():
         parse_token_count("lots")
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"batch_size": 0}, "--batch-size must be positive"),
-    ({"scheduler": "step"}, "--scheduler must be one of"),
-    ({"proj_type": "diagonal"}, "--proj-type must be one of"),
-    ({"num_training_steps": None}, "--num-training-steps or --max-train-tokens"),
-    ({"wandb_mode": "sometimes"}, "--wandb-mode"),
-    ({"min_lr_ratio": 2.0}, "--min-lr-ratio"),
-    ({"moments_dtype": "fp16"}, "--moments-dtype must be one of param, fp32"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"batch_size": 0}, "--batch-size must be positive"),
+        ({"scheduler": "step"}, "--scheduler must be one of"),
+        ({"proj_type": "diagonal"}, "--proj-type must be one of"),
+        ({"num_training_steps": None}, "--num-training-steps or --max-train-tokens"),
+        ({"wandb_mode": "sometimes"}, "--wandb-mode"),
+        ({"min_lr_ratio": 2.0}, "--min-lr-ratio"),
+        ({"moments_dtype": "fp16"}, "--moments-dtype must be one of param, fp32"),
+    ],
+)
 def test_validation_names_the_flag(changes, message):
     cfg = TrainConfig(num_training_steps=10).replace(**changes)
     with pytest.raises(UserError, match=message):
@@ -34,19 +40,29 @@ def test_round_trip_through_dict():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("changes, fatal, changed", [
-    ({"proj_group_size": 128}, ["proj_group_size: 256 -> 128"], []),  # quantized projections would be misread
-    ({"proj_bits": 8}, ["proj_bits: 32 -> 8"], []),
-    ({"moments_dtype": "fp32"}, ["moments_dtype: 'param' -> 'fp32'"], []),  # the saved moments' dtype
-    ({"lr": 0.01, "gap": 50}, [], ["lr: 0.001 -> 0.01", "gap: 200 -> 50"]),  # take effect, with a warning
-    ({"eval_every": 7, "distributed": "fsdp"}, [], []),  # run control: free
-    ({"galore_targets": ["mlp", "attn"]}, [], []),  # the same set in another order
-    ({"restart_warmup_steps": 100}, [], []),  # the derived default (reset 5000) stated explicitly
-    ({"relora_reset": 300}, [], ["relora_reset: 5000 -> 300", "restart_warmup_steps: 100 -> 30"]),  # derived anew
-    ({"apollo_proj": "svd"}, ["apollo_proj: 'random' -> 'svd'"], []),  # APOLLO's svd stores a projection
-    ({"fira_residual": "paper", "apollo_scale_type": "tensor", "norm_growth_limit": 0}, [],  # same state layout
-     ["fira_residual: 'code' -> 'paper'", "apollo_scale_type: 'channel' -> 'tensor'", "norm_growth_limit: None -> 0"]),
-])
+@pytest.mark.parametrize(
+    "changes, fatal, changed",
+    [
+        ({"proj_group_size": 128}, ["proj_group_size: 256 -> 128"], []),  # quantized projections would be misread
+        ({"proj_bits": 8}, ["proj_bits: 32 -> 8"], []),
+        ({"moments_dtype": "fp32"}, ["moments_dtype: 'param' -> 'fp32'"], []),  # the saved moments' dtype
+        ({"lr": 0.01, "gap": 50}, [], ["lr: 0.001 -> 0.01", "gap: 200 -> 50"]),  # take effect, with a warning
+        ({"eval_every": 7, "distributed": "fsdp"}, [], []),  # run control: free
+        ({"galore_targets": ["mlp", "attn"]}, [], []),  # the same set in another order
+        ({"restart_warmup_steps": 100}, [], []),  # the derived default (reset 5000) stated explicitly
+        ({"relora_reset": 300}, [], ["relora_reset: 5000 -> 300", "restart_warmup_steps: 100 -> 30"]),  # derived anew
+        ({"apollo_proj": "svd"}, ["apollo_proj: 'random' -> 'svd'"], []),  # APOLLO's svd stores a projection
+        (
+            {"fira_residual": "paper", "apollo_scale_type": "tensor", "norm_growth_limit": 0},
+            [],  # same state layout
+            [
+                "fira_residual: 'code' -> 'paper'",
+                "apollo_scale_type: 'channel' -> 'tensor'",
+                "norm_growth_limit: None -> 0",
+            ],
+        ),
+    ],
+)
 def test_resume_differences_sort_fatal_from_warned(changes, fatal, changed):
     saved = TrainConfig(galore_targets=["attn", "mlp"])
     assert saved.replace(**changes).resume_differences(saved.to_dict()) == (fatal, changed)

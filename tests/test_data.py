@@ -6,10 +6,20 @@ import json
 
 import pytest
 import torch
-
 from conftest import EVAL_FILES, TOKENIZER, TRAIN_FILES
-from galore_train.data import (BAD_LINES, IGNORE_INDEX, PretrainingStream, Tokenize, build_eval_batches,
-                               cached_eval_batches, document_source, eval_cache_key, load_tokenizer, read_c4_lines)
+
+from galore_train.data import (
+    BAD_LINES,
+    IGNORE_INDEX,
+    PretrainingStream,
+    Tokenize,
+    build_eval_batches,
+    cached_eval_batches,
+    document_source,
+    eval_cache_key,
+    load_tokenizer,
+    read_c4_lines,
+)
 from galore_train.errors import UserError
 
 
@@ -92,8 +102,13 @@ def write_shard(path, lines):
 def test_real_world_variation_and_bad_lines_are_skipped_and_counted(tokenize, tmp_path):
     with gzip.open(EVAL_FILES.replace("*", "c4-train.00000-of-01024.docs0850-0949"), "rt") as f:
         real = [json.loads(line) for line in f][:6]
-    lines = [json.dumps(real[0]), "{not json", json.dumps({"text": real[1]["text"], "date": "2019-04-21"}),
-             json.dumps({"url": "x"}), json.dumps({"text": real[2]["text"]})]
+    lines = [
+        json.dumps(real[0]),
+        "{not json",
+        json.dumps({"text": real[1]["text"], "date": "2019-04-21"}),
+        json.dumps({"url": "x"}),
+        json.dumps({"text": real[2]["text"]}),
+    ]
     write_shard(tmp_path / "a.json.gz", lines)
     (tmp_path / "b.json").write_text(json.dumps(real[3]) + "\n")
     before = BAD_LINES.count
@@ -118,8 +133,12 @@ def test_missing_data_is_a_user_error():
 
 def test_eval_tokens_are_fixed_and_counted(tokenize, shared_data):
     def build():
-        return build_eval_batches(document_source(EVAL_FILES, "--eval-data-files", "", "", "validation"), tokenize,
-                                  eval_tokens=3000, batch_size=8)
+        return build_eval_batches(
+            document_source(EVAL_FILES, "--eval-data-files", "", "", "validation"),
+            tokenize,
+            eval_tokens=3000,
+            batch_size=8,
+        )
 
     (first, scored), (second, _) = build(), build()
     assert 3000 <= scored < 3000 + 64
@@ -129,6 +148,7 @@ def test_eval_tokens_are_fixed_and_counted(tokenize, shared_data):
 
 
 # --- tokenizing only what is kept ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("max_length", [16, 256, 1024])
 def test_cut_text_gives_the_tokenizers_own_truncated_ids_on_every_real_document(shared_data, max_length):
@@ -145,9 +165,11 @@ def test_a_cut_that_leaves_too_few_whole_words_tokenizes_the_whole_text(shared_d
     tokenizer = load_tokenizer(TOKENIZER)
     tokenize = Tokenize(tokenizer, max_length=16, vocab_size=32100)
     budget = tokenize.cut_chars
-    texts = ["x" * (budget + 50) + " tail",  # one long word: the budget holds no whole word
-             "a " * 14 + "b" * (budget - 30) + "ccc dd",  # the 15th token lies in the word the cut splits
-             "Good morning " * 200]
+    texts = [
+        "x" * (budget + 50) + " tail",  # one long word: the budget holds no whole word
+        "a " * 14 + "b" * (budget - 30) + "ccc dd",  # the 15th token lies in the word the cut splits
+        "Good morning " * 200,
+    ]
     assert tokenize(texts, truncate=True) == tokenizer(texts, truncation=True, max_length=16)["input_ids"]
 
 
@@ -158,7 +180,9 @@ def test_other_special_token_layouts_match_the_tokenizers_own(shared_data):
 
     texts = [record["text"] for record in read_c4_lines(sorted(glob.glob(EVAL_FILES)))]
     bos_and_eos = copy.deepcopy(load_tokenizer(TOKENIZER))
-    bos_and_eos.backend_tokenizer.post_processor = TemplateProcessing(single="<pad> $A </s>", special_tokens=[("<pad>", 0), ("</s>", 1)])
+    bos_and_eos.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<pad> $A </s>", special_tokens=[("<pad>", 0), ("</s>", 1)]
+    )
     tokenize = Tokenize(bos_and_eos, max_length=64, vocab_size=32100)
     assert tokenize.specials == ([0], [1])
     expected = bos_and_eos(texts, truncation=True, max_length=64)["input_ids"]
@@ -174,6 +198,7 @@ def test_pack_mode_tokenizes_whole_documents_in_batches(tokenize):
 
 
 # --- batches made ahead on a producer thread -----------------------------------------------------
+
 
 def consumed(stream, count):
     return [stream.next_batch()["input_ids"] for _ in range(count)]
@@ -289,6 +314,7 @@ def test_batches_are_pinned_only_for_cuda(tokenize, monkeypatch):
 
 # --- the validation token cache ------------------------------------------------------------------
 
+
 def eval_source():
     return document_source(EVAL_FILES, "--eval-data-files", "", "", "validation")
 
@@ -340,6 +366,7 @@ def test_an_eval_build_error_stops_every_process(tokenize, tmp_path):
 
 # --- data prepared ahead (galore-train prepare-data) ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def prepared_dir(shared_data, tmp_path_factory):
     from galore_train.data.prepared import prepare_data
@@ -353,8 +380,9 @@ def prepared_dir(shared_data, tmp_path_factory):
 def prepared_stream(tokenize, directory, **kwargs):
     options = dict(batch_size=4, pack=False, shuffle_buffer=32, seed=0)
     options.update(kwargs)
-    return PretrainingStream(lambda: document_source(str(directory), "--data-files", "", "", "train", tokenize),
-                             tokenize, **options)
+    return PretrainingStream(
+        lambda: document_source(str(directory), "--data-files", "", "", "train", tokenize), tokenize, **options
+    )
 
 
 @pytest.mark.parametrize("pack", [False, True])

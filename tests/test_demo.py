@@ -49,18 +49,22 @@ def write_distribution(site: Path, requires: list[str]) -> None:
     (info / "METADATA").write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("requires, ok", [
-    (["pytest>=1"], True),
-    (["pytest>=1; extra == \"dev\""], True),  # the dev extra counts: the README's second command is pytest
-    (["pytest>=999; extra == \"dev\""], False),  # present, in a version the project excludes
-    (["no-such-distribution-xyz"], False),
-    (["no-such-distribution-xyz; extra == \"cpu\""], True),  # the cpu extra's torch pin is not required
-])
+@pytest.mark.parametrize(
+    "requires, ok",
+    [
+        (["pytest>=1"], True),
+        (['pytest>=1; extra == "dev"'], True),  # the dev extra counts: the README's second command is pytest
+        (['pytest>=999; extra == "dev"'], False),  # present, in a version the project excludes
+        (["no-such-distribution-xyz"], False),
+        (['no-such-distribution-xyz; extra == "cpu"'], True),  # the cpu extra's torch pin is not required
+    ],
+)
 def test_guard_checks_every_requirement(tmp_path: Path, requires: list[str], ok: bool) -> None:
     write_distribution(tmp_path, requires)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "_installed.py")], env=env, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "_installed.py")], env=env, capture_output=True, text=True
+    )
     assert (result.returncode == 0) == ok, result.stderr
     assert ok or "not installed:" in result.stderr
 

@@ -31,16 +31,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SHARED_DATA, TINY_LLAMA, tiny_run_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, SHARED_DATA, TINY_LLAMA, tiny_run_args
 from galore_train import distributed
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.config import plan_steps
 from galore_train.optim import ApolloAdamW, GaLoreAdamW, refresh_sharing
 from galore_train.optim.refresh_sharing import refresh_owners
+from galore_train.plan import plan_steps
 from galore_train.train import Trainer
 
 ONE_SHARD = str(SHARED_DATA / "c4" / "train" / "c4-train.00000-of-01024.docs0000-0849.json.gz")
@@ -51,8 +51,16 @@ WEIGHT_ATOL = 2e-4  # Adam moves each weight by ~lr per step (3e-3); measured di
 
 def run_args(output_dir: Path, config_file: str, **overrides) -> dict:
     """Tiny LLaMA on one C4 shard, global batch 8 whatever the process count (see the module docstring)."""
-    values = dict(data_files=ONE_SHARD, shuffle_buffer=0, batch_size=4, total_batch_size=8, num_training_steps=STEPS,
-                  eval_every=2, save_every=2, keep_last=10)
+    values = dict(
+        data_files=ONE_SHARD,
+        shuffle_buffer=0,
+        batch_size=4,
+        total_batch_size=8,
+        num_training_steps=STEPS,
+        eval_every=2,
+        save_every=2,
+        keep_last=10,
+    )
     return tiny_run_args(config_file, output_dir, **{**values, **overrides})
 
 
@@ -119,6 +127,7 @@ def rank_dumps(folder: Path) -> list[dict]:
 
 # --- the runs (module fixtures: each torchrun launch happens once) ----------------------------------
 
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("distributed")
@@ -160,22 +169,36 @@ def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
     (the behaviour before shared refresh), the shared run with layer-wise updates (micro-batches of 2:
     accumulation 2 on each rank), and a two-sided 4-bit lazy-refresh run (refreshes at steps 0-3, whose
     interval doubles after the third)."""
-    runs = {"resumed": work / "ddp-adamw-resumed", "galore": work / "ddp-galore",
-            "replicated": work / "ddp-galore-replicated", "layerwise": work / "ddp-galore-layerwise",
-            "quantized": work / "ddp-galore-4bit-lazy", "right": work / "ddp-galore-right"}
+    runs = {
+        "resumed": work / "ddp-adamw-resumed",
+        "galore": work / "ddp-galore",
+        "replicated": work / "ddp-galore-replicated",
+        "layerwise": work / "ddp-galore-layerwise",
+        "quantized": work / "ddp-galore-4bit-lazy",
+        "right": work / "ddp-galore-right",
+    }
     resume_from = str(ddp_cli / "checkpoints" / "step_00000002")
-    quantized = dict(GALORE, gap=1, proj_type="full", proj_bits=4, proj_group_size=16, adaptive_gap=True,
-                     cos_threshold=0.0)
-    run_workers(work, [
-        {"config": run_args(runs["resumed"], config_file, resume_from=resume_from), "dump": None},
-        {"config": run_args(runs["galore"], config_file, **GALORE), "dump": str(runs["galore"])},
-        {"config": run_args(runs["replicated"], config_file, **GALORE), "dump": str(runs["replicated"]),
-         "replicated_refresh": True},
-        {"config": run_args(runs["layerwise"], config_file, **GALORE, layerwise=True, batch_size=2),
-         "dump": str(runs["layerwise"])},
-        {"config": run_args(runs["quantized"], config_file, **quantized), "dump": str(runs["quantized"])},
-        {"config": run_args(runs["right"], config_file, **GALORE, proj_type="right"), "dump": None},
-    ])
+    quantized = dict(
+        GALORE, gap=1, proj_type="full", proj_bits=4, proj_group_size=16, adaptive_gap=True, cos_threshold=0.0
+    )
+    run_workers(
+        work,
+        [
+            {"config": run_args(runs["resumed"], config_file, resume_from=resume_from), "dump": None},
+            {"config": run_args(runs["galore"], config_file, **GALORE), "dump": str(runs["galore"])},
+            {
+                "config": run_args(runs["replicated"], config_file, **GALORE),
+                "dump": str(runs["replicated"]),
+                "replicated_refresh": True,
+            },
+            {
+                "config": run_args(runs["layerwise"], config_file, **GALORE, layerwise=True, batch_size=2),
+                "dump": str(runs["layerwise"]),
+            },
+            {"config": run_args(runs["quantized"], config_file, **quantized), "dump": str(runs["quantized"])},
+            {"config": run_args(runs["right"], config_file, **GALORE, proj_type="right"), "dump": None},
+        ],
+    )
     return runs
 
 
@@ -183,18 +206,31 @@ def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
 def fsdp_workers(work: Path, config_file: str, shared_data) -> dict[str, Path]:
     """One launch: an FSDP2 AdamW run, then its resume from the step-2 checkpoint; the same for GaLore-AdamW
     (right-side projections, refreshed at steps 0 and 2)."""
-    runs = {"straight": work / "fsdp-adamw", "resumed": work / "fsdp-adamw-resumed",
-            "galore": work / "fsdp-galore", "galore-resumed": work / "fsdp-galore-resumed"}
+    runs = {
+        "straight": work / "fsdp-adamw",
+        "resumed": work / "fsdp-adamw-resumed",
+        "galore": work / "fsdp-galore",
+        "galore-resumed": work / "fsdp-galore-resumed",
+    }
     galore = dict(GALORE, proj_type="right", distributed="fsdp")
     checkpoint = lambda run: str(runs[run] / "checkpoints" / "step_00000002")  # noqa: E731
-    run_workers(work, [
-        {"config": run_args(runs["straight"], config_file, distributed="fsdp"), "dump": str(runs["straight"])},
-        {"config": run_args(runs["resumed"], config_file, distributed="fsdp", resume_from=checkpoint("straight")),
-         "dump": None},
-        {"config": run_args(runs["galore"], config_file, **galore), "dump": str(runs["galore"])},
-        {"config": run_args(runs["galore-resumed"], config_file, **galore, resume_from=checkpoint("galore")),
-         "dump": str(runs["galore-resumed"])},
-    ])
+    run_workers(
+        work,
+        [
+            {"config": run_args(runs["straight"], config_file, distributed="fsdp"), "dump": str(runs["straight"])},
+            {
+                "config": run_args(
+                    runs["resumed"], config_file, distributed="fsdp", resume_from=checkpoint("straight")
+                ),
+                "dump": None,
+            },
+            {"config": run_args(runs["galore"], config_file, **galore), "dump": str(runs["galore"])},
+            {
+                "config": run_args(runs["galore-resumed"], config_file, **galore, resume_from=checkpoint("galore")),
+                "dump": str(runs["galore-resumed"]),
+            },
+        ],
+    )
     return runs
 
 
@@ -206,8 +242,9 @@ def optimizer_states(trainer: Trainer) -> dict[str, dict]:
 
 def states_equal(a: dict[str, dict], b: dict[str, dict]) -> bool:
     same = lambda x, y: torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y  # noqa: E731
-    return a.keys() == b.keys() and all(a[n].keys() == b[n].keys() and all(same(a[n][k], b[n][k]) for k in a[n])
-                                        for n in a)
+    return a.keys() == b.keys() and all(
+        a[n].keys() == b[n].keys() and all(same(a[n][k], b[n][k]) for k in a[n]) for n in a
+    )
 
 
 def svd_counts(output_dir: Path) -> list[int]:
@@ -218,10 +255,13 @@ def svd_counts(output_dir: Path) -> list[int]:
 def projections(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Every GaLore projection matrix of the trainer's optimizer, by parameter name."""
     state = trainer.optimizer.state
-    return {name: state[p]["projection"] for name, p in trainer.model.named_parameters() if "projection" in state.get(p, {})}
+    return {
+        name: state[p]["projection"] for name, p in trainer.model.named_parameters() if "projection" in state.get(p, {})
+    }
 
 
 # --- DDP ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_ddp_matches_one_process_on_the_same_global_batches(one_process, ddp_cli):
@@ -254,7 +294,11 @@ def test_only_rank_zero_logs_and_writes_checkpoints(ddp_cli, ddp_workers):
     assert last["peak_memory_gb"] == max(last["peak_memory_gb_per_rank"]) > 0
     assert last["tokens_per_second_per_device"] == pytest.approx(last["tokens_per_second"] / 2)
     root = ddp_cli / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]  # no stray temp folders
+    assert sorted(p.name for p in root.iterdir()) == [
+        "latest",
+        "step_00000002",
+        "step_00000004",
+    ]  # no stray temp folders
     data_states = json.loads((root / "step_00000004" / "data_state.json").read_text())
     assert len(data_states) == 2 and data_states[0] != data_states[1]  # each rank's own stream position
     saves = [dump["saves"] for dump in rank_dumps(ddp_workers["galore"])]
@@ -336,6 +380,7 @@ def test_shared_refresh_keeps_4bit_lazy_projections_identical_on_both_ranks(ddp_
 
 # --- FSDP2 -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_resumes_bit_exactly(one_process, fsdp_workers):
     straight, resumed = fsdp_workers["straight"], fsdp_workers["resumed"]
@@ -378,6 +423,7 @@ def test_fsdp_galore_equals_ddp_galore_and_resumes_bit_exactly(ddp_workers, fsdp
 
 # --- errors and single-process identity ----------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_total_batch_not_divisible_is_one_line_error_under_torchrun(work, config_file, shared_data):
     values = run_args(work / "indivisible", config_file, total_batch_size=12)  # 12 sequences, 4 x 2 per step
@@ -397,8 +443,10 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
     assert plan_steps(cfg.replace(total_batch_size=16), world_size=2).accumulation == 2
 
 
-@pytest.mark.parametrize("optimizer, eightbit", [("galore_adafactor", False), ("adafactor", False), ("lora", False),
-                                                 ("adamw", True), ("galore_adamw", True)])
+@pytest.mark.parametrize(
+    "optimizer, eightbit",
+    [("galore_adafactor", False), ("adafactor", False), ("lora", False), ("adamw", True), ("galore_adamw", True)],
+)
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
         distributed.check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, distributed="fsdp"))
@@ -430,7 +478,9 @@ def test_teardown_lets_gloo_workers_finish_before_destroying_the_group(tmp_path,
     the GIL is released before the group goes away. A 1-process gloo group stands in for torchrun's."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     calls = []
-    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: calls.append(("sleep", seconds, torch.distributed.is_initialized())))
+    monkeypatch.setattr(
+        distributed.time, "sleep", lambda seconds: calls.append(("sleep", seconds, torch.distributed.is_initialized()))
+    )
     distributed.teardown()
     assert calls == [("sleep", distributed.GLOO_DRAIN_SECONDS, True)]
     assert not torch.distributed.is_initialized()
@@ -455,14 +505,33 @@ class BufferedLinear(torch.nn.Linear):
 class DDPBefore213(torch.nn.parallel.DistributedDataParallel):
     """DistributedDataParallel as torch 2.6-2.12 declare it: no `forward_sync_buffers` (new in 2.13)."""
 
-    def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True, init_sync=True,
-                 process_group=None, bucket_cap_mb=None, find_unused_parameters=False, check_reduction=False,
-                 gradient_as_bucket_view=False, static_graph=False, delay_all_reduce_named_params=None,
-                 param_to_hook_all_reduce=None, mixed_precision=None, device_mesh=None):
+    def __init__(
+        self,
+        module,
+        device_ids=None,
+        output_device=None,
+        dim=0,
+        broadcast_buffers=True,
+        init_sync=True,
+        process_group=None,
+        bucket_cap_mb=None,
+        find_unused_parameters=False,
+        check_reduction=False,
+        gradient_as_bucket_view=False,
+        static_graph=False,
+        delay_all_reduce_named_params=None,
+        param_to_hook_all_reduce=None,
+        mixed_precision=None,
+        device_mesh=None,
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # the installed torch deprecates broadcast_buffers
-            super().__init__(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers,
-                             gradient_as_bucket_view=gradient_as_bucket_view)
+            super().__init__(
+                module,
+                device_ids=device_ids,
+                broadcast_buffers=broadcast_buffers,
+                gradient_as_bucket_view=gradient_as_bucket_view,
+            )
 
 
 @pytest.mark.parametrize("older_torch", [False, True], ids=["installed torch", "torch 2.6-2.12"])
@@ -489,16 +558,24 @@ def test_refresh_owners_are_round_robin_over_the_galore_parameters_in_optimizer_
     assert [optimizer._sharing.owner(p) for p in matrices + more] == [0, 1, 0, 1]
     with pytest.raises(KeyError):
         optimizer._sharing.owner(plain)  # full-rank parameters have no refresh
-    apollo = ApolloAdamW([{"params": matrices, "rank": 2, "proj": "random"},
-                          {"params": more, "rank": 2, "proj": "svd"}])
+    apollo = ApolloAdamW(
+        [{"params": matrices, "rank": 2, "proj": "random"}, {"params": more, "rank": 2, "proj": "svd"}]
+    )
     apollo.share_refresh()
     assert apollo._sharing.owner(more[0]) == 0  # APOLLO's random projections are regenerated, not refreshed
 
 
 def test_shared_refresh_on_one_process_is_the_unshared_optimizer(one_process_group):
     """The owner's path (compute, broadcast to itself, store) changes no bit: two-sided 4-bit lazy refreshes."""
-    settings = dict(rank=3, update_proj_gap=1, proj_type="full", proj_bits=4, proj_group_size=8, adaptive_gap=True,
-                    cos_threshold=0.0)
+    settings = dict(
+        rank=3,
+        update_proj_gap=1,
+        proj_type="full",
+        proj_bits=4,
+        proj_group_size=8,
+        adaptive_gap=True,
+        cos_threshold=0.0,
+    )
     generator = torch.Generator().manual_seed(0)
     start = [torch.randn(12, 8, generator=generator), torch.randn(6, 10, generator=generator)]
     gradients = [[torch.randn(p.shape, generator=generator) for p in start] for _ in range(6)]
@@ -519,6 +596,7 @@ def test_shared_refresh_on_one_process_is_the_unshared_optimizer(one_process_gro
 
 # --- torchrun worker ---------------------------------------------------------------------------------
 
+
 def _worker(plan_file: str) -> None:
     """Run each planned Trainer in this torchrun process; dump per-rank state where asked.
 
@@ -532,18 +610,25 @@ def _worker(plan_file: str) -> None:
     rank = int(os.environ["RANK"])
     for run in json.loads(Path(plan_file).read_text()):
         saves = []
-        checkpoint.save_checkpoint = lambda *args, **kwargs: saves.append(args[1]) or real_save(*args, **kwargs)
+        checkpoint.save_checkpoint = lambda *args, saves=saves, **kwargs: (
+            saves.append(args[1]) or real_save(*args, **kwargs)
+        )
         # "replicated_refresh": every rank computes every SVD itself, as before shared refresh
         distributed.share_projection_refresh = (lambda *args: None) if run.get("replicated_refresh") else real_share
         trainer = Trainer(TrainConfig(**run["config"]))
         trainer.run()
         if run["dump"]:
             blank = sum(bool((batch["labels"] == -100).all()) for batch in trainer.eval_batches)
-            dump = {"saves": len(saves), "projections": projections(trainer), "states": optimizer_states(trainer),
-                    "blank_eval_batches": blank}
+            dump = {
+                "saves": len(saves),
+                "projections": projections(trainer),
+                "states": optimizer_states(trainer),
+                "blank_eval_batches": blank,
+            }
             Path(run["dump"]).mkdir(parents=True, exist_ok=True)
             torch.save(dump, Path(run["dump"]) / f"rank{rank}.pt")
     real_teardown()
+
 
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -10,4 +10,6 @@ def test_cli_reference_is_current():
     spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "scripts" / "cli_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (ROOT / "docs" / "cli.md").read_text() == module.reference(), "run: python scripts/cli_reference.py > docs/cli.md"
+    assert (ROOT / "docs" / "cli.md").read_text() == module.reference(), (
+        "run: python scripts/cli_reference.py > docs/cli.md"
+    )

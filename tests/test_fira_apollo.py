@@ -14,12 +14,12 @@ from transformers import LlamaConfig
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import build_model
-from galore_train.optimizers import build_optimizer
 from galore_train.optim.apollo import MINI_SCALE, ApolloAdamW, gaussian_projection, projection_seed
 from galore_train.optim.fira import FiraAdamW
 from galore_train.optim.galore_adamw import GaLoreAdamW
 from galore_train.optim.muon import MuonAdamW
 from galore_train.optim.norm_growth import PREVIOUS_NORM, limit_norm_growth_, norm_growth_factor
+from galore_train.optimizers import build_optimizer
 
 BETAS, EPS, LR, WD, GAMMA = (0.9, 0.999), 1e-8, 0.01, 0.1, 1.01
 SMALL_LLAMA = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 256})
@@ -211,6 +211,7 @@ def test_norm_growth_limiter():
 
 def test_gaussian_projection_is_seeded_by_seed_position_and_window():
     shape = torch.Size((64, 96))
+
     def draw(*key):
         return gaussian_projection(shape, "left", 8, projection_seed(*key), torch.device("cpu"), torch.float32)
 
@@ -226,8 +227,9 @@ NAMES = ["fira_adamw", "apollo_adamw", "apollo_mini", "muon"]
 
 
 def _cfg(name: str, **changes) -> TrainConfig:
-    return TrainConfig(**{"optimizer": name, "rank": 8, "gap": 3, "lr": 1e-2, "weight_decay": 0.1,
-                          "num_training_steps": 10, **changes})
+    return TrainConfig(
+        **{"optimizer": name, "rank": 8, "gap": 3, "lr": 1e-2, "weight_decay": 0.1, "num_training_steps": 10, **changes}
+    )
 
 
 def test_registry_groups_carry_each_method_defaults():
@@ -305,20 +307,24 @@ def test_a_layerwise_step_with_one_gradient_updates_only_that_parameter(name):
     assert [p for p in optimizer.state if optimizer.state[p]] == [target]
 
 
-@pytest.mark.parametrize("name, changes, message", [
-    ("apollo_adamw", {"proj_type": "full"}, "proj_type 'full' projects both"),
-    ("fira_adamw", {"norm_growth_limit": 0.5}, "norm_growth_limit must be a number >= 1"),
-    ("galore_adamw", {"norm_growth_limit": 1.01}, "--norm-growth-limit applies to fira_adamw"),
-    ("muon", {"norm_growth_limit": 1.01}, "not muon"),
-    ("apollo_adamw", {"proj_bits": 8}, "regenerated, not stored"),
-])
+@pytest.mark.parametrize(
+    "name, changes, message",
+    [
+        ("apollo_adamw", {"proj_type": "full"}, "proj_type 'full' projects both"),
+        ("fira_adamw", {"norm_growth_limit": 0.5}, "norm_growth_limit must be a number >= 1"),
+        ("galore_adamw", {"norm_growth_limit": 1.01}, "--norm-growth-limit applies to fira_adamw"),
+        ("muon", {"norm_growth_limit": 1.01}, "not muon"),
+        ("apollo_adamw", {"proj_bits": 8}, "regenerated, not stored"),
+    ],
+)
 def test_bad_settings_are_user_errors(name, changes, message):
     with pytest.raises(UserError, match=message):
         build_optimizer(build_model(SMALL_LLAMA, seed=0), _cfg(name, **changes))
 
 
-@pytest.mark.parametrize("flag, value", [("fira_residual", "both"), ("apollo_proj", "qr"),
-                                         ("apollo_scale_type", "row")])
+@pytest.mark.parametrize(
+    "flag, value", [("fira_residual", "both"), ("apollo_proj", "qr"), ("apollo_scale_type", "row")]
+)
 def test_bad_choices_are_refused_with_the_config(flag, value):
     with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be one of"):
         _cfg("adamw", **{flag: value}).validate()
@@ -338,8 +344,13 @@ def test_muon_needs_torch_optim_muon(monkeypatch):
 def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, shared_data):
     from galore_train.train import Trainer
 
-    summary = Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / name, optimizer=name, rank=8, gap=3,
-                                                  lr=1e-2, num_training_steps=6))).run()
+    summary = Trainer(
+        TrainConfig(
+            **tiny_run_args(
+                tiny_config_file, tmp_path / name, optimizer=name, rank=8, gap=3, lr=1e-2, num_training_steps=6
+            )
+        )
+    ).run()
     assert summary["steps"] == 6 and math.isfinite(summary["val_perplexity"])
 
 
@@ -352,8 +363,18 @@ def test_trainer_resume_is_bit_exact(name, tiny_config_file, tmp_path, monkeypat
     from galore_train.train import Trainer
 
     def run(output_dir, **overrides):
-        values = tiny_run_args(tiny_config_file, output_dir, optimizer=name, rank=8, gap=3, lr=1e-2,
-                               num_training_steps=6, save_every=100, eval_every=100, **overrides)
+        values = tiny_run_args(
+            tiny_config_file,
+            output_dir,
+            optimizer=name,
+            rank=8,
+            gap=3,
+            lr=1e-2,
+            num_training_steps=6,
+            save_every=100,
+            eval_every=100,
+            **overrides,
+        )
         return Trainer(TrainConfig(**values)).run()
 
     run(tmp_path / "straight")
@@ -362,7 +383,8 @@ def test_trainer_resume_is_bit_exact(name, tiny_config_file, tmp_path, monkeypat
         run(tmp_path / "split")
     monkeypatch.undo()
     run(tmp_path / "split", resume=True)
-    assert [r["loss"] for r in records(tmp_path / "split") if "loss" in r] == \
-           [r["loss"] for r in records(tmp_path / "straight") if "loss" in r]
+    assert [r["loss"] for r in records(tmp_path / "split") if "loss" in r] == [
+        r["loss"] for r in records(tmp_path / "straight") if "loss" in r
+    ]
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -23,7 +23,9 @@ def _grads(shape: tuple[int, int], count: int, seed: int = 0) -> list[torch.Tens
     return [torch.randn(shape, generator=generator) for _ in range(count)]
 
 
-def _run(optimizer_cls, w0: torch.Tensor, grads: list[torch.Tensor], group: dict, **kwargs) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+def _run(
+    optimizer_cls, w0: torch.Tensor, grads: list[torch.Tensor], group: dict, **kwargs
+) -> tuple[torch.Tensor, torch.optim.Optimizer]:
     p = torch.nn.Parameter(w0.clone())
     optimizer = optimizer_cls([{"params": [p], **group}], **kwargs)
     for g in grads:
@@ -50,8 +52,15 @@ def paper_galore_adamw(w0, grads, rank, gap, scale, lr, betas, eps, weight_decay
     return w
 
 
-@pytest.mark.parametrize("shape, proj_type, side", [((24, 40), "std", "left"), ((40, 24), "std", "right"),
-                                                    ((40, 24), "reverse_std", "left"), ((24, 40), "right", "right")])
+@pytest.mark.parametrize(
+    "shape, proj_type, side",
+    [
+        ((24, 40), "std", "left"),
+        ((40, 24), "std", "right"),
+        ((40, 24), "reverse_std", "left"),
+        ((24, 40), "right", "right"),
+    ],
+)
 @pytest.mark.parametrize("steps", [1, 8])  # 8 steps with gap 3: refreshes at steps 0, 3, 6
 def test_galore_adamw_equals_the_papers_algorithm(shape, proj_type, side, steps) -> None:
     w0, grads = torch.randn(shape, generator=torch.Generator().manual_seed(1)), _grads(shape, steps)
@@ -67,7 +76,7 @@ def test_projection_changes_exactly_every_gap_steps() -> None:
     p = torch.nn.Parameter(torch.randn(20, 12))
     optimizer = GaLoreAdamW([{"params": [p], "rank": 4, "update_proj_gap": 4}], lr=LR)
     previous, changed = None, []
-    for step, g in enumerate(_grads((20, 12), 13)):
+    for g in _grads((20, 12), 13):
         p.grad = g
         optimizer.step()
         current = optimizer.state[p]["projection"].clone()
@@ -98,12 +107,25 @@ def test_plain_groups_are_adamw() -> None:
 
 
 @pytest.mark.parametrize("optimizer_cls", [GaLoreAdamW, GaLoreAdafactor, GaLoreAdamW8bit])
-@pytest.mark.parametrize("proj_type, low_rank", [("std", (80, 16)), ("reverse_std", (16, 64)), ("left", (16, 64)),
-                                                 ("right", (80, 16)), ("full", (16, 16))])
+@pytest.mark.parametrize(
+    "proj_type, low_rank",
+    [("std", (80, 16)), ("reverse_std", (16, 64)), ("left", (16, 64)), ("right", (80, 16)), ("full", (16, 16))],
+)
 def test_moments_have_the_low_rank_shape(optimizer_cls, proj_type, low_rank) -> None:
-    kwargs = {"beta1": 0.9} if optimizer_cls is GaLoreAdafactor else {"min_8bit_size": 1} if optimizer_cls is GaLoreAdamW8bit else {}
-    _, optimizer = _run(optimizer_cls, torch.randn(80, 64), _grads((80, 64), 2),
-                        {"rank": 16, "update_proj_gap": 10, "proj_type": proj_type}, **kwargs)
+    kwargs = (
+        {"beta1": 0.9}
+        if optimizer_cls is GaLoreAdafactor
+        else {"min_8bit_size": 1}
+        if optimizer_cls is GaLoreAdamW8bit
+        else {}
+    )
+    _, optimizer = _run(
+        optimizer_cls,
+        torch.randn(80, 64),
+        _grads((80, 64), 2),
+        {"rank": 16, "update_proj_gap": 10, "proj_type": proj_type},
+        **kwargs,
+    )
     state = next(iter(optimizer.state.values()))
     assert state["exp_avg"].shape == low_rank
     if optimizer_cls is GaLoreAdafactor:
@@ -150,9 +172,18 @@ def test_plain_adafactor_matches_transformers_with_paper_settings(beta1) -> None
 
     w0, grads = torch.randn(12, 8), _grads((12, 8), 5)
     bias0, bias_grads = torch.randn(8), _grads((8,), 5, seed=1)
-    ours = GaLoreAdafactor([torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())], lr=LR, beta1=beta1, weight_decay=0.1)
-    reference = Adafactor([torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())], lr=LR, beta1=beta1, weight_decay=0.1,
-                          relative_step=False, scale_parameter=False, warmup_init=False)
+    ours = GaLoreAdafactor(
+        [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())], lr=LR, beta1=beta1, weight_decay=0.1
+    )
+    reference = Adafactor(
+        [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())],
+        lr=LR,
+        beta1=beta1,
+        weight_decay=0.1,
+        relative_step=False,
+        scale_parameter=False,
+        warmup_init=False,
+    )
     for g, bias_grad in zip(grads, bias_grads):
         for optimizer in (ours, reference):
             weight, bias = optimizer.param_groups[0]["params"]
@@ -209,8 +240,18 @@ def test_galore_adafactor_matches_galore_torch(beta1) -> None:
     w0, grads = torch.randn(40, 24), _grads((40, 24), 7)
     group = {"rank": 6, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}
     ours, _ = _run(GaLoreAdafactor, w0, grads, group, lr=LR, beta1=beta1, weight_decay=0.1)
-    reference, _ = _run(galore_torch.GaLoreAdafactor, w0, grads, group, lr=LR, beta1=beta1, weight_decay=0.1,
-                        relative_step=False, scale_parameter=False, warmup_init=False)
+    reference, _ = _run(
+        galore_torch.GaLoreAdafactor,
+        w0,
+        grads,
+        group,
+        lr=LR,
+        beta1=beta1,
+        weight_decay=0.1,
+        relative_step=False,
+        scale_parameter=False,
+        warmup_init=False,
+    )
     torch.testing.assert_close(ours, reference)
 
 
@@ -218,7 +259,11 @@ def test_galore_adafactor_matches_galore_torch(beta1) -> None:
 
 OPTIMIZER_CASES = {
     "adamw": (GaLoreAdamW, {"weight_decay": 0.1}, {}),
-    "adamw_full_randomized_stagger": (GaLoreAdamW, {}, {"proj_type": "full", "svd": "randomized", "stagger_refresh": True}),
+    "adamw_full_randomized_stagger": (
+        GaLoreAdamW,
+        {},
+        {"proj_type": "full", "svd": "randomized", "stagger_refresh": True},
+    ),
     "adafactor": (GaLoreAdafactor, {"weight_decay": 0.1}, {}),
     "adafactor_beta1": (GaLoreAdafactor, {"beta1": 0.9}, {"proj_type": "reverse_std"}),
     "adamw8bit": (GaLoreAdamW8bit, {"weight_decay": 0.1, "min_8bit_size": 64}, {}),
@@ -259,8 +304,9 @@ def test_state_dict_round_trip_resumes_bit_identically(case: str) -> None:
     resumed = _build(case, resumed_params)
     resumed.load_state_dict(saved["optimizer"])
     for before, after in zip(optimizer.state.values(), resumed.state.values()):
-        assert {k: (v.dtype, v.shape) if torch.is_tensor(v) else v for k, v in before.items()} == \
-               {k: (v.dtype, v.shape) if torch.is_tensor(v) else v for k, v in after.items()}
+        assert {k: (v.dtype, v.shape) if torch.is_tensor(v) else v for k, v in before.items()} == {
+            k: (v.dtype, v.shape) if torch.is_tensor(v) else v for k, v in after.items()
+        }
     _train(optimizer, params, range(4, 11))  # two more refreshes (steps 6 and 9)
     _train(resumed, resumed_params, range(4, 11))
     for a, b in zip(params, resumed_params):
@@ -289,7 +335,6 @@ def test_invalid_groups_are_rejected() -> None:
         GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(8))], "rank": 2}])
     with pytest.raises(ValueError, match="rank must be a positive"):
         GaLoreAdafactor([{"params": [p], "rank": 0}])
-
 
 
 # --- float32 moments of bf16 weights (--moments-dtype fp32) -------------------------------------------
@@ -338,14 +383,23 @@ def test_float32_moments_of_float32_weights_change_nothing() -> None:
     assert torch.equal(plain, float32)
 
 
-@pytest.mark.parametrize("optimizer_cls, kwargs", [(GaLoreAdamW, {}), (NaturalGaLoreAdamW, {"fisher_history": 3}),
-                                                   (GaLoreAdamW8bit, {"min_8bit_size": 10**6})])
+@pytest.mark.parametrize(
+    "optimizer_cls, kwargs",
+    [(GaLoreAdamW, {}), (NaturalGaLoreAdamW, {"fisher_history": 3}), (GaLoreAdamW8bit, {"min_8bit_size": 10**6})],
+)
 def test_float32_moments_of_bf16_weights_resume_bit_identically(optimizer_cls, kwargs) -> None:
     """torch's load_state_dict casts states to the parameter's dtype; the float32 moments must come back as saved.
     (GaLoreAdamW8bit: its moments below min_8bit_size are GaLoreAdamW's.)"""
+
     def build(params):
-        return optimizer_cls([{"params": params[:3], "rank": 8, "update_proj_gap": 3, "moment_dtype": torch.float32},
-                              {"params": params[3:]}], lr=LR, **kwargs)
+        return optimizer_cls(
+            [
+                {"params": params[:3], "rank": 8, "update_proj_gap": 3, "moment_dtype": torch.float32},
+                {"params": params[3:]},
+            ],
+            lr=LR,
+            **kwargs,
+        )
 
     params = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in _model_like_params(0)]
     optimizer = build(params)
@@ -385,6 +439,7 @@ def test_moment_dtype_must_be_a_floating_dtype() -> None:
     with pytest.raises(ValueError, match="moment_dtype must be a floating-point torch.dtype"):
         GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(8, 6))], "rank": 2, "moment_dtype": "fp32"}])
 
+
 # --- optimizer-state bytes vs the paper's formula (the numbers scripts/bench_optimizer.py prints) -----
 
 
@@ -393,14 +448,26 @@ def test_every_optimizers_state_bytes_equal_the_formula() -> None:
     measured from the state tensors after one step, with the benchmark's own code, on both sides of std."""
     bench = _load_script("bench_optimizer")
     generator = torch.Generator().manual_seed(0)
-    block = [(f"matrix{i}", torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
-             for i, shape in enumerate([(64, 512), (512, 64), (128, 128)])]
+    block = [
+        (f"matrix{i}", torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+        for i, shape in enumerate([(64, 512), (512, 64), (128, 128)])
+    ]
     rows = bench.bench_state_bytes(block, rank=32)  # every low-rank moment >= 4096 elements: 8-bit applies
-    assert [name for name, _, _ in rows] == ["adamw", "adam", "adafactor", "adam8bit", "galore_adamw",
-                                             "galore_adafactor", "galore_adamw8bit"]
+    assert [name for name, _, _ in rows] == [
+        "adamw",
+        "adam",
+        "adafactor",
+        "adam8bit",
+        "galore_adamw",
+        "galore_adafactor",
+        "galore_adamw8bit",
+    ]
     for name, measured, formula in rows:
         assert measured == formula, name
-    assert dict((name, measured) for name, measured, _ in rows)["galore_adamw"] == 4 * (64 * 32 + 2 * 512 * 32) * 2 + 4 * 3 * 128 * 32
+    assert (
+        dict((name, measured) for name, measured, _ in rows)["galore_adamw"]
+        == 4 * (64 * 32 + 2 * 512 * 32) * 2 + 4 * 3 * 128 * 32
+    )
 
 
 def _load_script(name: str):

@@ -37,8 +37,10 @@ def _setup(optimizer: str, layerwise: bool, checkpointing: bool = False):
 
 def _batches(steps: int, accumulation: int, seed: int = 1) -> list[list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [[torch.randint(0, CONFIG.vocab_size, (BATCH, LENGTH), generator=generator) for _ in range(accumulation)]
-            for _ in range(steps)]
+    return [
+        [torch.randint(0, CONFIG.vocab_size, (BATCH, LENGTH), generator=generator) for _ in range(accumulation)]
+        for _ in range(steps)
+    ]
 
 
 def _train(model, opt, scheduler, updater, batches) -> list[float]:
@@ -101,7 +103,10 @@ def test_accumulating_micro_batches_leave_weights_and_grads_alone() -> None:
 
 
 def test_layerwise_with_activation_checkpointing_equals_normal() -> None:
-    normal, layerwise = _setup("galore_adamw", False, checkpointing=True), _setup("galore_adamw", True, checkpointing=True)
+    normal, layerwise = (
+        _setup("galore_adamw", False, checkpointing=True),
+        _setup("galore_adamw", True, checkpointing=True),
+    )
     batches = _batches(steps=2, accumulation=2)
     _train(*normal, batches)
     _train(*layerwise, batches)
@@ -137,7 +142,9 @@ def test_layerwise_optimizer_state_round_trips_through_a_checkpoint(optimizer: s
     first = _setup(optimizer, True)
     _train(*first, batches[:2])
     buffer = io.BytesIO()
-    torch.save({"model": first[0].state_dict(), "optimizer": first[1].state_dict(), "scheduler": first[2].state_dict()}, buffer)
+    torch.save(
+        {"model": first[0].state_dict(), "optimizer": first[1].state_dict(), "scheduler": first[2].state_dict()}, buffer
+    )
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     resumed = _setup(optimizer, True)

@@ -56,21 +56,28 @@ def test_estimated_weights_and_states_equal_real_optimizer_bytes(name: str, dtyp
     assert predicted == _measured_weights_and_state(name, dtype)
 
 
-@pytest.mark.parametrize("options", [{"beta1": 0.9, "optimizer_name": "adafactor"},
-                                     {"beta1": 0.9, "optimizer_name": "galore_adafactor"},
-                                     {"eightbit": True, "optimizer_name": "lora"},
-                                     {"eightbit": True, "optimizer_name": "low_rank"},
-                                     *({"proj_type": side, "optimizer_name": "galore_adamw"} for side in ("reverse_std", "left", "full")),
-                                     {"proj_bits": 8, "proj_group_size": 100, "proj_type": "full", "optimizer_name": "galore_adamw8bit"},
-                                     {"proj_bits": 4, "proj_group_size": 64, "optimizer_name": "galore_adafactor"},
-                                     {"fisher_history": 3, "optimizer_name": "natural_galore_adamw"},
-                                     {"norm_growth_limit": 0, "optimizer_name": "fira_adamw"},
-                                     {"apollo_proj": "svd", "proj_bits": 8, "optimizer_name": "apollo_adamw"},
-                                     {"norm_growth_limit": 0, "optimizer_name": "apollo_mini"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"beta1": 0.9, "optimizer_name": "adafactor"},
+        {"beta1": 0.9, "optimizer_name": "galore_adafactor"},
+        {"eightbit": True, "optimizer_name": "lora"},
+        {"eightbit": True, "optimizer_name": "low_rank"},
+        *({"proj_type": side, "optimizer_name": "galore_adamw"} for side in ("reverse_std", "left", "full")),
+        {"proj_bits": 8, "proj_group_size": 100, "proj_type": "full", "optimizer_name": "galore_adamw8bit"},
+        {"proj_bits": 4, "proj_group_size": 64, "optimizer_name": "galore_adafactor"},
+        {"fisher_history": 3, "optimizer_name": "natural_galore_adamw"},
+        {"norm_growth_limit": 0, "optimizer_name": "fira_adamw"},
+        {"apollo_proj": "svd", "proj_bits": 8, "optimizer_name": "apollo_adamw"},
+        {"norm_growth_limit": 0, "optimizer_name": "apollo_mini"},
+    ],
+)
 def test_estimate_follows_optimizer_options(options: dict) -> None:
     name = options.pop("optimizer_name")
     estimate = estimate_memory(CONFIG, name, RANK, dtype="fp32", **options)
-    assert estimate.weights + estimate.optimizer_states + estimate.projections == _measured_weights_and_state(name, "fp32", **options)
+    assert estimate.weights + estimate.optimizer_states + estimate.projections == _measured_weights_and_state(
+        name, "fp32", **options
+    )
 
 
 @pytest.mark.parametrize("name", MOMENTS_NAMES)
@@ -90,8 +97,9 @@ def test_float32_moments_apply_to_the_optimizers_that_take_them() -> None:
     with pytest.raises(UserError, match="--moments-dtype must be one of"):
         estimate_memory(CONFIG, "galore_adamw", RANK, moments_dtype="fp16")
     config = load_model_config("llama_60m")  # large enough for the difference to show in GiB
-    default, float32 = (render_text(compare_table(config, 128, moments_dtype=moments)).splitlines()
-                        for moments in ("param", "fp32"))
+    default, float32 = (
+        render_text(compare_table(config, 128, moments_dtype=moments)).splitlines() for moments in ("param", "fp32")
+    )
     changed = {ours.split("│")[1].strip() for ours, theirs in zip(default, float32) if ours != theirs}
     assert changed <= set(MOMENTS_NAMES)  # the rows that take it, the others unchanged and not refused
     for name in MOMENTS_NAMES:  # each of them by bytes (APOLLO-Mini's rank-1 moments do not show in GiB)
@@ -120,8 +128,9 @@ def test_activation_formula_matches_the_measured_peak(checkpointing: bool) -> No
     with meter.track():
         model(input_ids=ids, labels=ids).loss.backward()
     measured = meter.read_and_reset()["peak_other_gb"] * GIB
-    estimate = estimate_memory(config, "adamw", RANK, dtype="fp32", batch_size=4, max_length=64,
-                               activation_checkpointing=checkpointing)
+    estimate = estimate_memory(
+        config, "adamw", RANK, dtype="fp32", batch_size=4, max_length=64, activation_checkpointing=checkpointing
+    )
     assert estimate.activations == pytest.approx(measured, rel=0.05)
 
 
@@ -182,12 +191,18 @@ def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
     assert fsdp.peak == fsdp.weights + fsdp.optimizer_states + fsdp.distributed + max(fsdp.gradients, fsdp.activations)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"nproc": 0}, "--nproc must be positive"),
-    ({"nproc": 2, "distributed": "zero"}, "--distributed ddp or fsdp"),
-    ({"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adamw"}, "--distributed fsdp supports --optimizer adamw"),
-    ({"nproc": 2, "distributed": "fsdp", "layerwise": True}, "--layerwise does not run under --distributed fsdp"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"nproc": 0}, "--nproc must be positive"),
+        ({"nproc": 2, "distributed": "zero"}, "--distributed ddp or fsdp"),
+        (
+            {"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adamw"},
+            "--distributed fsdp supports --optimizer adamw",
+        ),
+        ({"nproc": 2, "distributed": "fsdp", "layerwise": True}, "--layerwise does not run under --distributed fsdp"),
+    ],
+)
 def test_bad_distributed_estimates_are_user_errors(options: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         estimate_memory(CONFIG, options.pop("optimizer", "adamw"), RANK, **options)
@@ -208,7 +223,9 @@ def test_table2_reproduction_is_within_the_targets() -> None:
 
 def test_7b_plan_fits_a_24gb_gpu_only_with_galore() -> None:
     config = load_model_config("llama_7b")
-    plan = dict(eightbit=True, layerwise=True, activation_checkpointing=True, batch_size=1, max_length=256, dtype="bf16")
+    plan = dict(
+        eightbit=True, layerwise=True, activation_checkpointing=True, batch_size=1, max_length=256, dtype="bf16"
+    )
     galore = estimate_memory(config, "galore_adamw", 1024, **plan)
     adam8bit = estimate_memory(config, "adamw", 1024, **plan)
     assert galore.total < 24e9  # the smaller unit: fits whichever way "24 GB" is read
@@ -221,8 +238,10 @@ def test_7b_on_8_gpus_of_24gb_per_gpu() -> None:
     config = load_model_config("llama_7b")
     plan = dict(activation_checkpointing=True, batch_size=1, max_length=256, dtype="bf16", nproc=8)
     galore = estimate_memory(config, "galore_adamw", 1024, eightbit=True, layerwise=True, **plan)
-    assert galore.peak == estimate_memory(config, "galore_adamw", 1024, eightbit=True, layerwise=True,
-                                          **{**plan, "nproc": 1}).peak
+    assert (
+        galore.peak
+        == estimate_memory(config, "galore_adamw", 1024, eightbit=True, layerwise=True, **{**plan, "nproc": 1}).peak
+    )
     assert galore.peak < 24e9 and estimate_memory(config, "adamw", 1024, distributed="fsdp", **plan).peak < 24e9
     assert estimate_memory(config, "adamw", 1024, **plan).peak > 24 * GIB
 

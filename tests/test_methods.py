@@ -136,8 +136,10 @@ def test_default_restart_warmup_fits_every_reset(reset, warmup):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(optimizer="relora", relora_reset=10, restart_warmup_steps=10),  # an explicit value must fit
-         r"--restart-warmup-steps must be >= 0 and smaller than --relora-reset \(10\), got 10"),
+        (
+            dict(optimizer="relora", relora_reset=10, restart_warmup_steps=10),  # an explicit value must fit
+            r"--restart-warmup-steps must be >= 0 and smaller than --relora-reset \(10\), got 10",
+        ),
         (dict(optimizer="relora", relora_reset=10, restart_warmup_steps=-1), "--restart-warmup-steps .* got -1"),
         (dict(optimizer="relora", relora_warm_start=-1), "--relora-warm-start must be >= 0, got -1"),
         (dict(optimizer="lora", lora_dropout=1.0), r"--lora-dropout must be within \[0, 1\), got 1.0"),
@@ -216,7 +218,11 @@ def test_relora_reset_merges_reinits_and_prunes():
     optimizer.zero_grad(set_to_none=True)
     before_merge = logits(model, ids)
     assert not torch.allclose(before, before_merge)  # the step did something
-    others = {n: copy.deepcopy(optimizer.state[p]) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    others = {
+        n: copy.deepcopy(optimizer.state[p])
+        for n, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in n
+    }
     assert method.after_optimizer_step(4, model, optimizer) is False
 
     torch.testing.assert_close(logits(model, ids), before_merge, rtol=1e-5, atol=1e-5)
@@ -238,7 +244,9 @@ def test_relora_reset_merges_reinits_and_prunes():
 def test_prune_drops_state_it_cannot_prune():
     param = torch.nn.Parameter(torch.ones(4, 4))
     optimizer = torch.optim.AdamW([param])
-    optimizer.state[param].update(step=torch.tensor(3.0), exp_avg=torch.randn(4, 4), codes=torch.zeros(4, 4, dtype=torch.uint8))
+    optimizer.state[param].update(
+        step=torch.tensor(3.0), exp_avg=torch.randn(4, 4), codes=torch.zeros(4, 4, dtype=torch.uint8)
+    )
     prune_optimizer_state_(optimizer, [param], 0.5)
     assert optimizer.state[param] == {}
 
@@ -305,7 +313,9 @@ def test_resume_is_bit_exact(name, stop_at):
     )
     del method, model, optimizer, scheduler
 
-    method, model = prepared(cfg, seed=99, completed_steps=stop_at)  # other init: everything must come from the checkpoint
+    method, model = prepared(
+        cfg, seed=99, completed_steps=stop_at
+    )  # other init: everything must come from the checkpoint
     model.load_state_dict(checkpoint["model"])
     method.load_state_dict(checkpoint["method"])
     optimizer, scheduler = new_optimizer(model, cfg, stop_at)

@@ -4,14 +4,27 @@ import pytest
 from transformers import LlamaConfig
 
 from galore_train.errors import UserError
-from galore_train.model import (build_model, count_parameters, init_weights_source, known_model_names,
-                                load_model_config, target_linear_modules)
+from galore_train.model import (
+    build_model,
+    count_parameters,
+    init_weights_source,
+    known_model_names,
+    load_model_config,
+    target_linear_modules,
+)
 
 PAPER_SIZES = {  # hidden / intermediate / layers / heads, from the GaLore paper's configs
-    "llama_9m": (128, 352, 4, 4), "llama_20m": (256, 688, 4, 4), "llama_35m": (384, 1024, 6, 8),
-    "llama_60m": (512, 1376, 8, 8), "llama_71m": (512, 1368, 12, 8), "llama_130m": (768, 2048, 12, 12),
-    "llama_250m": (768, 2560, 24, 16), "llama_350m": (1024, 2736, 24, 16), "llama_1b": (2048, 5461, 24, 32),
-    "llama_3b": (2560, 6848, 32, 32), "llama_7b": (4096, 11008, 32, 32),
+    "llama_9m": (128, 352, 4, 4),
+    "llama_20m": (256, 688, 4, 4),
+    "llama_35m": (384, 1024, 6, 8),
+    "llama_60m": (512, 1376, 8, 8),
+    "llama_71m": (512, 1368, 12, 8),
+    "llama_130m": (768, 2048, 12, 12),
+    "llama_250m": (768, 2560, 24, 16),
+    "llama_350m": (1024, 2736, 24, 16),
+    "llama_1b": (2048, 5461, 24, 32),
+    "llama_3b": (2560, 6848, 32, 32),
+    "llama_7b": (4096, 11008, 32, 32),
 }
 
 
@@ -29,12 +42,25 @@ def test_configs_read_by_transformers_without_silent_drops(name):
     for key, value in raw.items():
         if key != "architectures":
             assert getattr(config, key) == value, key
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads) == PAPER_SIZES[name]
-    assert (config.vocab_size, config.hidden_act, config.rms_norm_eps, config.initializer_range) == (32000, "silu", 1e-6, 0.02)
+    assert (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+    ) == PAPER_SIZES[name]
+    assert (config.vocab_size, config.hidden_act, config.rms_norm_eps, config.initializer_range) == (
+        32000,
+        "silu",
+        1e-6,
+        0.02,
+    )
 
 
 def test_parameter_counts_match_the_paper_names():
-    millions = {name: count_parameters(load_model_config(name)) / 1e6 for name in ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")}
+    millions = {
+        name: count_parameters(load_model_config(name)) / 1e6
+        for name in ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
+    }
     assert 55 < millions["llama_60m"] < 65
     assert 125 < millions["llama_130m"] < 140
     assert 340 < millions["llama_350m"] < 375

@@ -35,7 +35,9 @@ def test_woodbury_solve_equals_the_dense_inverse(k: int, d: int, damping: float)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_optimizer_preconditioning_matches_dense_inverse_over_a_wrapping_history(dtype: torch.dtype, tolerance: float) -> None:
+def test_optimizer_preconditioning_matches_dense_inverse_over_a_wrapping_history(
+    dtype: torch.dtype, tolerance: float
+) -> None:
     """The incremental Gram matrix and the ring buffer give, at every step, the dense natural gradient
     over exactly the last min(t, s) projected gradients (the current one included)."""
     size, damping = 4, 1e-2
@@ -187,12 +189,15 @@ def test_bf16_parameters_stay_bf16_and_finite() -> None:
     assert w.dtype == state["fisher_grads"].dtype == torch.bfloat16 and torch.isfinite(w).all()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"fisher_history": -1}, "fisher_history must be a non-negative integer"),
-    ({"fisher_history": 2.5}, "fisher_history must be a non-negative integer"),
-    ({"fisher_damping": 0.0}, "fisher_damping must be a positive number"),
-    ({"fisher_damping": float("inf")}, "fisher_damping must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"fisher_history": -1}, "fisher_history must be a non-negative integer"),
+        ({"fisher_history": 2.5}, "fisher_history must be a non-negative integer"),
+        ({"fisher_damping": 0.0}, "fisher_damping must be a positive number"),
+        ({"fisher_damping": float("inf")}, "fisher_damping must be a positive number"),
+    ],
+)
 def test_invalid_fisher_settings_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NaturalGaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "rank": 2}], **kwargs)
@@ -203,11 +208,14 @@ SMALL_LLAMA = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 512})
 
 def test_registry_builds_natural_galore_from_the_config() -> None:
     model = build_model(SMALL_LLAMA, seed=0)
-    cfg = TrainConfig(num_training_steps=10, rank=8, gap=3, optimizer="natural_galore_adamw",
-                      fisher_history=7, fisher_damping=0.01)
+    cfg = TrainConfig(
+        num_training_steps=10, rank=8, gap=3, optimizer="natural_galore_adamw", fisher_history=7, fisher_damping=0.01
+    )
     optimizer = build_optimizer(model, cfg)
     assert isinstance(optimizer, NaturalGaLoreAdamW)
     galore_group = next(group for group in optimizer.param_groups if "rank" in group)
     assert (galore_group["rank"], galore_group["fisher_history"], galore_group["fisher_damping"]) == (8, 7, 0.01)
     with pytest.raises(UserError, match="fisher_damping must be a positive number"):
-        build_optimizer(model, TrainConfig(num_training_steps=10, rank=8, optimizer="natural_galore_adamw", fisher_damping=-1.0))
+        build_optimizer(
+            model, TrainConfig(num_training_steps=10, rank=8, optimizer="natural_galore_adamw", fisher_damping=-1.0)
+        )

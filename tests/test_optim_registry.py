@@ -31,8 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The shared tiny LLaMA with a small vocabulary: optimizer tests do not need 32,000 embedding rows.
 SMALL_LLAMA = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 512})
-TARGET_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
-                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+TARGET_SUFFIXES = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "o_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +51,18 @@ def _cfg(**changes) -> TrainConfig:
     return TrainConfig(**{"num_training_steps": 10, "rank": 8, "gap": 3, **changes})
 
 
-@pytest.mark.parametrize("name, eightbit, expected", [
-    ("adamw", False, "adamw"), ("adamw", True, "adam8bit"), ("adam", True, "adam8bit"),
-    ("galore_adamw", True, "galore_adamw8bit"), ("adam8bit", True, "adam8bit"),
-    ("galore_adamw8bit", True, "galore_adamw8bit"), ("galore_adafactor", False, "galore_adafactor"),
-])
+@pytest.mark.parametrize(
+    "name, eightbit, expected",
+    [
+        ("adamw", False, "adamw"),
+        ("adamw", True, "adam8bit"),
+        ("adam", True, "adam8bit"),
+        ("galore_adamw", True, "galore_adamw8bit"),
+        ("adam8bit", True, "adam8bit"),
+        ("galore_adamw8bit", True, "galore_adamw8bit"),
+        ("galore_adafactor", False, "galore_adafactor"),
+    ],
+)
 def test_resolve_optimizer_name(name: str, eightbit: bool, expected: str) -> None:
     assert resolve_optimizer_name(name, eightbit) == expected
 
@@ -72,8 +86,10 @@ def test_galore_split_puts_exactly_the_target_weights_in_the_galore_group(tiny_m
     assert len(attn_only) == 4 * TINY_LLAMA["num_hidden_layers"]
 
 
-@pytest.mark.parametrize("name, cls", [("galore_adamw", GaLoreAdamW), ("galore_adafactor", GaLoreAdafactor),
-                                       ("galore_adamw8bit", GaLoreAdamW8bit)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [("galore_adamw", GaLoreAdamW), ("galore_adafactor", GaLoreAdafactor), ("galore_adamw8bit", GaLoreAdamW8bit)],
+)
 def test_galore_optimizers_get_a_galore_group_with_the_config(tiny_model, name, cls) -> None:
     cfg = _cfg(optimizer=name, scale=0.5, proj_type="reverse_std", svd="randomized", stagger_refresh=True, lr=2e-3)
     optimizer = build_optimizer(tiny_model, cfg)
@@ -81,9 +97,17 @@ def test_galore_optimizers_get_a_galore_group_with_the_config(tiny_model, name, 
     plain, galore = optimizer.param_groups
     assert "rank" not in plain and "model.embed_tokens.weight" in plain["param_names"]
     assert all(n.endswith(TARGET_SUFFIXES) for n in galore["param_names"])
-    assert {k: galore[k] for k in ("rank", "update_proj_gap", "scale", "proj_type", "svd", "stagger_refresh", "lr")} == \
-           {"rank": 8, "update_proj_gap": 3, "scale": 0.5, "proj_type": "reverse_std", "svd": "randomized",
-            "stagger_refresh": True, "lr": 2e-3}
+    assert {
+        k: galore[k] for k in ("rank", "update_proj_gap", "scale", "proj_type", "svd", "stagger_refresh", "lr")
+    } == {
+        "rank": 8,
+        "update_proj_gap": 3,
+        "scale": 0.5,
+        "proj_type": "reverse_std",
+        "svd": "randomized",
+        "stagger_refresh": True,
+        "lr": 2e-3,
+    }
 
 
 def test_full_rank_baselines_and_hyperparameters(tiny_model) -> None:
@@ -105,18 +129,23 @@ def test_only_trainable_parameters_are_optimized(tiny_model) -> None:
     model.model.embed_tokens.weight.requires_grad_(False)
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
     for name in ("adamw", "galore_adamw"):
-        optimized = {id(p) for group in build_optimizer(model, _cfg(optimizer=name)).param_groups for p in group["params"]}
+        optimized = {
+            id(p) for group in build_optimizer(model, _cfg(optimizer=name)).param_groups for p in group["params"]
+        }
         assert id(model.model.embed_tokens.weight) not in optimized
         assert id(model.model.layers[0].self_attn.q_proj.weight) not in optimized
         assert len(optimized) == sum(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"rank": 0}, "--rank must be positive"),
-    ({"rank": 64}, r"--rank 64 is not below min\(64, 64\) of model.layers.0.self_attn.q_proj.weight"),
-    ({"proj_type": "diagonal"}, "unknown GaLore proj_type 'diagonal'"),
-    ({"galore_targets": ["no_such_layer"]}, "'no_such_layer' matches no linear layer"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rank": 0}, "--rank must be positive"),
+        ({"rank": 64}, r"--rank 64 is not below min\(64, 64\) of model.layers.0.self_attn.q_proj.weight"),
+        ({"proj_type": "diagonal"}, "unknown GaLore proj_type 'diagonal'"),
+        ({"galore_targets": ["no_such_layer"]}, "'no_such_layer' matches no linear layer"),
+    ],
+)
 def test_user_errors(tiny_model, changes, message) -> None:
     with pytest.raises(UserError, match=message):
         build_optimizer(tiny_model, _cfg(optimizer="galore_adamw", **changes))
@@ -157,8 +186,10 @@ def test_every_optimizer_resumes_bit_identically_from_a_saved_state_dict(name: s
 
 
 def test_optim_package_imports_without_transformers_or_the_config() -> None:
-    code = ("import galore_train.optim, sys; "
-            "assert 'transformers' not in sys.modules and 'galore_train.config' not in sys.modules")
+    code = (
+        "import galore_train.optim, sys; "
+        "assert 'transformers' not in sys.modules and 'galore_train.config' not in sys.modules"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
 
@@ -177,18 +208,23 @@ def test_registry_is_the_one_list_of_names() -> None:
 
 
 # Settings that change a layout: Fira's and APOLLO's limiter off, APOLLO's stored SVD projection (quantized).
-LAYOUT_VARIANTS = [("fira_adamw", {"fira_residual": "paper", "proj_bits": 8}), ("fira_adamw", {"norm_growth_limit": 0}),
-                   ("apollo_adamw", {"stagger_refresh": True, "norm_growth_limit": 0}),
-                   ("apollo_adamw", {"apollo_proj": "svd", "apollo_scale_type": "tensor", "proj_bits": 4})]
+LAYOUT_VARIANTS = [
+    ("fira_adamw", {"fira_residual": "paper", "proj_bits": 8}),
+    ("fira_adamw", {"norm_growth_limit": 0}),
+    ("apollo_adamw", {"stagger_refresh": True, "norm_growth_limit": 0}),
+    ("apollo_adamw", {"apollo_proj": "svd", "apollo_scale_type": "tensor", "proj_bits": 4}),
+]
 
 
 @pytest.mark.parametrize("name, changes", [(name, {}) for name in OPTIMIZER_NAMES] + LAYOUT_VARIANTS)
 def test_state_layout_names_every_state_tensor_of_a_real_optimizer(name: str, changes: dict) -> None:
     """Key, size and element size of each parameter's state after two steps, against the optimizer's own
     description, for full-rank and GaLore groups (and, in 8-bit, moments above and below the threshold)."""
-    _assert_layouts_match_real_states(name, build_model(SMALL_LLAMA, seed=0),
-                                      _cfg(**{"optimizer": name, "gap": 1, "proj_bits": 4 if "galore" in name else 32,
-                                              **changes}))
+    _assert_layouts_match_real_states(
+        name,
+        build_model(SMALL_LLAMA, seed=0),
+        _cfg(**{"optimizer": name, "gap": 1, "proj_bits": 4 if "galore" in name else 32, **changes}),
+    )
 
 
 @pytest.mark.parametrize("name", MOMENTS_NAMES)
@@ -223,7 +259,11 @@ def test_moments_dtype_param_adds_nothing_and_fp32_is_refused_where_it_does_not_
     groups = build_optimizer(tiny_model, _cfg(optimizer="galore_adamw")).param_groups
     assert all("moment_dtype" not in group for group in groups)  # the default: the same groups as before
     assert MOMENTS_NAMES == ("galore_adamw", "natural_galore_adamw", "fira_adamw", "apollo_adamw", "apollo_mini")
-    for changes in ({"optimizer": "adamw"}, {"optimizer": "galore_adafactor"}, {"optimizer": "muon"},
-                    {"optimizer": "galore_adamw", "eightbit": True}):
+    for changes in (
+        {"optimizer": "adamw"},
+        {"optimizer": "galore_adafactor"},
+        {"optimizer": "muon"},
+        {"optimizer": "galore_adamw", "eightbit": True},
+    ):
         with pytest.raises(UserError, match="fp32 applies to the low-rank Adam moments of galore_adamw,"):
             build_optimizer(tiny_model, _cfg(moments_dtype="fp32", **changes))

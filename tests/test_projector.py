@@ -25,9 +25,14 @@ def _orthonormal_columns(t: torch.Tensor) -> bool:
 @pytest.mark.parametrize(
     "proj_type, shape, side",
     [
-        ("std", (40, 24), "right"), ("std", (24, 40), "left"), ("std", (30, 30), "right"),
-        ("reverse_std", (40, 24), "left"), ("reverse_std", (24, 40), "right"),
-        ("left", (40, 24), "left"), ("right", (24, 40), "right"), ("full", (40, 24), "full"),
+        ("std", (40, 24), "right"),
+        ("std", (24, 40), "left"),
+        ("std", (30, 30), "right"),
+        ("reverse_std", (40, 24), "left"),
+        ("reverse_std", (24, 40), "right"),
+        ("left", (40, 24), "left"),
+        ("right", (24, 40), "right"),
+        ("full", (40, 24), "full"),
     ],
 )
 def test_side_follows_proj_type_and_shape(proj_type: str, shape: tuple[int, int], side: str) -> None:
@@ -35,7 +40,9 @@ def test_side_follows_proj_type_and_shape(proj_type: str, shape: tuple[int, int]
 
 
 @pytest.mark.parametrize("proj_type, low_rank_shape", [("left", (6, 24)), ("right", (40, 6)), ("full", (6, 6))])
-def test_project_uses_top_singular_vectors_and_back_projection_is_their_span(proj_type: str, low_rank_shape: tuple) -> None:
+def test_project_uses_top_singular_vectors_and_back_projection_is_their_span(
+    proj_type: str, low_rank_shape: tuple
+) -> None:
     torch.manual_seed(0)
     grad = torch.randn(40, 24)
     proj = GaLoreProjector(rank=6, update_proj_gap=10, proj_type=proj_type)
@@ -141,7 +148,9 @@ def test_randomized_svd_subspace_is_close_to_the_exact_one_and_seeded() -> None:
 def test_randomized_option_is_used_for_refreshes() -> None:
     matrix = _decaying_spectrum(64, 48)
     state: dict = {}
-    GaLoreProjector(rank=8, update_proj_gap=10, proj_type="left", svd="randomized").project(matrix, state, 5, RefreshStats())
+    GaLoreProjector(rank=8, update_proj_gap=10, proj_type="left", svd="randomized").project(
+        matrix, state, 5, RefreshStats()
+    )
     expected, _ = randomized_svd_top(matrix, 8, seed=5)
     torch.testing.assert_close(state["projection"], expected)
 
@@ -231,7 +240,11 @@ def test_svd_returning_nan_counts_as_failure(monkeypatch: pytest.MonkeyPatch) ->
         p.grad = torch.randn(10, 6)
         optimizer.step()
     kept = optimizer.state[p]["projection"].clone()
-    monkeypatch.setattr(projector, "svd_top", lambda matrix, rank: (torch.full((10, rank), float("nan")), torch.full((rank, 6), float("nan"))))
+    monkeypatch.setattr(
+        projector,
+        "svd_top",
+        lambda matrix, rank: (torch.full((10, rank), float("nan")), torch.full((rank, 6), float("nan"))),
+    )
     p.grad = torch.randn(10, 6)
     with pytest.warns(RuntimeWarning, match="non-finite singular vectors"):
         optimizer.step()

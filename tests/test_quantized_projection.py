@@ -24,7 +24,9 @@ QMAX = {8: 127, 4: 7}
 @pytest.mark.parametrize("shape, group_size", [((64, 8), 256), ((37, 5), 16), ((3, 7), 4), ((128, 32), 256)])
 def test_dequantize_error_is_at_most_half_a_step_per_group(bits: int, shape: tuple[int, int], group_size: int) -> None:
     generator = torch.Generator().manual_seed(bits * shape[0])
-    matrix = torch.randn(shape, generator=generator) * torch.logspace(-3, 1, shape[1])  # groups of very different ranges
+    matrix = torch.randn(shape, generator=generator) * torch.logspace(
+        -3, 1, shape[1]
+    )  # groups of very different ranges
     quantized = quantize(matrix, bits, group_size)
     restored = dequantize(quantized, bits, group_size, shape)
     numel, groups = matrix.numel(), -(-matrix.numel() // group_size)
@@ -56,9 +58,15 @@ def test_zero_and_constant_groups_round_trip_exactly(bits: int) -> None:
     torch.testing.assert_close(dequantize(quantize(values, bits, 1), bits, 1, (3, 5)), values, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("bits, numel, group_size, expected", [
-    (8, 768, 256, 768 + 3 * 4), (4, 768, 256, 384 + 3 * 4), (4, 769, 256, 385 + 4 * 4), (8, 100, 7, 100 + 15 * 4),
-])
+@pytest.mark.parametrize(
+    "bits, numel, group_size, expected",
+    [
+        (8, 768, 256, 768 + 3 * 4),
+        (4, 768, 256, 384 + 3 * 4),
+        (4, 769, 256, 385 + 4 * 4),
+        (8, 100, 7, 100 + 15 * 4),
+    ],
+)
 def test_quantized_nbytes_counts_codes_and_fp32_scales(bits: int, numel: int, group_size: int, expected: int) -> None:
     quantized = quantize(torch.randn(numel), bits, group_size)
     actual = sum(t.untyped_storage().nbytes() for t in quantized)
@@ -76,7 +84,9 @@ def test_invalid_quantization_settings_are_rejected() -> None:
 
 
 def _state_bytes(state: dict) -> int:
-    return sum(v.untyped_storage().nbytes() for k, v in state.items() if k.startswith("projection") and torch.is_tensor(v))
+    return sum(
+        v.untyped_storage().nbytes() for k, v in state.items() if k.startswith("projection") and torch.is_tensor(v)
+    )
 
 
 @pytest.mark.parametrize("bits, expected_bytes", [(32, 96 * 8 * 4), (8, 768 + 3 * 4), (4, 384 + 3 * 4)])
@@ -100,8 +110,10 @@ def test_right_and_two_sided_projections_are_quantized_too(proj_type: str) -> No
     state: dict = {}
     proj = GaLoreProjector(rank=4, update_proj_gap=10, proj_type=proj_type, proj_bits=4, proj_group_size=32)
     low = proj.project(grad, state, 0, RefreshStats())
-    keys = {"right": {"projection", "projection_scales"},
-            "full": {"projection", "projection_scales", "projection_right", "projection_right_scales"}}[proj_type]
+    keys = {
+        "right": {"projection", "projection_scales"},
+        "full": {"projection", "projection_scales", "projection_right", "projection_right_scales"},
+    }[proj_type]
     assert {k for k in state if k.startswith("projection") and torch.is_tensor(state[k])} == keys
     assert state["projection"].dtype == torch.uint8
     back = torch.zeros(40, 30)
@@ -150,8 +162,14 @@ def _stream(steps: int, fixed: bool, m: int = 32, n: int = 48, r: int = 4) -> li
 
 def _refresh_steps(grads: list[torch.Tensor], offset: int = 0) -> tuple[list[int], GaLoreAdamW, torch.nn.Parameter]:
     w = torch.nn.Parameter(torch.zeros(grads[0].shape))
-    group = {"params": [w], "rank": 4, "update_proj_gap": GAP, "proj_type": "left", "adaptive_gap": True,
-             "cos_threshold": 0.4}
+    group = {
+        "params": [w],
+        "rank": 4,
+        "update_proj_gap": GAP,
+        "proj_type": "left",
+        "adaptive_gap": True,
+        "cos_threshold": 0.4,
+    }
     optimizer = GaLoreAdamW([group], lr=1e-3)
     if offset:
         optimizer.state[w]["refresh_offset"] = offset
@@ -214,7 +232,14 @@ def test_quantized_lazy_state_round_trip_resumes_bit_identically() -> None:
 
     def build(weights: torch.Tensor) -> tuple[GaLoreAdamW, torch.nn.Parameter]:
         w = torch.nn.Parameter(weights.clone())
-        group = {"params": [w], "rank": 4, "update_proj_gap": GAP, "adaptive_gap": True, "proj_bits": 4, "proj_group_size": 16}
+        group = {
+            "params": [w],
+            "rank": 4,
+            "update_proj_gap": GAP,
+            "adaptive_gap": True,
+            "proj_bits": 4,
+            "proj_group_size": 16,
+        }
         return GaLoreAdamW([group], lr=1e-2), w
 
     reference, w_ref = build(torch.zeros(32, 48))
@@ -231,7 +256,10 @@ def test_quantized_lazy_state_round_trip_resumes_bit_identically() -> None:
     buffer.seek(0)
     resumed, w2 = build(w.detach())
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    assert resumed.state[w2]["projection"].dtype == torch.uint8 and resumed.state[w2]["projection_scales"].dtype == torch.float32
+    assert (
+        resumed.state[w2]["projection"].dtype == torch.uint8
+        and resumed.state[w2]["projection_scales"].dtype == torch.float32
+    )
     for grad in grads[25:]:
         w2.grad = grad.clone()
         resumed.step()
@@ -239,9 +267,14 @@ def test_quantized_lazy_state_round_trip_resumes_bit_identically() -> None:
     assert resumed.state[w2]["svd_skipped"] == reference.state[w_ref]["svd_skipped"]
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("proj_bits", 16, "proj_bits"), ("proj_group_size", 0, "proj_group_size"), ("cos_threshold", 1.5, "cos_threshold"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("proj_bits", 16, "proj_bits"),
+        ("proj_group_size", 0, "proj_group_size"),
+        ("cos_threshold", 1.5, "cos_threshold"),
+    ],
+)
 def test_invalid_projection_settings_are_rejected(key: str, value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(6, 6))], "rank": 2, key: value}])
@@ -249,7 +282,20 @@ def test_invalid_projection_settings_are_rejected(key: str, value, message: str)
 
 def test_registry_passes_quantization_and_adaptive_settings() -> None:
     model = build_model(LlamaConfig(**{**TINY_LLAMA, "vocab_size": 512}), seed=0)
-    cfg = TrainConfig(num_training_steps=10, rank=8, gap=3, optimizer="galore_adamw", proj_bits=4,
-                      proj_group_size=64, adaptive_gap=True, cos_threshold=0.5)
+    cfg = TrainConfig(
+        num_training_steps=10,
+        rank=8,
+        gap=3,
+        optimizer="galore_adamw",
+        proj_bits=4,
+        proj_group_size=64,
+        adaptive_gap=True,
+        cos_threshold=0.5,
+    )
     group = next(group for group in build_optimizer(model, cfg).param_groups if "rank" in group)
-    assert (group["proj_bits"], group["proj_group_size"], group["adaptive_gap"], group["cos_threshold"]) == (4, 64, True, 0.5)
+    assert (group["proj_bits"], group["proj_group_size"], group["adaptive_gap"], group["cos_threshold"]) == (
+        4,
+        64,
+        True,
+        0.5,
+    )

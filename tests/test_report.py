@@ -20,34 +20,92 @@ GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(root: Path, name: str, *, optimizer: str = "adamw", seed: int = 0, lr: float = 0.001,
-              model: str = "llama_9m", final_ppl: float = 600.0, steps: int = 100, done: int | None = None,
-              dtype: str = "fp32", rank: int = 64, weights_gb: float = 0.034, optimizer_gb: float = 0.067,
-              **settings) -> Path:
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    optimizer: str = "adamw",
+    seed: int = 0,
+    lr: float = 0.001,
+    model: str = "llama_9m",
+    final_ppl: float = 600.0,
+    steps: int = 100,
+    done: int | None = None,
+    dtype: str = "fp32",
+    rank: int = 64,
+    weights_gb: float = 0.034,
+    optimizer_gb: float = 0.067,
+    **settings,
+) -> Path:
     """A run directory of `done` of `steps` steps (finished when done == steps): step records every
     step with memory readings, evals every 50 steps ending at `final_ppl`, a checkpoint at the end."""
     done = steps if done is None else done
     run_dir = root / name
     (run_dir / "checkpoints" / f"step_{done:08d}").mkdir(parents=True)
-    config = TrainConfig(model=model, optimizer=optimizer, seed=seed, lr=lr, rank=rank, dtype=dtype,
-                         num_training_steps=steps, batch_size=8, total_batch_size=8, max_length=128, **settings)
+    config = TrainConfig(
+        model=model,
+        optimizer=optimizer,
+        seed=seed,
+        lr=lr,
+        rank=rank,
+        dtype=dtype,
+        num_training_steps=steps,
+        batch_size=8,
+        total_batch_size=8,
+        max_length=128,
+        **settings,
+    )
     config.save(str(run_dir / "checkpoints" / f"step_{done:08d}" / "train_config.json"))
-    records = [{"step": 0, "tokens_seen": 0, "val_loss": math.log(32000), "val_perplexity": 32000.0, "val_tokens": 16384}]
+    records = [
+        {"step": 0, "tokens_seen": 0, "val_loss": math.log(32000), "val_perplexity": 32000.0, "val_tokens": 16384}
+    ]
     for step in range(1, done + 1):
         # Memory readings vary by window; the report must take the highest of each part.
         wobble = 1.0 if step == done // 2 else 0.9
-        records.append({"loss": 9.0 - step / 100, "step_tokens": 1024, "step": step, "lr": lr, "tokens_seen": 1024 * step,
-                        "tokens_per_second": 1000.0 + step, "epoch": 0, "skipped_steps": 0,
-                        "peak_memory_gb": 0.5 * wobble, "peak_weights_gb": weights_gb * wobble, "peak_grads_gb": 0.05 * wobble,
-                        "peak_optimizer_state_gb": optimizer_gb * wobble, "peak_other_gb": 0.3 * wobble})
+        records.append(
+            {
+                "loss": 9.0 - step / 100,
+                "step_tokens": 1024,
+                "step": step,
+                "lr": lr,
+                "tokens_seen": 1024 * step,
+                "tokens_per_second": 1000.0 + step,
+                "epoch": 0,
+                "skipped_steps": 0,
+                "peak_memory_gb": 0.5 * wobble,
+                "peak_weights_gb": weights_gb * wobble,
+                "peak_grads_gb": 0.05 * wobble,
+                "peak_optimizer_state_gb": optimizer_gb * wobble,
+                "peak_other_gb": 0.3 * wobble,
+            }
+        )
         if step % 50 == 0:
             ppl = final_ppl * (1 + (done - step) / done) if done == steps else final_ppl
-            records.append({"step": step, "tokens_seen": 1024 * step, "val_loss": math.log(ppl), "val_perplexity": ppl, "val_tokens": 16384})
+            records.append(
+                {
+                    "step": step,
+                    "tokens_seen": 1024 * step,
+                    "val_loss": math.log(ppl),
+                    "val_perplexity": ppl,
+                    "val_tokens": 16384,
+                }
+            )
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if done == steps:
         resolved = {"fp32": "float32", "bf16": "bfloat16", "auto": "float32"}[dtype]  # as the trainer writes it
-        summary = {"run_name": name, "model": model, "optimizer": optimizer, "dtype": resolved, "steps": steps, "tokens_seen": 1024 * steps,
-                   "epochs": 0, "skipped_steps": 0, "val_loss": math.log(final_ppl), "val_perplexity": final_ppl, "val_tokens": 16384}
+        summary = {
+            "run_name": name,
+            "model": model,
+            "optimizer": optimizer,
+            "dtype": resolved,
+            "steps": steps,
+            "tokens_seen": 1024 * steps,
+            "epochs": 0,
+            "skipped_steps": 0,
+            "val_loss": math.log(final_ppl),
+            "val_perplexity": final_ppl,
+            "val_tokens": 16384,
+        }
         (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -63,8 +121,11 @@ def table_row(markdown: str, section: str, label: str) -> list[str]:
 
 
 def test_seeds_share_a_cell_with_mean_and_spread(tmp_path: Path) -> None:
-    runs = [write_run(tmp_path, "full-s0", seed=0, final_ppl=620.0), write_run(tmp_path, "full-s1", seed=1, final_ppl=630.0),
-            write_run(tmp_path, "galore-s0", optimizer="galore_adamw", lr=0.01, final_ppl=640.0)]
+    runs = [
+        write_run(tmp_path, "full-s0", seed=0, final_ppl=620.0),
+        write_run(tmp_path, "full-s1", seed=1, final_ppl=630.0),
+        write_run(tmp_path, "galore-s0", optimizer="galore_adamw", lr=0.01, final_ppl=640.0),
+    ]
     text = report(runs)
     assert table_row(text, "Validation perplexity", "Full-Rank") == ["625.0 ±5.0 (n=2)"]
     assert table_row(text, "Validation perplexity", "GaLore") == ["640.0 (n=1)"]
@@ -81,24 +142,36 @@ def test_settings_other_than_the_seed_make_separate_rows(tmp_path: Path) -> None
 
 
 def test_rank_does_not_split_full_rank_runs(tmp_path: Path) -> None:
-    runs = [write_run(tmp_path, "a", rank=128, final_ppl=600.0), write_run(tmp_path, "b", seed=1, rank=256, final_ppl=610.0)]
+    runs = [
+        write_run(tmp_path, "a", rank=128, final_ppl=600.0),
+        write_run(tmp_path, "b", seed=1, rank=256, final_ppl=610.0),
+    ]
     text = report(runs)
     assert table_row(text, "Validation perplexity", "Full-Rank") == ["605.0 ±5.0 (n=2)"]
     assert table_row(text, "Runs", str(runs[0]))[5] == "—"  # rank: not a setting of full-rank AdamW
 
 
-@pytest.mark.parametrize("optimizer, settings, rows", [
-    ("fira_adamw", {"fira_residual": "paper"}, ["Fira (fira residual code)", "Fira (fira residual paper)"]),
-    ("apollo_adamw", {"apollo_proj": "svd"}, ["APOLLO (apollo proj random)", "APOLLO (apollo proj svd)"]),
-    ("apollo_adamw", {"apollo_scale": 2.0}, ["APOLLO (apollo scale None)", "APOLLO (apollo scale 2.0)"]),
-    ("apollo_mini", {"norm_growth_limit": 0}, ["APOLLO-Mini (norm growth limit None)", "APOLLO-Mini (norm growth limit 0)"]),
-    ("apollo_mini", {"apollo_scale_type": "tensor"}, ["APOLLO-Mini"]),  # always tensor-wise: the same experiment
-    ("galore_adamw", {"apollo_proj": "svd", "fira_residual": "paper", "norm_growth_limit": 2.0}, ["GaLore"]),
-    ("muon", {"norm_growth_limit": 2.0, "apollo_scale": 2.0}, ["Muon"]),
-])
+@pytest.mark.parametrize(
+    "optimizer, settings, rows",
+    [
+        ("fira_adamw", {"fira_residual": "paper"}, ["Fira (fira residual code)", "Fira (fira residual paper)"]),
+        ("apollo_adamw", {"apollo_proj": "svd"}, ["APOLLO (apollo proj random)", "APOLLO (apollo proj svd)"]),
+        ("apollo_adamw", {"apollo_scale": 2.0}, ["APOLLO (apollo scale None)", "APOLLO (apollo scale 2.0)"]),
+        (
+            "apollo_mini",
+            {"norm_growth_limit": 0},
+            ["APOLLO-Mini (norm growth limit None)", "APOLLO-Mini (norm growth limit 0)"],
+        ),
+        ("apollo_mini", {"apollo_scale_type": "tensor"}, ["APOLLO-Mini"]),  # always tensor-wise: the same experiment
+        ("galore_adamw", {"apollo_proj": "svd", "fira_residual": "paper", "norm_growth_limit": 2.0}, ["GaLore"]),
+        ("muon", {"norm_growth_limit": 2.0, "apollo_scale": 2.0}, ["Muon"]),
+    ],
+)
 def test_an_optimizers_own_settings_split_only_its_runs(tmp_path: Path, optimizer, settings, rows) -> None:
-    runs = [write_run(tmp_path, "a", optimizer=optimizer, final_ppl=600.0),
-            write_run(tmp_path, "b", optimizer=optimizer, seed=1, final_ppl=610.0, **settings)]
+    runs = [
+        write_run(tmp_path, "a", optimizer=optimizer, final_ppl=600.0),
+        write_run(tmp_path, "b", optimizer=optimizer, seed=1, final_ppl=610.0, **settings),
+    ]
     text = report(runs).split("## Validation perplexity\n", 1)[1].split("\n## ", 1)[0]
     labels = [line.strip("|").split("|")[0].strip() for line in text.splitlines() if line.startswith("|")][2:]
     assert sorted(label for label in labels if label != "Training tokens") == sorted(rows)
@@ -152,8 +225,9 @@ def test_the_estimate_follows_apollos_stored_projection(tmp_path: Path) -> None:
 
     run = write_run(tmp_path, "apollo", optimizer="apollo_adamw", apollo_proj="svd", norm_growth_limit=0)
     rows = list(csv.DictReader(io.StringIO(report([run], csv=True))))
-    expected = estimate_memory(load_model_config("llama_9m"), "apollo_adamw", 64, dtype="fp32", apollo_proj="svd",
-                               norm_growth_limit=0)
+    expected = estimate_memory(
+        load_model_config("llama_9m"), "apollo_adamw", 64, dtype="fp32", apollo_proj="svd", norm_growth_limit=0
+    )
     assert expected.projections > 0
     as_measured = expected.weights + expected.optimizer_states + expected.projections
     assert float(rows[0]["est_weights_and_states_gb"]) == pytest.approx(as_measured / GIB, rel=1e-12)
@@ -166,7 +240,9 @@ def test_dtype_auto_is_estimated_with_the_dtype_the_run_resolved(tmp_path: Path)
     finished = write_run(tmp_path, "auto", dtype="auto")
     expected = estimate_memory(load_model_config("llama_9m"), "adamw", 64, dtype="fp32")
     rows = list(csv.DictReader(io.StringIO(report([finished], csv=True))))
-    assert float(rows[0]["est_weights_and_states_gb"]) == pytest.approx((expected.weights + expected.optimizer_states) / GIB)
+    assert float(rows[0]["est_weights_and_states_gb"]) == pytest.approx(
+        (expected.weights + expected.optimizer_states) / GIB
+    )
     unfinished = write_run(tmp_path, "auto-running", dtype="auto", done=50)  # no summary yet: the device is unknown
     assert " est — " in table_row(report([unfinished]), "Memory", "Full-Rank")[0]
 
@@ -186,8 +262,11 @@ def test_csv_beside_the_markdown_and_on_its_own(tmp_path: Path) -> None:
 def test_plots_are_valid_pngs(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    runs = [write_run(tmp_path, "full", final_ppl=600.0), write_run(tmp_path, "galore", optimizer="galore_adamw", final_ppl=610.0),
-            write_run(tmp_path, "lora", optimizer="lora", done=50)]
+    runs = [
+        write_run(tmp_path, "full", final_ppl=600.0),
+        write_run(tmp_path, "galore", optimizer="galore_adamw", final_ppl=610.0),
+        write_run(tmp_path, "lora", optimizer="lora", done=50),
+    ]
     output = tmp_path / "report.md"
     text = report(runs, output=output, plots_dir=tmp_path / "plots")
     for name in ("val_perplexity.png", "memory.png"):
@@ -251,7 +330,8 @@ def test_wandb_export(tmp_path: Path) -> None:
     export.write_text(
         "Name,State,model,optimizer,rank,lr,seed,dtype,num_training_steps,steps,val_perplexity,peak_memory_gb\n"
         "run-a,finished,llama_60m,adamw,128,0.001,0,bf16,10000,10000,34.5,0.9\n"
-        "run-b,running,llama_60m,galore_adamw,128,0.01,0,bf16,10000,4000,48.0,0.7\n")
+        "run-b,running,llama_60m,galore_adamw,128,0.01,0,bf16,10000,4000,48.0,0.7\n"
+    )
     text = report([], wandb_csv=export)
     assert table_row(text, "Validation perplexity", "Full-Rank") == ["34.50 (n=1) [paper 34.06]"]
     assert table_row(text, "Validation perplexity", "GaLore") == ["unfinished (step 4000/10000), ppl 48.00"]
@@ -275,6 +355,8 @@ def test_cli_report_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(run), str(tmp_path / "missing")])
     assert result.exit_code == 0, result.output
     assert "| Full-Rank | 600.0 (n=1) |" in result.output and "missing" in result.output
-    result = CliRunner().invoke(app, ["report", str(run), "--output", str(tmp_path / "t.md"), "--csv", "--plots-dir", str(tmp_path / "p")])
+    result = CliRunner().invoke(
+        app, ["report", str(run), "--output", str(tmp_path / "t.md"), "--csv", "--plots-dir", str(tmp_path / "p")]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t.csv").is_file() and (tmp_path / "p" / "memory.png").is_file()

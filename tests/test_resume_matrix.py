@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_args
 from safetensors.torch import load_file
 
-from conftest import tiny_run_args
 from galore_train.config import TrainConfig
 from galore_train.errors import TrainingStopped
 from galore_train.train import Trainer
@@ -39,8 +39,16 @@ CASES = {
 
 
 def run_args(config_file, output_dir, case):
-    overrides = {"optimizer": case.split("-")[0], "rank": 16, "gap": 3, "num_training_steps": 6, "eval_every": 100,
-                 "save_every": 100, "warmup_steps": 1, **CASES[case]}
+    overrides = {
+        "optimizer": case.split("-")[0],
+        "rank": 16,
+        "gap": 3,
+        "num_training_steps": 6,
+        "eval_every": 100,
+        "save_every": 100,
+        "warmup_steps": 1,
+        **CASES[case],
+    }
     return TrainConfig(**tiny_run_args(config_file, output_dir, **overrides))
 
 

@@ -1,25 +1,26 @@
 """Multi-day-run protections (issue 10): recipes, continued pretraining, the loss-spike guard, compile."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_run_args
 
 import galore_train.train as train_module
-from conftest import tiny_run_args
-from galore_train.config import TrainConfig, plan_steps
+from galore_train.config import TrainConfig
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.evaluate import score_checkpoint
 from galore_train.guard import LossGuard
+from galore_train.plan import plan_steps
 from galore_train.recipes import apply_recipe
 from galore_train.train import Trainer
 
-
 # --- recipes ---------------------------------------------------------------------------------------
 
+
 def test_paper_recipe_for_galore_60m():
-    cfg = apply_recipe(TrainConfig(model="llama_60m", optimizer="galore_adamw", recipe="paper", num_training_steps=5), explicit=set())
+    cfg = apply_recipe(
+        TrainConfig(model="llama_60m", optimizer="galore_adamw", recipe="paper", num_training_steps=5), explicit=set()
+    )
     assert (cfg.lr, cfg.rank, cfg.gap, cfg.scale) == (0.01, 128, 200, 0.25)
     assert (cfg.total_batch_size, cfg.max_length, cfg.num_training_steps) == (512, 256, 10_000)
     assert cfg.max_train_tokens is None
@@ -51,8 +52,16 @@ def test_explicit_flags_override_the_recipe():
 def test_baselines_and_7b():
     assert apply_recipe(TrainConfig(model="llama_130m", optimizer="adamw", recipe="paper"), set()).lr == 0.001
     seven = apply_recipe(TrainConfig(model="llama_7b", optimizer="galore_adamw8bit", recipe="paper"), set())
-    assert (seven.lr, seven.rank, seven.gap, seven.grad_clipping, seven.num_training_steps) == (0.005, 1024, 500, 1.0, 150_000)
-    layerwise = apply_recipe(TrainConfig(model="llama_7b", optimizer="galore_adamw8bit", recipe="paper", layerwise=True), set())
+    assert (seven.lr, seven.rank, seven.gap, seven.grad_clipping, seven.num_training_steps) == (
+        0.005,
+        1024,
+        500,
+        1.0,
+        150_000,
+    )
+    layerwise = apply_recipe(
+        TrainConfig(model="llama_7b", optimizer="galore_adamw8bit", recipe="paper", layerwise=True), set()
+    )
     assert layerwise.grad_clipping == 0.0  # layer-wise updates cannot clip the global norm
 
 
@@ -62,6 +71,7 @@ def test_recipe_for_an_unpublished_size_is_a_user_error():
 
 
 # --- loss guard ------------------------------------------------------------------------------------
+
 
 def test_guard_skips_spikes_after_warmup_and_stops_after_too_many():
     guard = LossGuard(spike_threshold=1.5, skip_nonfinite=False, max_consecutive=3)
@@ -94,8 +104,16 @@ def test_spike_guard_skips_an_injected_spike_in_a_real_run(tiny_config_file, tmp
         return loss * 10 if calls["n"] == 14 else loss  # the 14th training forward
 
     monkeypatch.setattr(train_module, "summed_loss", spiky)
-    cfg = TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run", num_training_steps=16, eval_every=100,
-                                      save_every=100, spike_threshold=3.0))
+    cfg = TrainConfig(
+        **tiny_run_args(
+            tiny_config_file,
+            tmp_path / "run",
+            num_training_steps=16,
+            eval_every=100,
+            save_every=100,
+            spike_threshold=3.0,
+        )
+    )
     summary = Trainer(cfg).run()
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     skipped = [r["step"] for r in logged if r.get("skipped")]
@@ -104,13 +122,18 @@ def test_spike_guard_skips_an_injected_spike_in_a_real_run(tiny_config_file, tmp
 
 # --- continued pretraining -------------------------------------------------------------------------
 
+
 def test_init_from_round_trip(tiny_config_file, tmp_path, shared_data):
     Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "first", num_training_steps=2))).run()
     saved = tmp_path / "first" / "checkpoints" / "step_00000002"
-    cfg = TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "second", num_training_steps=1, init_from=str(saved), seed=99))
+    cfg = TrainConfig(
+        **tiny_run_args(tiny_config_file, tmp_path / "second", num_training_steps=1, init_from=str(saved), seed=99)
+    )
     trainer = Trainer(cfg)
     restored = train_module.evaluate(trainer.model, trainer.eval_batches, trainer.device)
-    original = score_checkpoint(saved, eval_data_files=None, tokenizer=None, eval_tokens=None, batch_size=None, dtype="fp32")
+    original = score_checkpoint(
+        saved, eval_data_files=None, tokenizer=None, eval_tokens=None, batch_size=None, dtype="fp32"
+    )
     assert restored["val_loss"] == pytest.approx(original["val_loss"], rel=1e-6)
 
 
@@ -124,9 +147,15 @@ def test_init_from_mismatch_names_the_fields(tiny_config_file, tmp_path, shared_
 
 # --- torch.compile ---------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_compile_trains_like_eager(tiny_config_file, tmp_path, shared_data):
-    eager = Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "eager", num_training_steps=3, eval_every=100))).run()
-    compiled = Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "compiled", num_training_steps=3, eval_every=100,
-                                                   compile=True))).run()
+    eager = Trainer(
+        TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "eager", num_training_steps=3, eval_every=100))
+    ).run()
+    compiled = Trainer(
+        TrainConfig(
+            **tiny_run_args(tiny_config_file, tmp_path / "compiled", num_training_steps=3, eval_every=100, compile=True)
+        )
+    ).run()
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)

@@ -16,21 +16,29 @@ from galore_train.cli import app, config_from_cli
 from galore_train.config import TrainConfig
 from galore_train.methods import METHOD_NAMES
 from galore_train.model import load_model_config
-from galore_train.registry import resolve_optimizer_name
-from galore_train.config import plan_steps
+from galore_train.plan import plan_steps
 from galore_train.recipes import PAPER_RECIPES
+from galore_train.registry import resolve_optimizer_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # The experiment scripts: those built on scripts/_common.sh, which gives them DRY_RUN and MAX_STEPS
 # (other scripts, like the CPU demo, really train when run).
-SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.sh") if not p.name.startswith("_") and "_common.sh" in p.read_text())
+SCRIPTS = sorted(
+    p for p in (ROOT / "scripts").glob("*.sh") if not p.name.startswith("_") and "_common.sh" in p.read_text()
+)
 COMMANDS = typer.main.get_command(app)
 
 
 def dry_run(script: Path, tmp_path: Path, **env: str) -> list[list[str]]:
     """The commands the script would run (comment lines dropped), as argument lists."""
     assert script in SCRIPTS, f"{script.name} does not use scripts/_common.sh: a dry run would really train"
-    environment = {**os.environ, "DRY_RUN": "1", "RUNS_DIR": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"), **env}
+    environment = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "RUNS_DIR": str(tmp_path / "runs"),
+        "RESULTS": str(tmp_path / "results"),
+        **env,
+    }
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=environment, timeout=60)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists(), "a dry run must not run anything"
@@ -44,11 +52,11 @@ def pretrain_args(command: list[str]) -> tuple[list[str], int]:
         return command[2:], 1
     assert command[0] == "torchrun", command
     at = command.index("-m")
-    assert command[at + 1:at + 3] == ["galore_train", "pretrain"], command
+    assert command[at + 1 : at + 3] == ["galore_train", "pretrain"], command
     launcher = command[1:at]
     processes = int(launcher[launcher.index("--nproc_per_node") + 1])
     nodes = int(launcher[launcher.index("--nnodes") + 1]) if "--nnodes" in launcher else 1
-    return command[at + 3:], processes * nodes
+    return command[at + 3 :], processes * nodes
 
 
 def parse_pretrain(args: list[str]) -> TrainConfig:
@@ -66,7 +74,13 @@ def pretrain_configs(script: Path, tmp_path: Path, **env: str) -> list[tuple[Tra
 
 def test_every_paper_experiment_has_a_script() -> None:
     names = {p.name for p in SCRIPTS}
-    assert {"paper_table2.sh", "paper_table3_7b.sh", "paper_table8_memory_1b.sh", "paper_4090_7b.sh", "mini_table2.sh"} <= names
+    assert {
+        "paper_table2.sh",
+        "paper_table3_7b.sh",
+        "paper_table8_memory_1b.sh",
+        "paper_4090_7b.sh",
+        "mini_table2.sh",
+    } <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -81,7 +95,9 @@ def test_dry_run_prints_valid_commands(script: Path, tmp_path: Path) -> None:
             resolve_optimizer_name(cfg.optimizer, cfg.eightbit)  # a known optimizer (and 8-bit variant)
         plan = plan_steps(cfg, processes)  # the total batch divides over the processes
         assert plan.warmup_steps == plan.total_steps // 10, "warm-up 10% of the steps"
-        assert not (cfg.layerwise and (processes > 1 or cfg.grad_clipping > 0)), "galore-train refuses these with --layerwise"
+        assert not (cfg.layerwise and (processes > 1 or cfg.grad_clipping > 0)), (
+            "galore-train refuses these with --layerwise"
+        )
     names = [cfg.output_dir for cfg, _ in configs]
     assert len(set(names)) == len(names), "two runs share an output directory"
 
@@ -115,7 +131,9 @@ def test_report_covers_every_run_the_script_trains(script: Path, tmp_path: Path)
 
 
 def test_table2_has_the_papers_settings(tmp_path: Path) -> None:
-    configs = {Path(cfg.output_dir).name: (cfg, n) for cfg, n in pretrain_configs(ROOT / "scripts/paper_table2.sh", tmp_path)}
+    configs = {
+        Path(cfg.output_dir).name: (cfg, n) for cfg, n in pretrain_configs(ROOT / "scripts/paper_table2.sh", tmp_path)
+    }
     assert len(configs) == 4 * 5  # 60M-1B x Full-Rank, GaLore, Low-Rank, LoRA, ReLoRA
     expected = {"60m": (128, 10_000), "130m": (256, 20_000), "350m": (256, 60_000), "1b": (512, 100_000)}
     for size, (rank, steps) in expected.items():
@@ -153,11 +171,17 @@ def test_7b_settings_and_multi_node_launch(tmp_path: Path) -> None:
     assert launch[:3] == ["torchrun", "--nnodes", "8"] and "--rdzv_endpoint" in launch
     configs = pretrain_configs(ROOT / "scripts/paper_table3_7b.sh", tmp_path, **env)
     galore = next(cfg for cfg, _ in configs if "galore" in cfg.optimizer)
-    assert (galore.eightbit, galore.rank, galore.gap, galore.lr, galore.num_training_steps) == (True, 1024, 500, 0.005, 150_000)
+    assert (galore.eightbit, galore.rank, galore.gap, galore.lr, galore.num_training_steps) == (
+        True,
+        1024,
+        500,
+        0.005,
+        150_000,
+    )
     assert plan_steps(galore, 64).accumulation == 1  # 64 GPUs x micro-batch 8 = 512
     adam = next(cfg for cfg, _ in configs if cfg.optimizer == "adamw")
     assert (adam.lr, adam.grad_clipping, galore.grad_clipping) == (0.0005, 1.0, 1.0)
-    (single, processes), = pretrain_configs(ROOT / "scripts/paper_4090_7b.sh", tmp_path)
+    ((single, processes),) = pretrain_configs(ROOT / "scripts/paper_4090_7b.sh", tmp_path)
     assert processes == 1 and single.eightbit and single.layerwise and single.activation_checkpointing
     assert (single.rank, single.gap, single.lr, single.grad_clipping) == (1024, 500, 0.005, 0.0)
     assert plan_steps(single, 1).accumulation == 1
@@ -175,8 +199,18 @@ def test_mini_table2_budget(tmp_path: Path) -> None:
 
 def test_mini_optimizers_compares_every_optimizer_at_one_budget(tmp_path: Path) -> None:
     configs = [cfg for cfg, _ in pretrain_configs(ROOT / "scripts/mini_optimizers.sh", tmp_path)]
-    assert [c.optimizer for c in configs] == ["adamw", "adam", "adafactor", "adam8bit", "galore_adamw", "galore_adafactor", "galore_adamw8bit"]
-    assert {(c.lr, c.num_training_steps * c.total_batch_size * c.max_length) for c in configs} == {(0.003, 204_800)}  # both families tuned to 0.003
+    assert [c.optimizer for c in configs] == [
+        "adamw",
+        "adam",
+        "adafactor",
+        "adam8bit",
+        "galore_adamw",
+        "galore_adafactor",
+        "galore_adamw8bit",
+    ]
+    assert {(c.lr, c.num_training_steps * c.total_batch_size * c.max_length) for c in configs} == {
+        (0.003, 204_800)
+    }  # both families tuned to 0.003
     galore = [c for c in configs if c.optimizer.startswith("galore")]
     assert {(c.rank, c.gap, c.scale) for c in galore} == {(64, 20, 0.25)}
 
@@ -184,8 +218,15 @@ def test_mini_optimizers_compares_every_optimizer_at_one_budget(tmp_path: Path) 
 @pytest.mark.slow
 def test_mini_table2_really_runs_reports_and_reuses_finished_runs(tmp_path: Path, shared_data) -> None:
     """The mini script end to end at 2 steps a run: trains, picks the lr, reports; a rerun trains nothing."""
-    env = {**os.environ, "MAX_STEPS": "2", "METHODS": "galore", "LR_GRID": "0.01 0.003", "GALORE_TRAIN_SHARED_DATA": str(shared_data),
-           "RUNS_DIR": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results")}
+    env = {
+        **os.environ,
+        "MAX_STEPS": "2",
+        "METHODS": "galore",
+        "LR_GRID": "0.01 0.003",
+        "GALORE_TRAIN_SHARED_DATA": str(shared_data),
+        "RUNS_DIR": str(tmp_path / "runs"),
+        "RESULTS": str(tmp_path / "results"),
+    }
     script = ["bash", str(ROOT / "scripts/mini_table2.sh")]
     first = subprocess.run(script, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]

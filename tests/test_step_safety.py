@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LLAMA, tiny_run_args
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 import galore_train.resume as resume_module
-from conftest import TINY_LLAMA, tiny_run_args
 from galore_train.config import TrainConfig
 from galore_train.errors import TrainingStopped
 from galore_train.model import build_model
@@ -51,7 +51,9 @@ def test_a_nonfinite_gradient_with_a_finite_loss_is_skipped(tiny_config_file, tm
 def test_a_nonfinite_gradient_stops_the_run_by_default(tiny_config_file, tmp_path, shared_data, layerwise):
     options = dict(layerwise=True, grad_clipping=0.0) if layerwise else {}
     trainer = trainer_with_nan_gradient(tiny_config_file, tmp_path / "run", step=5, save_every=2, **options)
-    with pytest.raises(TrainingStopped, match="gradient norm became nan .*at step 5; last good checkpoint: .*step_00000004") as stopped:
+    with pytest.raises(
+        TrainingStopped, match="gradient norm became nan .*at step 5; last good checkpoint: .*step_00000004"
+    ) as stopped:
         trainer.run()
     assert stopped.value.exit_code == 3
     assert all_finite(trainer.model.parameters())  # layer-wise: no parameter took the NaN gradient
@@ -59,17 +61,23 @@ def test_a_nonfinite_gradient_stops_the_run_by_default(tiny_config_file, tmp_pat
 
 
 def test_nonfinite_weights_are_never_saved(tiny_config_file, tmp_path, shared_data):
-    trainer = Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run", num_training_steps=2, save_every=1)))
+    trainer = Trainer(
+        TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run", num_training_steps=2, save_every=1))
+    )
     trainer.run()
     with torch.no_grad():
         trainer.model.model.norm.weight[0] = float("inf")
-    with pytest.raises(TrainingStopped, match="weights are no longer finite after step 2: not saved; last good checkpoint") as stopped:
+    with pytest.raises(
+        TrainingStopped, match="weights are no longer finite after step 2: not saved; last good checkpoint"
+    ) as stopped:
         trainer.save()
     assert stopped.value.exit_code == 3
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
-def test_resume_holds_at_most_one_checkpoint_tensor_beside_the_model(tiny_config_file, tmp_path, monkeypatch, shared_data):
+def test_resume_holds_at_most_one_checkpoint_tensor_beside_the_model(
+    tiny_config_file, tmp_path, monkeypatch, shared_data
+):
     args = tiny_run_args(tiny_config_file, tmp_path / "run", num_training_steps=2, save_every=2)
     Trainer(TrainConfig(**args)).run()
     live, peak, read = {"bytes": 0}, {"bytes": 0}, {"count": 0}
@@ -139,6 +147,7 @@ def test_the_model_is_sharded_before_it_is_moved_to_the_device(tiny_config_file,
 
 # --- GPU paths, simulated on CPU ------------------------------------------------------------------
 
+
 def test_auto_dtype_is_fp32_on_gpus_that_only_emulate_bf16(monkeypatch):
     """V100 / T4: `torch.cuda.is_bf16_supported()` says yes by emulation; only native bf16 picks bf16."""
     from galore_train.model import resolve_dtype
@@ -204,7 +213,9 @@ def test_cuda_peaks_include_reserved_memory_and_leave_evaluations_out(monkeypatc
     peaks = {"allocated": 0, "reserved": 0}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(allocated=0, reserved=0))
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(allocated=0, reserved=0)
+    )
     model = torch.nn.Linear(4, 4)
     meter = MemoryMeter(model, torch.optim.SGD(model.parameters()), "cuda")
     with meter.track():

@@ -5,9 +5,9 @@ counted here would be a device read on a GPU."""
 
 import pytest
 import torch
+from conftest import tiny_run_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_run_args
 from galore_train.config import TrainConfig
 from galore_train.train import Trainer
 
@@ -47,8 +47,9 @@ def reads_per_step(config_file, output_dir, **overrides) -> int:
 
 
 @pytest.mark.parametrize("accumulation", [1, 4])
-def test_a_plain_step_reads_the_device_twice_plus_once_per_forward(tiny_config_file, tmp_path, shared_data,
-                                                                   accumulation):
+def test_a_plain_step_reads_the_device_twice_plus_once_per_forward(
+    tiny_config_file, tmp_path, shared_data, accumulation
+):
     """The loop reads the step's summed loss and its gradient norm; transformers (5.x) reads once per forward
     while building the causal mask (`mask.all()`, or packed-sequence detection without a mask). Before
     (9b0580b, the same counter): 6 reads per step with one micro-batch, 21 with four (4 per micro-batch in the

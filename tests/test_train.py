@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import galore_train.train as train_module
-from conftest import tiny_run_args
 from galore_train.config import TrainConfig
 from galore_train.errors import TrainingStopped, UserError
 from galore_train.train import Trainer
@@ -109,7 +109,9 @@ def nan_loss_at_step(monkeypatch, step):
 
 def test_nan_loss_stops_without_touching_the_last_good_checkpoint(tiny_config_file, tmp_path, monkeypatch, shared_data):
     nan_loss_at_step(monkeypatch, 5)
-    with pytest.raises(TrainingStopped, match="loss became nan at step 5; last good checkpoint: .*step_00000004") as stopped:
+    with pytest.raises(
+        TrainingStopped, match="loss became nan at step 5; last good checkpoint: .*step_00000004"
+    ) as stopped:
         run(tiny_config_file, tmp_path / "run", save_every=2)
     assert stopped.value.exit_code == 3
     weights = final_weights(tmp_path / "run")
@@ -129,21 +131,37 @@ def test_existing_run_needs_resume(tiny_config_file, tmp_path, shared_data):
         run(tiny_config_file, tmp_path / "run", num_training_steps=1)
 
 
-def test_resume_refuses_a_different_state_layout_and_applies_warned_changes(tiny_config_file, tmp_path, caplog, shared_data):
-    galore = dict(optimizer="galore_adamw", rank=8, gap=2, num_training_steps=2, save_every=1, eval_every=100,
-                  scheduler="constant", warmup_steps=0)
+def test_resume_refuses_a_different_state_layout_and_applies_warned_changes(
+    tiny_config_file, tmp_path, caplog, shared_data
+):
+    galore = dict(
+        optimizer="galore_adamw",
+        rank=8,
+        gap=2,
+        num_training_steps=2,
+        save_every=1,
+        eval_every=100,
+        scheduler="constant",
+        warmup_steps=0,
+    )
     run(tiny_config_file, tmp_path / "run", **galore)
     with pytest.raises(UserError, match=r"cannot resume .*step_00000002 with a different rank: 8 -> 4"):
         run(tiny_config_file, tmp_path / "run", **{**galore, "rank": 4, "num_training_steps": 3}, resume=True)
     with caplog.at_level("WARNING", logger="galore_train.resume"):
-        summary = run(tiny_config_file, tmp_path / "run", **{**galore, "lr": 1e-3, "gap": 5, "num_training_steps": 3,
-                                                            "save_every": 7}, resume=True)
+        summary = run(
+            tiny_config_file,
+            tmp_path / "run",
+            **{**galore, "lr": 1e-3, "gap": 5, "num_training_steps": 3, "save_every": 7},
+            resume=True,
+        )
     assert summary["steps"] == 3
     changed = [r.getMessage() for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
     assert len(changed) == 1 and "lr: 0.003 -> 0.001" in changed[0] and "num_training_steps: 2 -> 3" in changed[0]
     assert "save_every" not in changed[0], "run-control settings change freely"
     lrs = [r["lr"] for r in records(tmp_path / "run") if "loss" in r]
-    assert lrs == [3e-3, 3e-3, 1e-3], "the changed lr takes effect (the checkpoint's optimizer state carried the old one)"
+    assert lrs == [3e-3, 3e-3, 1e-3], (
+        "the changed lr takes effect (the checkpoint's optimizer state carried the old one)"
+    )
 
 
 def test_resume_compares_the_model_as_built_not_as_spelled(tiny_config_file, tmp_path, shared_data):
@@ -158,14 +176,23 @@ def test_resume_compares_the_model_as_built_not_as_spelled(tiny_config_file, tmp
         run(str(same_architecture), tmp_path / "run", **{**args, "num_training_steps": 3, "dtype": "bf16"}, resume=True)
     edited = json.loads(same_architecture.read_text())
     same_architecture.write_text(json.dumps({**edited, "hidden_size": 2 * edited["hidden_size"]}))
-    with pytest.raises(UserError, match=rf"with a different model: hidden_size {edited['hidden_size']} -> {2 * edited['hidden_size']}"):
+    with pytest.raises(
+        UserError, match=rf"with a different model: hidden_size {edited['hidden_size']} -> {2 * edited['hidden_size']}"
+    ):
         run(str(same_architecture), tmp_path / "run", **{**args, "num_training_steps": 3}, resume=True)
 
 
 def test_resume_accepts_another_spelling_of_the_same_optimizer(tiny_config_file, tmp_path, shared_data):
     run(tiny_config_file, tmp_path / "run", optimizer="adam8bit", num_training_steps=1, save_every=1, eval_every=100)
-    summary = run(tiny_config_file, tmp_path / "run", optimizer="adamw", eightbit=True, num_training_steps=2, eval_every=100,
-                  resume=True)
+    summary = run(
+        tiny_config_file,
+        tmp_path / "run",
+        optimizer="adamw",
+        eightbit=True,
+        num_training_steps=2,
+        eval_every=100,
+        resume=True,
+    )
     assert summary["steps"] == 2
 
 
@@ -177,7 +204,9 @@ def test_total_batch_must_divide(tiny_config_file, tmp_path):
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
 def test_wandb_modes(tiny_config_file, tmp_path, mode, shared_data):
     summary = run(tiny_config_file, tmp_path / "run", num_training_steps=2, wandb_mode=mode)
-    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*")) if (tmp_path / "run" / "wandb").exists() else []
+    offline_runs = (
+        list((tmp_path / "run" / "wandb").glob("offline-run-*")) if (tmp_path / "run" / "wandb").exists() else []
+    )
     assert (len(offline_runs) == 1) == (mode == "offline")
     assert summary["steps"] == 2
 
@@ -216,8 +245,9 @@ class _FlakyWandbRun:
         raise ConnectionError("api.wandb.ai connection reset")
 
 
-def test_wandb_outage_mid_run_warns_once_and_metrics_stay_complete(tiny_config_file, tmp_path, monkeypatch, caplog,
-                                                                   shared_data):
+def test_wandb_outage_mid_run_warns_once_and_metrics_stay_complete(
+    tiny_config_file, tmp_path, monkeypatch, caplog, shared_data
+):
     import wandb
 
     flaky = _FlakyWandbRun()
@@ -236,8 +266,18 @@ def test_wandb_outage_mid_run_warns_once_and_metrics_stay_complete(tiny_config_f
 @pytest.mark.slow
 def test_two_hundred_steps_on_real_c4_lower_perplexity(tmp_path, shared_data):
     """llama_9m, 200 steps x 8 sequences x 128 tokens of real C4 (~150k non-pad tokens)."""
-    summary = run("llama_9m", tmp_path / "run", max_length=128, batch_size=8, num_training_steps=200, eval_every=200,
-                  save_every=200, eval_tokens=20_000, lr=3e-3, shuffle_buffer=1000)
+    summary = run(
+        "llama_9m",
+        tmp_path / "run",
+        max_length=128,
+        batch_size=8,
+        num_training_steps=200,
+        eval_every=200,
+        save_every=200,
+        eval_tokens=20_000,
+        lr=3e-3,
+        shuffle_buffer=1000,
+    )
     evals = [r for r in records(tmp_path / "run") if "val_perplexity" in r]
     start, end = evals[0]["val_perplexity"], evals[-1]["val_perplexity"]
     print(f"val perplexity step 0: {start:.1f}, step 200: {end:.1f}; tokens seen {summary['tokens_seen']:,}")

@@ -10,8 +10,9 @@ from galore_train.data.tokens import Tokenize
 from galore_train.errors import UserError
 
 
-def document_source(data_files: str | None, flag: str, dataset: str, config: str, split: str,
-                    tokenize: Tokenize | None = None) -> datasets.IterableDataset:
+def document_source(
+    data_files: str | None, flag: str, dataset: str, config: str, split: str, tokenize: Tokenize | None = None
+) -> datasets.IterableDataset:
     """Documents of local shards, of a directory made by `galore-train prepare-data` (given the run's `tokenize`,
     which it must have been prepared with), or of the hub."""
     if is_prepared(data_files):

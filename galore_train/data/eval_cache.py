@@ -38,13 +38,26 @@ def eval_cache_key(data_files: str | None, hub_split: str, tokenize: Tokenize, e
         source: Any = [[file, os.stat(file).st_size, os.stat(file).st_mtime_ns] for file in files]
     else:
         source = hub_split
-    return {"version": CACHE_VERSION, "source": source, "tokenizer": tokenize.fingerprint,
-            "max_length": tokenize.max_length, "vocab_size": tokenize.vocab_size, "eval_tokens": eval_tokens}
+    return {
+        "version": CACHE_VERSION,
+        "source": source,
+        "tokenizer": tokenize.fingerprint,
+        "max_length": tokenize.max_length,
+        "vocab_size": tokenize.vocab_size,
+        "eval_tokens": eval_tokens,
+    }
 
 
-def cached_eval_batches(cache_dir: Path, key: dict[str, Any], make_source: Callable[[], datasets.IterableDataset],
-                        tokenize: Tokenize, *, batch_size: int, builder: bool = True,
-                        agree: Callable[[bool], bool] = lambda failed: failed) -> tuple[list[dict[str, torch.Tensor]], int]:
+def cached_eval_batches(
+    cache_dir: Path,
+    key: dict[str, Any],
+    make_source: Callable[[], datasets.IterableDataset],
+    tokenize: Tokenize,
+    *,
+    batch_size: int,
+    builder: bool = True,
+    agree: Callable[[bool], bool] = lambda failed: failed,
+) -> tuple[list[dict[str, torch.Tensor]], int]:
     """`build_eval_batches`, through the cache. `builder`: this process builds a missing cache; `agree(failed)`
     is True on every process if the build failed on any (a collective under torchrun)."""
     path = Path(cache_dir) / f"eval-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.pt"
@@ -63,8 +76,9 @@ def cached_eval_batches(cache_dir: Path, key: dict[str, Any], make_source: Calla
     return pad_batches(sequences, tokenize, batch_size), scored
 
 
-def _build(path: Path | None, key: dict[str, Any], make_source: Callable[[], datasets.IterableDataset],
-           tokenize: Tokenize) -> Sequences:
+def _build(
+    path: Path | None, key: dict[str, Any], make_source: Callable[[], datasets.IterableDataset], tokenize: Tokenize
+) -> Sequences:
     """Tokenize the validation documents; write the cache to `path` (best effort)."""
     before = tokenize.remapped_ids
     sequences, scored = eval_sequences(make_source(), tokenize, eval_tokens=key["eval_tokens"])
@@ -75,8 +89,16 @@ def _build(path: Path | None, key: dict[str, Any], make_source: Callable[[], dat
         temporary = path.with_suffix(f".tmp{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": json.dumps(key, sort_keys=True), "ids": ids, "lengths": lengths, "scored": scored,
-                        "remapped": remapped}, temporary)
+            torch.save(
+                {
+                    "key": json.dumps(key, sort_keys=True),
+                    "ids": ids,
+                    "lengths": lengths,
+                    "scored": scored,
+                    "remapped": remapped,
+                },
+                temporary,
+            )
             os.replace(temporary, path)
         except OSError as err:
             log.warning("cannot write the validation token cache %s (%s); it will be built again next time", path, err)
@@ -95,7 +117,11 @@ def _read(path: Path, key: dict[str, Any]) -> Sequences | None:
         if sum(lengths) != len(ids):
             raise ValueError("ids and lengths disagree")
     except Exception as err:  # truncated, corrupt, foreign: rebuild rather than trust it
-        log.warning("ignoring the validation token cache %s (%s); rebuilding it", path, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        log.warning(
+            "ignoring the validation token cache %s (%s); rebuilding it",
+            path,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
         return None
     bounds = [0, *itertools.accumulate(lengths)]
     return [ids[a:b] for a, b in itertools.pairwise(bounds)], saved["scored"], saved["remapped"]

@@ -9,8 +9,9 @@ from galore_train.data.tokens import Tokenize
 from galore_train.errors import UserError
 
 
-def build_eval_batches(source: datasets.IterableDataset, tokenize: Tokenize, *, eval_tokens: int,
-                       batch_size: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+def build_eval_batches(
+    source: datasets.IterableDataset, tokenize: Tokenize, *, eval_tokens: int, batch_size: int
+) -> tuple[list[dict[str, torch.Tensor]], int]:
     """The first documents of the held-out stream (in file order), until `eval_tokens` predicted tokens.
 
     Fixed for every run and checkpoint. Returns the batches and the exact number of scored tokens.
@@ -23,7 +24,9 @@ def pad_batches(sequences: list[list[int]], tokenize: Tokenize, batch_size: int)
     return [tokenize.pad(sequences[i : i + batch_size]) for i in range(0, len(sequences), batch_size)]
 
 
-def eval_sequences(source: datasets.IterableDataset, tokenize: Tokenize, *, eval_tokens: int) -> tuple[list[list[int]], int]:
+def eval_sequences(
+    source: datasets.IterableDataset, tokenize: Tokenize, *, eval_tokens: int
+) -> tuple[list[list[int]], int]:
     """The validation sequences (ids) and the number of tokens they score."""
     sequences: list[list[int]] = []
     scored = 0

@@ -50,7 +50,13 @@ def _prepare_file(index: int, source: str, tokenizer_name: str, output: str) -> 
                 texts = []
     np.save(f"{stem}.offsets.npy", np.asarray(offsets, dtype=np.int64))
     stat = os.stat(source)
-    return {"source": source, "size": stat.st_size, "stem": stem.name, "documents": len(offsets) - 1, "tokens": offsets[-1]}
+    return {
+        "source": source,
+        "size": stat.st_size,
+        "stem": stem.name,
+        "documents": len(offsets) - 1,
+        "tokens": offsets[-1],
+    }
 
 
 def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: int = 1) -> dict[str, Any]:
@@ -66,9 +72,13 @@ def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: i
     arguments = [(index, file, tokenizer_name, str(output)) for index, file in enumerate(files)]
     with ProcessPoolExecutor(max_workers=max(1, num_proc)) as pool:
         shards = list(pool.map(_prepare_file, *zip(*arguments)))
-    manifest = {"format": FORMAT, "tokenizer": {"name": tokenizer_name, "fingerprint": tokenizer_fingerprint(tokenizer)},
-                "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
-                "shards": shards}
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": {"name": tokenizer_name, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "documents": sum(s["documents"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+    }
     temporary = output / f"{MANIFEST}.tmp"
     temporary.write_text(json.dumps(manifest, indent=1))
     os.replace(temporary, output / MANIFEST)
@@ -96,21 +106,26 @@ def prepared_documents(directory: str, tokenize: Tokenize) -> datasets.IterableD
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path / MANIFEST} has format {manifest.get('format')}, this galore-train reads {FORMAT}")
     if fingerprint != tokenize.fingerprint:
-        raise UserError(f"{path / MANIFEST} was prepared with tokenizer {manifest['tokenizer']['name']!r}, not this run's "
-                        "--tokenizer (prepare the data again with it)")
+        raise UserError(
+            f"{path / MANIFEST} was prepared with tokenizer {manifest['tokenizer']['name']!r}, not this run's "
+            "--tokenizer (prepare the data again with it)"
+        )
     for shard in shards:
         tokens, offsets = path / f"{shard['stem']}.tokens", path / f"{shard['stem']}.offsets.npy"
         for file in (tokens, offsets):
             if not file.is_file():
                 raise UserError(f"prepared data file {file} is missing")
         if tokens.stat().st_size != 2 * shard["tokens"]:
-            raise UserError(f"prepared data file {tokens} holds {tokens.stat().st_size // 2} tokens, its manifest says "
-                            f"{shard['tokens']} (truncated or replaced? prepare the data again)")
+            raise UserError(
+                f"prepared data file {tokens} holds {tokens.stat().st_size // 2} tokens, its manifest says "
+                f"{shard['tokens']} (truncated or replaced? prepare the data again)"
+            )
         try:
             bounds = np.load(offsets, mmap_mode="r")
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read prepared data file {offsets}: {err}") from None
         if len(bounds) != shard["documents"] + 1 or int(bounds[-1]) != shard["tokens"]:
             raise UserError(f"prepared data file {offsets} does not match its manifest (prepare the data again)")
-    return datasets.IterableDataset.from_generator(_read_shards, gen_kwargs={"directory": str(path),
-                                                                              "stems": [s["stem"] for s in shards]})
+    return datasets.IterableDataset.from_generator(
+        _read_shards, gen_kwargs={"directory": str(path), "stems": [s["stem"] for s in shards]}
+    )

@@ -17,7 +17,6 @@ import datasets
 
 from galore_train.errors import UserError
 
-
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +76,8 @@ def hub_documents(dataset: str, config: str, split: str) -> datasets.IterableDat
     try:
         stream = datasets.load_dataset(dataset, config, split=split, streaming=True)
     except Exception as err:
-        raise UserError(f"cannot stream {dataset}/{config} ({split}) from the hub: {str(err).splitlines()[0]} "
-                        "(offline? use --data-files with local shards)") from None
+        raise UserError(
+            f"cannot stream {dataset}/{config} ({split}) from the hub: {str(err).splitlines()[0]} "
+            "(offline? use --data-files with local shards)"
+        ) from None
     return stream.select_columns(["text"])

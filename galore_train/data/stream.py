@@ -28,8 +28,18 @@ class BatchStream:
     The source restarts with a new shard order each epoch; epochs are counted and reported.
     """
 
-    def __init__(self, make_source: Callable[[], datasets.IterableDataset], tokenize: Tokenize, *, batch_size: int,
-                 pack: bool, shuffle_buffer: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        make_source: Callable[[], datasets.IterableDataset],
+        tokenize: Tokenize,
+        *,
+        batch_size: int,
+        pack: bool,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.make_source = make_source
         self.tokenize = tokenize
         self.batch_size = batch_size
@@ -93,7 +103,9 @@ class BatchStream:
             for ids in encoded:
                 self.leftover.extend(ids)
             self._documents_packed += count
-            self._tokens_per_document += (sum(map(len, encoded)) - count * self._tokens_per_document) / self._documents_packed
+            self._tokens_per_document += (
+                sum(map(len, encoded)) - count * self._tokens_per_document
+            ) / self._documents_packed
         chunk, self.leftover = self.leftover[:needed], self.leftover[needed:]
         return self.tokenize.pad([chunk[i : i + length] for i in range(0, needed, length)]), remapped
 

@@ -48,7 +48,9 @@ def load_tokenizer(name_or_path: str):
     try:
         if path.is_file():
             if path.name != "spiece.model":
-                raise UserError(f"--tokenizer file must be a SentencePiece 'spiece.model' (or give its directory): {path}")
+                raise UserError(
+                    f"--tokenizer file must be a SentencePiece 'spiece.model' (or give its directory): {path}"
+                )
             return T5Tokenizer.from_pretrained(str(path.parent))
         if path.is_dir():
             if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
@@ -76,8 +78,11 @@ def _parts(component: dict | None) -> list[str]:
 def cuttable(pipeline: dict) -> bool:
     """Whether a document's kept tokens may be computed from a cut of its text (see the module docstring)."""
     splitters = _parts(pipeline["pre_tokenizer"])
-    return (bool(splitters) and set(splitters) <= WORD_SPLITTING_PRETOKENIZERS
-            and set(_parts(pipeline["normalizer"])) <= WORD_LOCAL_NORMALIZERS)
+    return (
+        bool(splitters)
+        and set(splitters) <= WORD_SPLITTING_PRETOKENIZERS
+        and set(_parts(pipeline["normalizer"])) <= WORD_LOCAL_NORMALIZERS
+    )
 
 
 def special_ids(pipeline: dict) -> tuple[list[int], list[int]] | None:
@@ -118,8 +123,10 @@ class Tokenize:
         special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
         unembeddable = [i for i in range(vocab_size, len(tokenizer)) if i not in special]
         if unembeddable or tokenizer.unk_token_id >= vocab_size:
-            raise UserError(f"the tokenizer has {len(tokenizer)} ids but the model embeds only {vocab_size}, and not all ids "
-                            "above that are special tokens: raise vocab_size in the model config")
+            raise UserError(
+                f"the tokenizer has {len(tokenizer)} ids but the model embeds only {vocab_size}, and not all ids "
+                "above that are special tokens: raise vocab_size in the model config"
+            )
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.vocab_size = vocab_size
@@ -155,8 +162,9 @@ class Tokenize:
     def encode(self, texts: list[str], truncate: bool) -> tuple[list[list[int]], int]:
         """Ids of each text (the first `max_length` if `truncate`), and how many ids were mapped to <unk>."""
         if self.backend is None:  # a tokenizer without a Rust backend: its own (whole-text) path
-            encoded = self.tokenizer(texts, truncation=truncate, max_length=self.max_length if truncate else None,
-                                     add_special_tokens=True)["input_ids"]
+            encoded = self.tokenizer(
+                texts, truncation=truncate, max_length=self.max_length if truncate else None, add_special_tokens=True
+            )["input_ids"]
         elif truncate:
             encoded = self._encode_kept(texts)
         else:
@@ -170,7 +178,9 @@ class Tokenize:
         return self._in_vocab([before + ids[:kept] + after for ids in documents])
 
     def _in_vocab(self, encoded: list[list[int]]) -> tuple[list[list[int]], int]:
-        remapped = sum(sum(i >= self.vocab_size for i in ids) for ids in encoded if max(ids, default=0) >= self.vocab_size)
+        remapped = sum(
+            sum(i >= self.vocab_size for i in ids) for ids in encoded if max(ids, default=0) >= self.vocab_size
+        )
         if remapped:
             encoded = [[i if i < self.vocab_size else self.unk_id for i in ids] for ids in encoded]
         return encoded, remapped
@@ -179,7 +189,9 @@ class Tokenize:
         budget = self.cut_chars
         cut = [text[:budget] if budget is not None and len(text) > budget else text for text in texts]
         encodings = self.backend.encode_batch(cut, add_special_tokens=False)
-        redo = [i for i, encoding in enumerate(encodings) if cut[i] is not texts[i] and not self._kept_before_cut(encoding)]
+        redo = [
+            i for i, encoding in enumerate(encodings) if cut[i] is not texts[i] and not self._kept_before_cut(encoding)
+        ]
         if redo:
             for i, encoding in zip(redo, self.backend.encode_batch([texts[i] for i in redo], add_special_tokens=False)):
                 encodings[i] = encoding

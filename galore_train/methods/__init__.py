@@ -15,8 +15,15 @@ from galore_train.config import TrainConfig
 from galore_train.methods.base import FullModel, MatrixParams, Method
 from galore_train.registry import METHOD_NAMES, OPTIMIZERS
 
-__all__ = ["METHOD_NAMES", "Method", "MatrixParams", "base_optimizer_name", "build_method", "method_class",
-           "scheduler_kwargs"]
+__all__ = [
+    "METHOD_NAMES",
+    "Method",
+    "MatrixParams",
+    "base_optimizer_name",
+    "build_method",
+    "method_class",
+    "scheduler_kwargs",
+]
 
 
 def method_class(name: str) -> Optional[type[Method]]:

@@ -23,7 +23,17 @@ class FactorizedLinear(nn.Module):
     The forward signal therefore starts at the dense model's scale, and neither factor dominates.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool, std: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool,
+        std: float,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         factor_std = (std**2 / rank) ** 0.25
@@ -35,7 +45,8 @@ class FactorizedLinear(nn.Module):
         return F.linear(F.linear(x, self.a), self.b, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={bias}"
 
 
 class LowRank(Method):

@@ -79,15 +79,22 @@ class ReLoRA(LoRA):
         super().check_options(cfg)
         if cfg.relora_warm_start < 0:
             raise UserError(f"--relora-warm-start must be >= 0, got {cfg.relora_warm_start}")
-        if cfg.restart_warmup_steps is not None and not 0 <= cfg.restart_warmup_steps < cfg.relora_reset:  # derived: fits
-            raise UserError(f"--restart-warmup-steps must be >= 0 and smaller than --relora-reset "
-                            f"({cfg.relora_reset}), got {cfg.restart_warmup_steps}")
+        if (
+            cfg.restart_warmup_steps is not None and not 0 <= cfg.restart_warmup_steps < cfg.relora_reset
+        ):  # derived: fits
+            raise UserError(
+                f"--restart-warmup-steps must be >= 0 and smaller than --relora-reset "
+                f"({cfg.relora_reset}), got {cfg.restart_warmup_steps}"
+            )
 
     @classmethod
     def scheduler_kwargs(cls, cfg: TrainConfig) -> dict[str, Any]:
         """The jagged schedule: re-warm after every restart, including the attach."""
-        return {"restart_every": cfg.relora_reset, "restart_warmup": restart_warmup(cfg.restart_warmup_steps, cfg.relora_reset),
-                "restart_offset": cfg.relora_warm_start}
+        return {
+            "restart_every": cfg.relora_reset,
+            "restart_warmup": restart_warmup(cfg.restart_warmup_steps, cfg.relora_reset),
+            "restart_offset": cfg.relora_warm_start,
+        }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

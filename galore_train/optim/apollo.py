@@ -71,8 +71,9 @@ def projection_seed(seed: int, position: int, window: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def gaussian_projection(shape: torch.Size, side: str, rank: int, seed: int, device: torch.device,
-                        dtype: torch.dtype) -> Tensor:
+def gaussian_projection(
+    shape: torch.Size, side: str, rank: int, seed: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """P (m x r, side "left") or Q (r x n, "right") with N(0, 1/r) entries: E[P P^T] = I, so ||R|| ~ ||G||."""
     m, n = shape
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -91,12 +92,26 @@ class ApolloAdamW(GaLoreAdamW):
                      {"params": matrices, "rank": 1, "scale": MINI_SCALE, "scale_type": "tensor"}], lr=1e-2)
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, proj: str = "random", scale_type: str = "channel",
-                 norm_growth_limit: Optional[float] = DEFAULT_LIMIT, proj_seed: int = 0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        proj: str = "random",
+        scale_type: str = "channel",
+        norm_growth_limit: Optional[float] = DEFAULT_LIMIT,
+        proj_seed: int = 0,
+    ) -> None:
         self._positions: dict[Tensor, int] = {}  # parameter -> position in the optimizer (seeds)
-        defaults = {**adam_defaults(lr, betas, eps, weight_decay), "proj": proj, "scale_type": scale_type,
-                    "norm_growth_limit": norm_growth_limit, "proj_seed": proj_seed}
+        defaults = {
+            **adam_defaults(lr, betas, eps, weight_decay),
+            "proj": proj,
+            "scale_type": scale_type,
+            "norm_growth_limit": norm_growth_limit,
+            "proj_seed": proj_seed,
+        }
         GaLoreOptimizer.__init__(self, params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -115,8 +130,10 @@ class ApolloAdamW(GaLoreAdamW):
             return
         check_one_sided(group, "APOLLO")
         if group["proj"] == "random" and (group["adaptive_gap"] or group["proj_bits"] != 32):
-            raise ValueError("APOLLO's random projection is regenerated, not stored: adaptive_gap and proj_bits "
-                             "apply to proj 'svd' only")
+            raise ValueError(
+                "APOLLO's random projection is regenerated, not stored: adaptive_gap and proj_bits "
+                "apply to proj 'svd' only"
+            )
 
     @classmethod
     def state_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
@@ -132,8 +149,9 @@ class ApolloAdamW(GaLoreAdamW):
     def _uses_projector(self, group: dict[str, Any]) -> bool:
         return "rank" in group and group["proj"] == "svd"
 
-    def _step_parameter(self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector],
-                        name: Optional[str]) -> None:
+    def _step_parameter(
+        self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector], name: Optional[str]
+    ) -> None:
         if projector is None or group["proj"] == "svd":
             super()._step_parameter(p, group, projector, name)
             return

@@ -20,9 +20,17 @@ from galore_train.optim.quantize import QUANT_BITS
 from galore_train.optim.refresh_sharing import DueRefresh, RefreshSharing
 from galore_train.optim.row_shards import is_row_sharded, keep_local_state, local_state
 
-GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "full",
-                         "stagger_refresh": False, "proj_bits": 32, "proj_group_size": 256, "adaptive_gap": False,
-                         "cos_threshold": 0.4}
+GALORE_GROUP_DEFAULTS = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "svd": "full",
+    "stagger_refresh": False,
+    "proj_bits": 32,
+    "proj_group_size": 256,
+    "adaptive_gap": False,
+    "cos_threshold": 0.4,
+}
 
 
 def check_galore_group(group: dict[str, Any]) -> None:
@@ -104,7 +112,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         metrics = self.refresh_stats.read()
         lazy = [group for group in self.param_groups if group.get("adaptive_gap")]
         if lazy:
-            metrics["svd_skipped_total"] = sum(self.state[p].get("svd_skipped", 0) for group in lazy for p in group["params"])
+            metrics["svd_skipped_total"] = sum(
+                self.state[p].get("svd_skipped", 0) for group in lazy for p in group["params"]
+            )
         return metrics
 
     @torch.no_grad()
@@ -123,8 +133,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                     self._step_parameter(p, group, projector, names[index] if names else None)
         return loss
 
-    def _step_parameter(self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector],
-                        name: Optional[str]) -> None:
+    def _step_parameter(
+        self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector], name: Optional[str]
+    ) -> None:
         if p.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
@@ -134,25 +145,35 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         if projector is not None:
             out = self._scratch_buffer(projector.low_rank_shape(p.shape), grad)
-            grad = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out,
-                                     refreshed=self._refreshed.pop(p, None))
+            grad = projector.project(
+                grad,
+                state,
+                state.get("step", 0),
+                self.refresh_stats,
+                name,
+                out=out,
+                refreshed=self._refreshed.pop(p, None),
+            )
             if grad is None:  # non-finite gradient at a refresh: skip this parameter's update
                 return
         state["step"] = state.get("step", 0) + 1
         self._update(p, grad, group, state)
 
-    def _step_row_shard(self, p: Tensor, group: dict[str, Any], projector: GaLoreProjector,
-                        name: Optional[str]) -> None:
+    def _step_row_shard(
+        self, p: Tensor, group: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
+    ) -> None:
         """FSDP2: project and update this rank's rows of the weight (row_shards.py); step() has already run
         the refresh, shared, from the gathered gradient."""
         if projector.proj_type != "right" or self._sharing is None:
-            raise ValueError(f"GaLore on row-sharded {name or 'parameters'} needs proj_type 'right' and "
-                             "share_refresh()")
+            raise ValueError(
+                f"GaLore on row-sharded {name or 'parameters'} needs proj_type 'right' and share_refresh()"
+            )
         state = self.state[p]
         grad = p.grad.to_local()
         out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
-        low = projector.project(grad, state, state.get("step", 0), self.refresh_stats, name, out=out,
-                                refreshed=self._refreshed.pop(p, None))
+        low = projector.project(
+            grad, state, state.get("step", 0), self.refresh_stats, name, out=out, refreshed=self._refreshed.pop(p, None)
+        )
         if low is None:
             return
         local = local_state(state)
@@ -204,7 +225,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Decoupled weight decay and the step: W <- (1 - lr wd) W - step_size * [scale * back(update)]."""
         decay = 1.0 - group["lr"] * group["weight_decay"]
         if "rank" in group:
-            GaLoreProjector.from_group(group).project_back_add_(p, update, state, alpha=-step_size * group["scale"], beta=decay)
+            GaLoreProjector.from_group(group).project_back_add_(
+                p, update, state, alpha=-step_size * group["scale"], beta=decay
+            )
             return
         if decay != 1.0:
             p.mul_(decay)
@@ -222,4 +245,3 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if isinstance(value, Tensor) and value.dtype != state[key].dtype:
                     state[key] = value.to(device=params[index].device, copy=True)
-

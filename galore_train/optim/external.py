@@ -26,8 +26,9 @@ def bitsandbytes_adamw8bit(params: Iterable[Any], **settings: Any) -> torch.opti
     return import_bitsandbytes().optim.AdamW8bit(params, **settings)
 
 
-def bitsandbytes_adamw8bit_state_layout(shape: tuple[int, ...], group: Mapping[str, Any],
-                                        itemsize: int) -> list[StateTensor]:
+def bitsandbytes_adamw8bit_state_layout(
+    shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int
+) -> list[StateTensor]:
     """AdamW8bit: fp32 moments below the size threshold, else block-wise 8-bit moments plus the two
     quantization maps every 8-bit parameter's state references (one shared tensor each)."""
     numel = math.prod(shape)

@@ -77,11 +77,21 @@ class FiraAdamW(GaLoreAdamW):
                   lr=1e-2)
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, residual: str = "code",
-                 norm_growth_limit: Optional[float] = DEFAULT_LIMIT) -> None:
-        defaults = {**adam_defaults(lr, betas, eps, weight_decay), "residual": residual,
-                    "norm_growth_limit": norm_growth_limit}
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        residual: str = "code",
+        norm_growth_limit: Optional[float] = DEFAULT_LIMIT,
+    ) -> None:
+        defaults = {
+            **adam_defaults(lr, betas, eps, weight_decay),
+            "residual": residual,
+            "norm_growth_limit": norm_growth_limit,
+        }
         GaLoreOptimizer.__init__(self, params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -35,15 +35,28 @@ def _rms(t: Tensor) -> Tensor:
 class GaLoreAdafactor(GaLoreOptimizer):
     """Adafactor with GaLore param groups (see GaLoreOptimizer for the param-group convention)."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta1: Optional[float] = None,
-                 decay_rate: float = -0.8, clip_threshold: float = 1.0, eps: float = 1e-30,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        beta1: Optional[float] = None,
+        decay_rate: float = -0.8,
+        clip_threshold: float = 1.0,
+        eps: float = 1e-30,
+        weight_decay: float = 0.0,
+    ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
             raise ValueError(f"invalid beta1 {beta1}")
-        defaults = {"lr": lr, "beta1": beta1, "decay_rate": decay_rate, "clip_threshold": clip_threshold,
-                    "eps": eps, "weight_decay": weight_decay}
+        defaults = {
+            "lr": lr,
+            "beta1": beta1,
+            "decay_rate": decay_rate,
+            "clip_threshold": clip_threshold,
+            "eps": eps,
+            "weight_decay": weight_decay,
+        }
         super().__init__(params, defaults)
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -82,6 +95,8 @@ class GaLoreAdafactor(GaLoreOptimizer):
         """fp32 whatever the gradient's dtype; the first moment only with beta1."""
         layout = [StateTensor("exp_avg", math.prod(shape), 4)] if group.get("beta1") is not None else []
         if len(shape) >= 2:
-            return layout + [StateTensor("exp_avg_sq_row", math.prod(shape[:-1]), 4),
-                             StateTensor("exp_avg_sq_col", math.prod(shape[:-2] + shape[-1:]), 4)]
+            return layout + [
+                StateTensor("exp_avg_sq_row", math.prod(shape[:-1]), 4),
+                StateTensor("exp_avg_sq_col", math.prod(shape[:-2] + shape[-1:]), 4),
+            ]
         return layout + [StateTensor("exp_avg_sq", math.prod(shape), 4)]

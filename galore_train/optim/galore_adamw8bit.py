@@ -57,9 +57,18 @@ def _quantization_maps(device: torch.device) -> tuple[Tensor, Tensor]:
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with 8-bit block-wise quantized moments (same param-group convention)."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, min_8bit_size: int = EIGHTBIT_MIN_SIZE) -> None:
-        GaLoreOptimizer.__init__(self, params, {**adam_defaults(lr, betas, eps, weight_decay), "min_8bit_size": min_8bit_size})
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        min_8bit_size: int = EIGHTBIT_MIN_SIZE,
+    ) -> None:
+        GaLoreOptimizer.__init__(
+            self, params, {**adam_defaults(lr, betas, eps, weight_decay), "min_8bit_size": min_8bit_size}
+        )
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if grad.numel() < group["min_8bit_size"]:
@@ -75,10 +84,22 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         signed_map, unsigned_map = _quantization_maps(grad.device)
         beta1, beta2 = group["betas"]
         import_bitsandbytes().functional.optimizer_update_8bit_blockwise(
-            "adam", grad.contiguous(), target, state["exp_avg"], state["exp_avg_sq"],
-            beta1, beta2, 0.0, 0.0, group["eps"], state["step"],
+            "adam",
+            grad.contiguous(),
+            target,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            beta1,
+            beta2,
+            0.0,
+            0.0,
+            group["eps"],
+            state["step"],
             1.0 if galore else group["lr"],
-            signed_map, unsigned_map, state["exp_avg_absmax"], state["exp_avg_sq_absmax"],
+            signed_map,
+            unsigned_map,
+            state["exp_avg_absmax"],
+            state["exp_avg_sq_absmax"],
             weight_decay=0.0 if galore else group["weight_decay"],
         )
         if galore:

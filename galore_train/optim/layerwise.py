@@ -79,8 +79,14 @@ class LayerwiseUpdater:
 
     applies_in_backward = True  # for the training loop: check a loss before its backward
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, *, grad_clipping: float = 0.0,
-                 reduce: Optional[GradientReduce] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        *,
+        grad_clipping: float = 0.0,
+        reduce: Optional[GradientReduce] = None,
+    ) -> None:
         check_layerwise_supported(model, grad_clipping, reduce)
         self.optimizer = optimizer
         self._reduce = reduce

@@ -36,8 +36,11 @@ class StateTensor:
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the state keys of torch's and our Adam moments
 
 
-def blockwise_8bit_moments(numel: int, keys: tuple[str, ...] = MOMENTS,
-                           absmax_keys: tuple[str, ...] = tuple(f"{key}_absmax" for key in MOMENTS)) -> list[StateTensor]:
+def blockwise_8bit_moments(
+    numel: int,
+    keys: tuple[str, ...] = MOMENTS,
+    absmax_keys: tuple[str, ...] = tuple(f"{key}_absmax" for key in MOMENTS),
+) -> list[StateTensor]:
     """Two Adam moments as uint8 codes with one fp32 absmax per block of EIGHTBIT_BLOCK values."""
     blocks = -(-numel // EIGHTBIT_BLOCK)
     return [StateTensor(key, numel, 1) for key in keys] + [StateTensor(key, blocks, 4) for key in absmax_keys]

@@ -44,15 +44,28 @@ class MuonAdamW(torch.optim.Optimizer):
         MuonAdamW([{"params": others}, {"params": matrices, "muon": True}], lr=1e-3, weight_decay=0.0)
     """
 
-    def __init__(self, params: Iterable[dict[str, Any]], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = MUON_MOMENTUM) -> None:
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = MUON_MOMENTUM,
+    ) -> None:
         groups = list(params)
         muon_groups = [group for group in groups if group.get("muon")]
         adamw_groups = [group for group in groups if not group.get("muon")]
-        self._muon = muon_class()(muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                  adjust_lr_fn=ADJUST_LR) if muon_groups else None
-        self._adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps,
-                                        weight_decay=weight_decay) if adamw_groups else None
+        self._muon = (
+            muon_class()(muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=ADJUST_LR)
+            if muon_groups
+            else None
+        )
+        self._adamw = (
+            torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            if adamw_groups
+            else None
+        )
         super().__init__(groups, {})  # the same group dicts, now filled in by the inner optimizers, in order
         self._link()
 

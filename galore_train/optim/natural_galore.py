@@ -83,11 +83,21 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
                            lr=1e-3, fisher_history=20, fisher_damping=1e-3)
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, fisher_history: int = FISHER_HISTORY,
-                 fisher_damping: float = FISHER_DAMPING) -> None:
-        defaults = {**adam_defaults(lr, betas, eps, weight_decay), "fisher_history": fisher_history,
-                    "fisher_damping": fisher_damping}
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        fisher_history: int = FISHER_HISTORY,
+        fisher_damping: float = FISHER_DAMPING,
+    ) -> None:
+        defaults = {
+            **adam_defaults(lr, betas, eps, weight_decay),
+            "fisher_history": fisher_history,
+            "fisher_damping": fisher_damping,
+        }
         GaLoreOptimizer.__init__(self, params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -107,7 +117,10 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         if "rank" not in group or not history:
             return layout
         low_rank = layout[0].numel  # the first moment has the projected gradient's size
-        return layout + [StateTensor("fisher_grads", history * low_rank, itemsize), StateTensor("fisher_gram", history**2, 8)]
+        return layout + [
+            StateTensor("fisher_grads", history * low_rank, itemsize),
+            StateTensor("fisher_gram", history**2, 8),
+        ]
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if "rank" in group and group["fisher_history"] > 0:
@@ -137,7 +150,11 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         state["fisher_count"] += 1
         y = woodbury_solve(gram_buffer[:k, :k], hg, group["fisher_damping"])
         if y is None:
-            warnings.warn("Natural GaLore: the damped Fisher system is numerically indefinite (gradients too large "
-                          "for fisher_damping?); plain GaLore-AdamW step instead", RuntimeWarning)
+            warnings.warn(
+                "Natural GaLore: the damped Fisher system is numerically indefinite (gradients too large "
+                "for fisher_damping?); plain GaLore-AdamW step instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         g.copy_(g_precise.addmv_(history.mT, y.to(precise), alpha=-1.0))

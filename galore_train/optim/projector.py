@@ -67,56 +67,12 @@ from torch import Tensor
 
 from galore_train.optim.layout import StateTensor
 from galore_train.optim.quantize import QuantizedMatrix, dequantize, quantize, quantized_layout
+from galore_train.optim.svd import random_orthonormal_top, randomized_svd_top, subspace_similarity, svd_top
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("full", "randomized")
-OVERSAMPLE = 8  # extra columns of the randomized range finder
-POWER_ITERATIONS = 2
 STABLE_REFRESHES = 3  # similar refreshes in a row before a parameter's interval doubles (Q-GaLore waits for 5)
 MAX_GAP_FACTOR = 8  # the interval grows to at most 8 x update_proj_gap: a subspace is never frozen for good
-
-
-# --- subspace computations (pure functions) ------------------------------------------------------
-
-
-def svd_top(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Top-`rank` left (m x r) and right (r x n) singular vectors from a full (thin) SVD."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, :rank], vh[:rank]
-
-
-def randomized_svd_top(matrix: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Top-`rank` singular vectors from a randomized range finder (Halko et al. 2011, Alg. 4.4).
-
-    Sketch the column space with rank + OVERSAMPLE Gaussian test vectors, sharpen it with
-    POWER_ITERATIONS re-orthonormalized power iterations, then take an exact SVD of the small
-    projected matrix. Seeded, so a resumed run draws the same test vectors.
-    """
-    m, n = matrix.shape
-    width = min(rank + OVERSAMPLE, m, n)
-    generator = torch.Generator(device=matrix.device).manual_seed(seed)
-    sketch = torch.randn(n, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
-    basis = torch.linalg.qr(matrix @ sketch).Q
-    for _ in range(POWER_ITERATIONS):
-        basis = torch.linalg.qr(matrix.mT @ basis).Q
-        basis = torch.linalg.qr(matrix @ basis).Q
-    u_small, _, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
-    return basis @ u_small[:, :rank], vh[:rank]
-
-
-def random_orthonormal_top(matrix: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded random orthonormal basis for each side: the last resort when no SVD can be had."""
-    m, n = matrix.shape
-    generator = torch.Generator(device=matrix.device).manual_seed(seed)
-    left = torch.randn(m, rank, generator=generator, device=matrix.device, dtype=matrix.dtype)
-    right = torch.randn(n, rank, generator=generator, device=matrix.device, dtype=matrix.dtype)
-    return torch.linalg.qr(left).Q, torch.linalg.qr(right).Q.mT
-
-
-def subspace_similarity(a: Tensor, b: Tensor) -> float:
-    """Mean squared cosine of the principal angles between the column spaces of two orthonormal
-    m x r bases: 1 = same subspace, r/m = unrelated random subspaces."""
-    return float((a.mT @ b).square().sum() / a.shape[1])
 
 
 def stagger_offsets(count: int, gap: int) -> list[int]:
@@ -137,7 +93,7 @@ class RefreshStats:
 
     def record_failure(self, name: Optional[str], message: str) -> None:
         self.failures += 1
-        warnings.warn(f"GaLore projection of {name or 'a parameter'}: {message}", RuntimeWarning)
+        warnings.warn(f"GaLore projection of {name or 'a parameter'}: {message}", RuntimeWarning, stacklevel=2)
 
     def read(self) -> dict[str, float]:
         metrics = {"svd_seconds": self.seconds, "svd_refreshes": self.refreshes, "svd_failures_total": self.failures}
@@ -191,8 +147,16 @@ class GaLoreProjector:
 
     @classmethod
     def from_group(cls, group: dict[str, Any]) -> "GaLoreProjector":
-        return cls(group["rank"], group["update_proj_gap"], group["proj_type"], group["svd"], group["proj_bits"],
-                   group["proj_group_size"], group["adaptive_gap"], group["cos_threshold"])
+        return cls(
+            group["rank"],
+            group["update_proj_gap"],
+            group["proj_type"],
+            group["svd"],
+            group["proj_bits"],
+            group["proj_group_size"],
+            group["adaptive_gap"],
+            group["cos_threshold"],
+        )
 
     def side(self, shape: torch.Size) -> str:
         """'left', 'right' or 'full' for a gradient of this shape (see the module docstring)."""
@@ -212,10 +176,15 @@ class GaLoreProjector:
     def state_layout(self, shape: tuple[int, int], itemsize: int) -> list[StateTensor]:
         """The projection entries kept for a parameter of `shape` (gradient `itemsize` bytes per element)."""
         (m, n), rank, side = shape, self.rank, self.side(shape)
-        matrices = {"left": [("projection", m * rank)], "right": [("projection", rank * n)],
-                    "full": [("projection", m * rank), ("projection_right", rank * n)]}[side]
+        matrices = {
+            "left": [("projection", m * rank)],
+            "right": [("projection", rank * n)],
+            "full": [("projection", m * rank), ("projection_right", rank * n)],
+        }[side]
         if self.proj_bits != 32:
-            return [t for key, numel in matrices for t in quantized_layout(key, numel, self.proj_bits, self.proj_group_size)]
+            return [
+                t for key, numel in matrices for t in quantized_layout(key, numel, self.proj_bits, self.proj_group_size)
+            ]
         return [StateTensor(key, numel, itemsize, projection=True) for key, numel in matrices]
 
     def on_grid(self, state: dict[str, Any], step: int) -> bool:
@@ -229,9 +198,16 @@ class GaLoreProjector:
             return step >= state["next_refresh"]
         return self.on_grid(state, step)
 
-    def project(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
-                name: Optional[str] = None, out: Optional[Tensor] = None,
-                refreshed: Optional[bool] = None) -> Optional[Tensor]:
+    def project(
+        self,
+        grad: Tensor,
+        state: dict[str, Any],
+        step: int,
+        stats: RefreshStats,
+        name: Optional[str] = None,
+        out: Optional[Tensor] = None,
+        refreshed: Optional[bool] = None,
+    ) -> Optional[Tensor]:
         """The low-rank gradient R (written into `out` if given), refreshing the projection first if due.
 
         `refreshed`: what `apply_refresh` returned when the caller has already run this step's refresh
@@ -248,10 +224,13 @@ class GaLoreProjector:
             return torch.mm(projection.mT, grad, out=out)
         if side == "right":
             return torch.mm(grad, projection.mT, out=out)
-        return torch.mm(projection.mT @ grad, self.matrix(state, "projection_right", grad.shape, grad.dtype).mT, out=out)
+        return torch.mm(
+            projection.mT @ grad, self.matrix(state, "projection_right", grad.shape, grad.dtype).mT, out=out
+        )
 
-    def project_back_add_(self, param: Tensor, update: Tensor, state: dict[str, Any], alpha: float,
-                          beta: float = 1.0) -> None:
+    def project_back_add_(
+        self, param: Tensor, update: Tensor, state: dict[str, Any], alpha: float, beta: float = 1.0
+    ) -> None:
         """param <- beta * param + alpha * back(update), as one fused matmul-accumulate (no m x n temporary)."""
         side = self.side(param.shape)
         projection = self.matrix(state, "projection", param.shape, param.dtype)
@@ -272,10 +251,13 @@ class GaLoreProjector:
             return stored
         matrix_shape = self._matrix_shape(key, shape)
         bits = 8 if stored.dtype == torch.int8 else 4
-        return dequantize(QuantizedMatrix(stored, state[f"{key}_scales"]), bits, self.proj_group_size, matrix_shape, dtype)
+        return dequantize(
+            QuantizedMatrix(stored, state[f"{key}_scales"]), bits, self.proj_group_size, matrix_shape, dtype
+        )
 
-    def _refresh_if_due(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
-                        name: Optional[str]) -> bool:
+    def _refresh_if_due(
+        self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats, name: Optional[str]
+    ) -> bool:
         """Refresh if due (else count a grid step the lazy refresh passed over); False: skip the update."""
         if not self.refresh_due(state, step):
             if self.adaptive_gap and self.on_grid(state, step):
@@ -287,8 +269,9 @@ class GaLoreProjector:
         finally:
             stats.seconds += time.perf_counter() - start
 
-    def compute_refresh(self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats,
-                        name: Optional[str]) -> RefreshOutcome:
+    def compute_refresh(
+        self, grad: Tensor, state: dict[str, Any], step: int, stats: RefreshStats, name: Optional[str]
+    ) -> RefreshOutcome:
         """The new projection from `grad`, without touching `state`: under shared refresh only the
         matrix's owner runs this (the SVD) and the outcome is broadcast to the others."""
         matrix = grad.to(torch.promote_types(grad.dtype, torch.float32))
@@ -301,8 +284,9 @@ class GaLoreProjector:
             return RefreshOutcome(finite=True)
         stats.refreshes += 1
         matrices = self._new_matrices(top, grad.shape)
-        similar = self.adaptive_gap and not first and \
-            self._similarity(state, matrices, grad.shape) >= self.cos_threshold
+        similar = (
+            self.adaptive_gap and not first and self._similarity(state, matrices, grad.shape) >= self.cos_threshold
+        )
         return RefreshOutcome(finite=True, matrices=matrices, similar=similar)
 
     def apply_refresh(self, outcome: RefreshOutcome, state: dict[str, Any], step: int, dtype: torch.dtype) -> bool:
@@ -330,8 +314,9 @@ class GaLoreProjector:
         m, n = shape
         return (self.rank, n) if key == "projection_right" or self.side(shape) == "right" else (m, self.rank)
 
-    def _top_singular_vectors(self, matrix: Tensor, step: int, stats: RefreshStats, name: Optional[str],
-                              first: bool) -> Optional[tuple[Tensor, Tensor]]:
+    def _top_singular_vectors(
+        self, matrix: Tensor, step: int, stats: RefreshStats, name: Optional[str], first: bool
+    ) -> Optional[tuple[Tensor, Tensor]]:
         """The configured method. If it fails: None (keep the previous projection) or, at the first
         refresh (nothing to keep), the randomized range finder, then a random orthonormal basis."""
         try:

@@ -46,8 +46,9 @@ def quantize(matrix: Tensor, bits: int, group_size: int) -> QuantizedMatrix:
     return QuantizedMatrix(_pack_int4(codes) if bits == 4 else codes, scales)
 
 
-def dequantize(quantized: QuantizedMatrix, bits: int, group_size: int, shape: tuple[int, ...],
-               dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize(
+    quantized: QuantizedMatrix, bits: int, group_size: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> Tensor:
     """The matrix of `shape` that `quantize` encoded, in `dtype`."""
     _check(bits, group_size)
     numel = math.prod(shape)
@@ -60,8 +61,10 @@ def quantized_layout(key: str, numel: int, bits: int, group_size: int) -> list[S
     """The state entries `key` (codes) and `<key>_scales` that `quantize` stores for `numel` values."""
     _check(bits, group_size)
     codes = -(-numel // 2) if bits == 4 else numel
-    return [StateTensor(key, codes, 1, projection=True),
-            StateTensor(f"{key}_scales", -(-numel // group_size), 4, projection=True)]
+    return [
+        StateTensor(key, codes, 1, projection=True),
+        StateTensor(f"{key}_scales", -(-numel // group_size), 4, projection=True),
+    ]
 
 
 def quantized_nbytes(numel: int, bits: int, group_size: int) -> int:
@@ -95,4 +98,4 @@ def _pack_int4(codes: Tensor) -> Tensor:
 
 def _unpack_int4(packed: Tensor, numel: int) -> Tensor:
     low, high = packed & 0x0F, packed >> 4
-    return (torch.stack([low, high], dim=1).reshape(-1)[:numel].to(torch.int8) - 8)
+    return torch.stack([low, high], dim=1).reshape(-1)[:numel].to(torch.int8) - 8

@@ -74,10 +74,12 @@ class RefreshSharing:
         start = time.perf_counter()
         results = {}
         for begin in range(0, len(due), self.world_size):
-            round_ = due[begin:begin + self.world_size]
+            round_ = due[begin : begin + self.world_size]
             gradients = [self._whole_gradient(item) for item in round_]  # FSDP: gathered to the owner (collective)
-            owned = [self._compute(item, grad, states[item.param], stats) if self.owner(item.param) == self.rank
-                     else None for item, grad in zip(round_, gradients)]
+            owned = [
+                self._compute(item, grad, states[item.param], stats) if self.owner(item.param) == self.rank else None
+                for item, grad in zip(round_, gradients)
+            ]
             for item, outcome in zip(round_, self._broadcast(round_, owned, stats)):
                 state, dtype = states[item.param], item.param.grad.dtype
                 results[item.param] = item.projector.apply_refresh(outcome, state, state.get("step", 0), dtype)
@@ -90,8 +92,9 @@ class RefreshSharing:
         return gather_rows(grad, self._global(self.owner(item.param)), self.group) if is_row_sharded(grad) else grad
 
     @staticmethod
-    def _compute(item: DueRefresh, grad: Tensor, state: dict[str, Any],
-                 stats: RefreshStats) -> tuple[RefreshOutcome, int]:
+    def _compute(
+        item: DueRefresh, grad: Tensor, state: dict[str, Any], stats: RefreshStats
+    ) -> tuple[RefreshOutcome, int]:
         """The owner's outcome, with the failures it counted; matrices made contiguous for the broadcast
         (this also frees the full singular-vector matrices they were sliced from)."""
         before = stats.failures
@@ -100,8 +103,9 @@ class RefreshSharing:
             outcome.matrices = {key: m.contiguous() for key, m in outcome.matrices.items()}
         return outcome, stats.failures - before
 
-    def _broadcast(self, round_: Sequence[DueRefresh], owned: list[Optional[tuple[RefreshOutcome, int]]],
-                   stats: RefreshStats) -> list[RefreshOutcome]:
+    def _broadcast(
+        self, round_: Sequence[DueRefresh], owned: list[Optional[tuple[RefreshOutcome, int]]], stats: RefreshStats
+    ) -> list[RefreshOutcome]:
         """Every process gets each owner's outcome: the headers first, then the new matrices."""
         headers = []
         for item, mine in zip(round_, owned):
@@ -124,8 +128,11 @@ class RefreshSharing:
                 grad = item.param.grad
                 dtype = torch.promote_types(grad.dtype, torch.float32)
                 shapes = item.projector.stored_shapes(grad.shape) if has_matrices else None
-                matrices = {key: torch.empty(shape, dtype=dtype, device=grad.device)
-                            for key, shape in shapes.items()} if shapes else None
+                matrices = (
+                    {key: torch.empty(shape, dtype=dtype, device=grad.device) for key, shape in shapes.items()}
+                    if shapes
+                    else None
+                )
                 outcomes.append(RefreshOutcome(finite=bool(finite), matrices=matrices, similar=bool(similar)))
             if outcomes[-1].matrices is not None:
                 sends += [self._send(matrix, item) for matrix in outcomes[-1].matrices.values()]

@@ -54,6 +54,12 @@ def keep_local_state(state: dict[str, Any], local: dict[str, Any], param: DTenso
         if isinstance(state.get(key), DTensor):
             continue  # updated in place through its local view
         if isinstance(value, Tensor) and value.dim() == 2 and not key.startswith("projection"):
-            value = DTensor.from_local(value, param.device_mesh, [Shard(0)], run_check=False,
-                                       shape=torch.Size((param.shape[0], value.shape[1])), stride=(value.shape[1], 1))
+            value = DTensor.from_local(
+                value,
+                param.device_mesh,
+                [Shard(0)],
+                run_check=False,
+                shape=torch.Size((param.shape[0], value.shape[1])),
+                stride=(value.shape[1], 1),
+            )
         state[key] = value
