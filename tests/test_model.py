@@ -1,6 +1,8 @@
 import json
 
 import pytest
+import torch
+from conftest import TINY_LLAMA
 from transformers import LlamaConfig
 
 from galore_train.errors import UserError
@@ -137,3 +139,17 @@ def test_init_from_a_missing_path_says_so(tmp_path, monkeypatch, typed):
 def test_init_from_a_hub_id_goes_to_the_hub(tmp_path, monkeypatch, hub_id):
     monkeypatch.chdir(tmp_path)
     assert init_weights_source(hub_id) == hub_id
+
+
+def test_a_bf16_model_is_built_in_bf16_with_the_fp32_seeded_values():
+    """No fp32 copy on the host first (7B: 27 GB per process), and the same weights as fp32-then-cast."""
+    from galore_train.meter import StorageLedger, _RecordOutputs
+
+    config = LlamaConfig(**TINY_LLAMA)
+    ledger = StorageLedger()
+    with _RecordOutputs(ledger):
+        model = build_model(config, seed=0, dtype=torch.bfloat16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert ledger.peak_total < 1.1 * weights  # fp32 first: 3x (fp32 model, then its bf16 copy beside it)
+    reference = build_model(config, seed=0, dtype=torch.float32).to(torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
