@@ -18,8 +18,9 @@
 # Settings: as mini Table 2 (rank d_model / 2, gap STEPS / 10); Fira with GaLore's scale 0.25 and the
 # authors' residual; APOLLO channel-wise, random projection, scale 1; APOLLO-Mini rank 1, tensor-wise,
 # scale sqrt(128); Fira / APOLLO / APOLLO-Mini with the norm-growth limiter 1.01 (their default); Muon with
-# torch's defaults and AdamW-matched update RMS, so all four share GaLore's / AdamW's lr grid {0.01, 0.003,
-# 0.001} (LR_GRID=... changes it). See docs/beyond_galore.md.
+# torch's defaults and AdamW-matched update RMS, so all four share GaLore's / AdamW's lr grid {0.003, 0.01,
+# 0.001} (LR_GRID=... changes it; runs go lr by lr, so an interrupted invocation still covers every method).
+# See docs/beyond_galore.md.
 # Expected (Fira arXiv 2410.01623, APOLLO arXiv 2412.05270; C4 ppl at 60M/130M/350M/1B): GaLore 34.88/
 # 25.36/18.95/15.64, Fira 31.06/22.73/17.03/14.31, APOLLO-Mini 31.93/23.84/17.18/14.17, Full-Rank AdamW
 # 34.06/25.08/18.80/15.56: Fira and APOLLO(-Mini) ahead of AdamW and GaLore by ~10%. At this size every
@@ -40,7 +41,7 @@ BASELINE_RUNS=${BASELINE_RUNS:-runs/mini_table2}
 H2H_MODEL=${H2H_MODEL:-llama_20m}
 H2H_RANK=${H2H_RANK:-128}  # d_model / 2 of llama_20m
 H2H_STEPS=${H2H_STEPS:-$STEPS}
-LR_GRID=${LR_GRID:-0.01 0.003 0.001}
+LR_GRID=${LR_GRID:-0.003 0.01 0.001}  # the centre first: mini Table 2's best lr for AdamW and GaLore
 
 # method_flags METHOD: the optimizer and its own settings at the current RANK and GAP.
 method_flags() {
@@ -83,16 +84,20 @@ total_runs=$((n_methods * (n_grid + 1) + n_methods + 2 + missing_baselines))
 sweep_dirs=()
 final_dirs=()
 declare -A BEST=([full]=$BASELINE_LR [galore]=$BASELINE_LR)
-for method in $METHODS; do  # every sweep first, then the seed-1 runs: an interrupted run leaves whole sweeps
+for lr in $LR_GRID; do  # lr by lr, then the seed-1 runs: an interrupted run leaves every method at the first lrs
+  for method in $METHODS; do
+    mini_method_run "$method" "$lr" 0
+  done
+done
+for method in $METHODS; do
   dirs=()
   for lr in $LR_GRID; do
-    mini_method_run "$method" "$lr" 0
     dirs+=("$RUNS_DIR/$method-lr$lr-s0")
   done
   sweep_dirs+=("${dirs[@]}")
   if [[ "$DRY_RUN" == 1 ]]; then
     BEST[$method]=${LR_GRID%% *}
-    note "dry run: the sweep's best lr goes here (showing the first of $LR_GRID)"
+    note "dry run: the sweep's best lr of $method goes here (showing the first of $LR_GRID)"
   else
     BEST[$method]=$(best_lr "${dirs[@]}")
   fi
@@ -136,15 +141,18 @@ run galore-train report "${baseline_dirs[@]}" "${final_dirs[@]}" "${h2h_dirs[@]}
   --title "Past GaLore, mini: Fira, APOLLO, APOLLO-Mini, Muon on real C4, CPU" --output "$RESULTS/mini_beyond.md" --csv
 
 if [[ "$DRY_RUN" != 1 ]]; then
+  chosen=$(for m in $METHODS; do printf '%s %s, ' "$m" "${BEST[$m]:-none}"; done | sed 's/, $//')
   {
     mini_setup_notes
     cat <<EOF
-- $H2H_MODEL head-to-head: $h2h_run_steps steps ($((h2h_run_steps * 1024)) tokens), seed 0, rank $H2H_RANK, gap $((h2h_run_steps / 10)), else as above.
+- $H2H_MODEL head-to-head: $h2h_run_steps steps ($((h2h_run_steps * 1024)) tokens), seed 0, rank $H2H_RANK,
+  gap $((h2h_run_steps / 10)), else as above.
 - Rank $RANK on $MODEL (d_model / 2), gap $GAP; GaLore and Fira scale 0.25, Fira's residual as the authors' code;
   APOLLO channel-wise, random projection, scale 1; APOLLO-Mini rank 1, tensor-wise, scale sqrt(128); norm-growth
   limit 1.01 for Fira, APOLLO, APOLLO-Mini; Muon: torch.optim.Muon (AdamW-matched RMS) on the attention/MLP matrices.
-- lr grid (seed 0, see mini_beyond_sweep.md): {$(sed 's/ /, /g' <<< "$LR_GRID")}; chosen: $(for m in $METHODS; do printf '%s %s, ' "$m" "${BEST[$m]:-none}"; done | sed 's/, $//').
-  AdamW and GaLore at mini Table 2's best lr $BASELINE_LR (its sweep: results/mini_table2_sweep.md), from: ${baseline_dirs[*]}.
+- lr grid (seed 0, see mini_beyond_sweep.md): {$(sed 's/ /, /g' <<< "$LR_GRID")}; chosen: $chosen.
+  AdamW and GaLore at mini Table 2's best lr $BASELINE_LR (its sweep: results/mini_table2_sweep.md), from:
+  ${baseline_dirs[*]}.
 EOF
   } >> "$RESULTS/mini_beyond.md"
 fi
