@@ -29,7 +29,6 @@ METHOD_LABELS = {
     "adamw": "Full-Rank", "adam": "Full-Rank (Adam)", "galore_adamw": "GaLore", "low_rank": "Low-Rank",
     "lora": "LoRA", "relora": "ReLoRA", "adafactor": "Adafactor", "adam8bit": "8-bit Adam",
     "galore_adafactor": "GaLore-Adafactor", "galore_adamw8bit": "8-bit GaLore", "natural_galore_adamw": "Natural GaLore",
-    "fira_adamw": "Fira", "apollo_adamw": "APOLLO", "apollo_mini": "APOLLO-Mini", "muon": "Muon",
 }
 ROW_ORDER = list(METHOD_LABELS.values())
 
