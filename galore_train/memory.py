@@ -220,7 +220,9 @@ def estimate_memory(
     if nproc < 1 or distributed not in ("ddp", "fsdp"):
         raise UserError(f"--nproc must be positive and --distributed ddp or fsdp; got {nproc}, {distributed!r}")
     if nproc > 1 and distributed == "fsdp":
-        check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, layerwise=layerwise))
+        check_fsdp_supported(
+            TrainConfig(optimizer=optimizer, eightbit=eightbit, layerwise=layerwise, proj_type=proj_type)
+        )
     e = DTYPE_BYTES[dtype]
     method = method_class(optimizer)
     name = resolve_optimizer_name(OPTIMIZERS[optimizer].base if method else optimizer, eightbit)

@@ -132,7 +132,8 @@ def compare_table(model_config: LlamaConfig, rank: int, *, title: str = "", **op
         table.add_column(column, justify="left" if column == "optimizer" else "right")
     for name in FSDP_NAMES if sharded else OPTIMIZERS:
         moments = {} if name in MOMENTS_NAMES else {"moments_dtype": "param"}
-        estimate = estimate_memory(model_config, name, rank, **{**options, **moments})
+        side = {"proj_type": "right"} if sharded and OPTIMIZERS[name].galore else {}  # GaLore on FSDP row shards
+        estimate = estimate_memory(model_config, name, rank, **{**options, **moments, **side})
         parts = (
             estimate.weights,
             estimate.gradients,

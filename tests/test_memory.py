@@ -197,9 +197,10 @@ def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
         ({"nproc": 0}, "--nproc must be positive"),
         ({"nproc": 2, "distributed": "zero"}, "--distributed ddp or fsdp"),
         (
-            {"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adamw"},
+            {"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adafactor"},
             "--distributed fsdp supports --optimizer adamw",
         ),
+        ({"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adamw"}, "use --proj-type right"),
         ({"nproc": 2, "distributed": "fsdp", "layerwise": True}, "--layerwise does not run under --distributed fsdp"),
     ],
 )
@@ -307,6 +308,6 @@ def test_tables_render_every_part_and_optimizer() -> None:
     comparison = render_text(compare_table(CONFIG, RANK, dtype="fp32"))
     assert all(name in comparison for name in ("adamw", "adam8bit", "galore_adamw8bit", "lora", "low_rank"))
     sharded = render_text(compare_table(CONFIG, RANK, dtype="fp32", nproc=4, distributed="fsdp"))
-    assert "adamw" in sharded and "ddp/fsdp" in sharded and "galore" not in sharded  # FSDP runs adamw, adam only
+    assert "ddp/fsdp" in sharded and "galore_adamw" in sharded and "galore_adafactor" not in sharded  # FSDP_NAMES
     paper = render_text(paper_table2())
     assert all(cell in paper for cell in ("0.36", "0.24", "2.06", "1.22", "7.80", "4.38"))
