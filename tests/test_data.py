@@ -251,17 +251,26 @@ def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch
     from galore_train.data.stream import BatchStream
 
     produce = BatchStream.produce
+    waiting = (
+        threading.Event()
+    )  # set just before the consumer waits: a fixed timer can fire too early on a busy machine
+
+    fired = []
 
     def slow_produce(self):
+        if not fired and waiting.wait(timeout=10):
+            fired.append(True)  # one Ctrl-C only
+            time.sleep(0.1)  # the consumer is inside next_batch, waiting for this batch
+            _thread.interrupt_main()
         time.sleep(0.3)
         return produce(self)
 
     monkeypatch.setattr(BatchStream, "produce", slow_produce)
     before = set(producer_threads())
     stream = train_stream(tokenize, prefetch=2)
-    threading.Timer(0.1, _thread.interrupt_main).start()
     with pytest.raises(KeyboardInterrupt):
         with stream:
+            waiting.set()
             stream.next_batch()
     assert not set(producer_threads()) - before
 
