@@ -243,8 +243,9 @@ def test_a_producer_error_is_raised_in_the_consumer_and_stops_the_thread(tokeniz
     assert not set(producer_threads()) - before
 
 
-def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch):
+def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch, request):
     import _thread
+    import signal
     import threading
     import time
 
@@ -266,6 +267,9 @@ def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch
         return produce(self)
 
     monkeypatch.setattr(BatchStream, "produce", slow_produce)
+    # Ctrl-C raises KeyboardInterrupt, even where this process inherited SIGINT ignored (a shell's `cmd &`).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     before = set(producer_threads())
     stream = train_stream(tokenize, prefetch=2)
     with pytest.raises(KeyboardInterrupt):
