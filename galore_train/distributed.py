@@ -1,4 +1,4 @@
-"""Multi-process training under torchrun: process group, DDP / FSDP2 wrapping, state gathering, rank metrics.
+"""Multi-process training under torchrun: process group, DDP wrapping, collectives, rank metrics.
 
 Single-process runs (no torchrun, WORLD_SIZE=1) pay nothing: every helper here is then the identity.
 
@@ -6,13 +6,7 @@ Two data-parallel modes (`--distributed`, see docs/distributed.md):
   ddp   every rank holds the whole model and optimizer; backward averages gradients across ranks
         (all-reduce), so every optimizer, GaLore included, sees the same gradient on every rank.
   fsdp  FSDP2 `fully_shard` on each decoder layer and the root: weights, gradients and optimizer state
-        are sharded (DTensors, blocks of rows); weights are all-gathered per layer for forward/backward.
-        The optimizers marked fsdp in the registry run on shards: adamw, adam (elementwise) and
-        galore_adamw with right-side projections (row-local between refreshes; a refresh gathers one
-        matrix's gradient to its owner: galore_train/optim/row_shards.py). Others are refused (UserError).
-
-Checkpoints stay in one format whatever the mode: full weights (safetensors) and torch's index-keyed
-optimizer state; under FSDP they are gathered to rank 0's CPU and re-sharded on resume.
+        are sharded; galore_train/fsdp.py shards the model and moves its state in and out of checkpoints.
 """
 
 from __future__ import annotations
@@ -28,9 +22,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from galore_train.errors import UserError
-from galore_train.registry import FSDP_NAMES, OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -145,39 +136,6 @@ def all_finite(tensors: Iterable[torch.Tensor], env: DistEnv) -> bool:
 # --- wrapping ------------------------------------------------------------------------------------
 
 
-def check_fsdp_supported(cfg: Any) -> None:
-    """UserError for what FSDP2 sharding cannot run correctly yet (see the module docstring)."""
-    if cfg.layerwise:
-        raise UserError("--layerwise does not run under --distributed fsdp yet: use --distributed ddp")
-    if cfg.optimizer not in FSDP_NAMES or cfg.eightbit:  # FSDP-capable in the registry: elementwise updates
-        chosen = f"{cfg.optimizer}{' --8bit' if cfg.eightbit else ''}"
-        raise UserError(
-            f"--distributed fsdp supports --optimizer {', '.join(FSDP_NAMES)} (without --8bit) for now; "
-            f"{chosen} does not run on sharded weights yet: use --distributed ddp"
-        )
-    if OPTIMIZERS[cfg.optimizer].galore and cfg.proj_type != "right":
-        raise UserError(
-            "GaLore under --distributed fsdp projects each rank's rows of the gradient: use --proj-type "
-            f"right (got {cfg.proj_type}; see docs/distributed.md)"
-        )
-
-
-def shard_model(model: nn.Module, cfg: Any, env: DistEnv) -> nn.Module:
-    """With `--distributed fsdp` under torchrun: FSDP2-shard `model` in place (each decoder layer, then
-    the root) and return it. Must run before the optimizer is built: sharding replaces the parameters."""
-    if not env.enabled or cfg.distributed != "fsdp":
-        return model
-    check_fsdp_supported(cfg)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -274,76 +232,6 @@ def lockstep_batches(
         return batches
     blank = {**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)}
     return batches + [blank] * missing
-
-
-# --- checkpoint state ------------------------------------------------------------------------------
-
-
-def _full_state_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Names of the optimizer's parameters in its own order (= the indices of its state_dict)."""
-    names = {param: name for name, param in model.named_parameters()}
-    return [names[p] for group in optimizer.param_groups for p in group["params"]]
-
-
-def full_model_state(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
-    """FSDP: the full weights, gathered on rank 0's CPU (collective: every rank must call; others get {}).
-    None when not sharded: `save_pretrained` then reads the module itself."""
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_full_state_options())
-
-
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """`optimizer.state_dict()`; under FSDP the same index-keyed format with full tensors, gathered on
-    rank 0 (collective: every rank must call), so checkpoints do not depend on --distributed."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    full = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
-    if not full:  # ranks other than 0
-        return {}
-    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
-    return {
-        "state": {index[name]: state for name, state in full["state"].items()},
-        "param_groups": [
-            {**group, "params": [index[name] for name in group["params"]]} for group in full["param_groups"]
-        ],
-    }
-
-
-def load_full_weights(model: nn.Module, read: Callable[[], dict[str, torch.Tensor]]) -> None:
-    """FSDP: full weights into the sharded model; only rank 0 calls `read` (they stay on its CPU), and
-    torch broadcasts them one tensor at a time, each rank keeping its shard (collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    state = read() if dist.get_rank() == 0 else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
-def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load an index-keyed optimizer state (from any mode); under FSDP each rank keeps its shard."""
-    if not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = _parameter_names(model, optimizer)
-    by_name = {
-        "state": {names[int(i)]: s for i, s in state["state"].items()},
-        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
-    }
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-    if hasattr(optimizer, "svd_metrics"):  # GaLore: not the zero-gradient refreshes of torch's state initialisation
-        optimizer.svd_metrics()
 
 
 # --- metrics ---------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_train.config import TrainConfig
-from galore_train.distributed import check_fsdp_supported
 from galore_train.errors import UserError
+from galore_train.fsdp import check_fsdp_supported
 from galore_train.methods import method_class
 from galore_train.model import target_linear_modules
 from galore_train.optim.apollo import PROJECTIONS

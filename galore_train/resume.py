@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaConfig
 
-from galore_train import checkpoint, distributed
+from galore_train import checkpoint, distributed, fsdp
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import architecture_differences, dtype_name
@@ -138,12 +138,12 @@ def load_weights(model: nn.Module, path: Path) -> None:
     Resuming 7B on a 24 GB GPU leaves no room for a second copy of the weights beside the model (2 x
     13.5 GB in bf16): each tensor is read from the memory-mapped file to the CPU and copied into its
     parameter, so the device holds the model plus nothing. Under FSDP only rank 0 reads the files and
-    each tensor is broadcast and sharded in turn (distributed.load_full_weights): no rank materialises
+    each tensor is broadcast and sharded in turn (fsdp.load_full_weights): no rank materialises
     the full model on its device.
     """
     files = weight_files(path)
     if distributed.is_sharded(model):
-        distributed.load_full_weights(model, lambda: _read_all(files))
+        fsdp.load_full_weights(model, lambda: _read_all(files))
         return
     targets = model.state_dict()
     found: set[str] = set()
@@ -180,7 +180,7 @@ def restore_optimizer(
     effect. Unchanged flags give back the same values bit for bit.
     """
     current = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-    distributed.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    fsdp.load_optimizer_state_dict(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     for group, settings in zip(optimizer.param_groups, current):
         group.update({key: value for key, value in settings.items() if key != "lr"})

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from galore_train import checkpoint, distributed, resume
+from galore_train import checkpoint, distributed, fsdp, resume
 from galore_train.config import TrainConfig
 from galore_train.data import (
     BAD_LINES,
@@ -126,7 +126,7 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Shard before moving: FSDP2 moves each decoder layer to the GPU as it shards it, so no rank ever
         # holds the whole model on its device (--distributed fsdp under torchrun; otherwise as is).
-        model = distributed.shard_model(model.train(), cfg, self.env)
+        model = fsdp.shard_model(model.train(), cfg, self.env)
         return model.to(self.device)
 
     def _build_optimizer(self, start_step: int = 0) -> None:
@@ -171,12 +171,12 @@ class Trainer:
             self._stop_without_saving("the weights are no longer finite")
         # Each rank's stream position and random state, to rank 0 (the writer) only.
         per_rank = distributed.gather_to_main((self.train_stream.state_dict(), resume.rng_state()), self.env)
-        weights = distributed.full_model_state(self.model)  # FSDP: gathered to rank 0's CPU; else None
+        weights = fsdp.full_model_state(self.model)  # FSDP: gathered to rank 0's CPU; else None
         trainer_state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "guard": self.guard.state_dict(),
-            "optimizer": distributed.optimizer_state_dict(self.model, self.optimizer),
+            "optimizer": fsdp.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
         }
         if self.method.changes_model:

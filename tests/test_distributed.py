@@ -35,7 +35,7 @@ from conftest import ROOT, SHARED_DATA, TINY_LLAMA, tiny_run_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from galore_train import distributed
+from galore_train import distributed, fsdp
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.optim import ApolloAdamW, GaLoreAdamW, refresh_sharing
@@ -449,27 +449,27 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
 )
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
-        distributed.check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, distributed="fsdp"))
+        fsdp.check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, distributed="fsdp"))
     with pytest.raises(UserError, match="--layerwise does not run under --distributed fsdp"):
-        distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", layerwise=True, distributed="fsdp"))
-    distributed.check_fsdp_supported(TrainConfig(optimizer="adamw", distributed="fsdp"))
+        fsdp.check_fsdp_supported(TrainConfig(optimizer="adamw", layerwise=True, distributed="fsdp"))
+    fsdp.check_fsdp_supported(TrainConfig(optimizer="adamw", distributed="fsdp"))
 
 
 def test_fsdp_galore_needs_right_side_projections():
     with pytest.raises(UserError, match="use --proj-type right"):
-        distributed.check_fsdp_supported(TrainConfig(optimizer="galore_adamw", distributed="fsdp"))  # std
-    distributed.check_fsdp_supported(TrainConfig(optimizer="galore_adamw", proj_type="right", distributed="fsdp"))
+        fsdp.check_fsdp_supported(TrainConfig(optimizer="galore_adamw", distributed="fsdp"))  # std
+    fsdp.check_fsdp_supported(TrainConfig(optimizer="galore_adamw", proj_type="right", distributed="fsdp"))
 
 
 def test_single_process_helpers_change_nothing():
     model = torch.nn.Linear(2, 2)
     env = distributed.DistEnv()
     cfg = TrainConfig(distributed="fsdp")
-    assert distributed.shard_model(model, cfg, env) is model and distributed.wrap_model(model, env) is model
+    assert fsdp.shard_model(model, cfg, env) is model and distributed.wrap_model(model, env) is model
     batches = [{"labels": torch.zeros(1, 3)}] * 3
     assert distributed.lockstep_batches(batches, model, distributed.DistEnv(world_size=2)) is batches  # not sharded
     assert distributed.rank_metrics({"peak_memory_gb": 1.0, "tokens_per_second": 5.0}, env) == {}
-    assert distributed.full_model_state(model) is None
+    assert fsdp.full_model_state(model) is None
     assert isinstance(distributed.no_sync(model), contextlib.nullcontext)
 
 
