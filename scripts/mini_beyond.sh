@@ -2,13 +2,13 @@
 # Past GaLore at mini scale (issue 18): Fira, APOLLO, APOLLO-Mini and Muon next to Full-Rank AdamW and
 # GaLore-AdamW in the mini Table 2 setting (scripts/mini_table2.sh, on the shared real C4 documents in
 # ../shared/data). Each new optimizer sweeps 3 lrs at seed 0 on llama_9m, then its best lr runs again with
-# seed 1; then all six meet once on llama_20m (seed 0, each at its llama_9m lr), where the embedding and
-# output layers are 84% of the weights instead of 91%. Writes results/mini_beyond.md (+ .csv) and
+# seed 1; then all six meet on llama_20m (seeds H2H_SEEDS, default 0 and 1, each at its llama_9m lr), where the
+# embedding and output layers are 84% of the weights instead of 91%. Writes results/mini_beyond.md (+ .csv) and
 # results/mini_beyond_sweep.md through `galore-train report`; the hand-written comparison with the papers
 # is appended to results/mini_beyond.md after the run (a rerun rewrites the file: keep that section).
 #
 # Hardware: CPU, 2 cores, no GPU (no other GPUs needed). Budget: 16 llama_9m runs of 200 steps x 4 x 256
-# tokens (~150-200 s each on 2 free cores), 6 llama_20m runs of H2H_STEPS (default 200) steps (~2.3x the
+# tokens (~150-200 s each on 2 free cores), 12 llama_20m runs of H2H_STEPS (default 100) steps (~2.3x the
 # compute per step); plus the 4 AdamW / GaLore llama_9m runs when mini Table 2's are not on disk (below).
 # About 2 hours on 2 free cores. Interrupted, it can be rerun: finished runs are reused.
 #
@@ -28,7 +28,7 @@
 # differ in the remaining 10% only, and GaLore's scale 0.25 already beats AdamW here (mini Table 2).
 #
 # Usage: scripts/mini_beyond.sh          DRY_RUN=1 scripts/mini_beyond.sh
-#        H2H_STEPS=100 scripts/mini_beyond.sh   (a shorter llama_20m head-to-head)
+#        H2H_STEPS=200 H2H_SEEDS=0 scripts/mini_beyond.sh   (another llama_20m head-to-head)
 #        (runs go to runs/mini_beyond/; a rerun reuses the finished ones: remove it to start over)
 
 cd "$(dirname "$0")/.."  # the project root: results/ and runs/ are relative to it
@@ -40,7 +40,8 @@ BASELINE_LR=0.003  # mini Table 2's best lr for Full-Rank and GaLore
 BASELINE_RUNS=${BASELINE_RUNS:-runs/mini_table2}
 H2H_MODEL=${H2H_MODEL:-llama_20m}
 H2H_RANK=${H2H_RANK:-128}  # d_model / 2 of llama_20m
-H2H_STEPS=${H2H_STEPS:-$STEPS}
+H2H_STEPS=${H2H_STEPS:-100}  # half the llama_9m budget: a llama_20m step costs ~2.3x
+H2H_SEEDS=${H2H_SEEDS:-0 1}
 LR_GRID=${LR_GRID:-0.003 0.01 0.001}  # the centre first: mini Table 2's best lr for AdamW and GaLore
 
 # method_flags METHOD: the optimizer and its own settings at the current RANK and GAP.
@@ -79,7 +80,7 @@ for method in full galore; do
     [[ "$(baseline_dir $method $seed)" == "$BASELINE_RUNS"/* ]] || missing_baselines=$((missing_baselines + 1))
   done
 done
-total_runs=$((n_methods * (n_grid + 1) + n_methods + 2 + missing_baselines))
+total_runs=$((n_methods * (n_grid + 1) + (n_methods + 2) * $(wc -w <<< "$H2H_SEEDS") + missing_baselines))
 
 sweep_dirs=()
 final_dirs=()
@@ -111,15 +112,17 @@ for method in $METHODS; do
   final_dirs+=("$RUNS_DIR/$method-lr${BEST[$method]}-s0" "$RUNS_DIR/$method-lr${BEST[$method]}-s1")
 done
 
-note "head-to-head on $H2H_MODEL: seed 0, $H2H_STEPS steps, each method at its $MODEL lr"
+note "head-to-head on $H2H_MODEL: seeds $H2H_SEEDS, $H2H_STEPS steps, each method at its $MODEL lr"
 saved=("$MODEL" "$RANK" "$STEPS" "$GAP" "$RUN_STEPS")
 prefix=$H2H_MODEL-$([[ "$H2H_STEPS" == "$STEPS" ]] || echo "steps$H2H_STEPS-")  # never mix run lengths
 MODEL=$H2H_MODEL RANK=$H2H_RANK STEPS=$H2H_STEPS GAP=$((H2H_STEPS / 10)) RUN_STEPS=${MAX_STEPS:-$H2H_STEPS}
 h2h_dirs=()
-for method in full galore $METHODS; do
-  [[ -n "${BEST[$method]}" ]] || continue
-  mini_method_run "$method" "${BEST[$method]}" 0 "$prefix"
-  h2h_dirs+=("$RUNS_DIR/$prefix$method-lr${BEST[$method]}-s0")
+for seed in $H2H_SEEDS; do  # seed by seed: an interrupted invocation still has every method at the first seed
+  for method in full galore $METHODS; do
+    [[ -n "${BEST[$method]}" ]] || continue
+    mini_method_run "$method" "${BEST[$method]}" "$seed" "$prefix"
+    h2h_dirs+=("$RUNS_DIR/$prefix$method-lr${BEST[$method]}-s$seed")
+  done
 done
 h2h_run_steps=$RUN_STEPS
 MODEL=${saved[0]} RANK=${saved[1]} STEPS=${saved[2]} GAP=${saved[3]} RUN_STEPS=${saved[4]}
@@ -145,7 +148,7 @@ if [[ "$DRY_RUN" != 1 ]]; then
   {
     mini_setup_notes
     cat <<EOF
-- $H2H_MODEL head-to-head: $h2h_run_steps steps ($((h2h_run_steps * 1024)) tokens), seed 0, rank $H2H_RANK,
+- $H2H_MODEL head-to-head: $h2h_run_steps steps ($((h2h_run_steps * 1024)) tokens), seeds $H2H_SEEDS, rank $H2H_RANK,
   gap $((h2h_run_steps / 10)), else as above.
 - Rank $RANK on $MODEL (d_model / 2), gap $GAP; GaLore and Fira scale 0.25, Fira's residual as the authors' code;
   APOLLO channel-wise, random projection, scale 1; APOLLO-Mini rank 1, tensor-wise, scale sqrt(128); norm-growth
