@@ -285,13 +285,11 @@ def report_runs(
 @app.command("recipes")
 def list_recipes() -> None:
     """List the published settings `--recipe paper` fills in, with their sources."""
-    from galore_train.recipes import PAPER_RECIPES
+    from galore_train.recipes import common_settings, recipe_rows
 
-    table = Table(
-        "model", "settings (GaLore optimizers: lr 0.01, scale 0.25, gap 200; others lr 0.001; 7B as listed)", "source"
-    )
-    for name, recipe in PAPER_RECIPES.items():
-        table.add_row(name, ", ".join(f"{k}={v}" for k, v in recipe.values.items() if v is not None), recipe.source)
+    table = Table("model", "--optimizer", "settings", "source", title=f"--recipe paper; all: {common_settings()}")
+    for row in recipe_rows():
+        table.add_row(*row)
     console.print(table)
 
 

@@ -145,7 +145,8 @@ def compare_table(model_config: LlamaConfig, rank: int, *, title: str = "", **op
             estimate.peak,
             weights_and_states(estimate),
         )
-        table.add_row(name, *(f"{nbytes / GIB:.2f}" for nbytes in parts))
+        used = OPTIMIZERS[name].rank_used(rank)
+        table.add_row(name if used == rank else f"{name} (rank {used})", *(f"{nbytes / GIB:.2f}" for nbytes in parts))
     return table
 
 

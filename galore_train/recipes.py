@@ -1,7 +1,10 @@
-"""`--recipe paper`: the GaLore paper's settings per model size, so nobody has to dig them out of a PDF.
+"""`--recipe paper`: each paper's published settings per model size, so nobody has to dig them out of a PDF.
 
-A recipe fills in TrainConfig fields the user did not set on the command line; explicit flags always
-win. The resolved configuration is printed at start and saved with every checkpoint.
+PAPER_RECIPES is the GaLore paper's protocol per model (GaLore-family optimizers, and the baselines);
+OPTIMIZER_RECIPES holds the optimizers whose own paper publishes other settings (Fira, APOLLO, APOLLO-Mini)
+or that follow another paper's rule (Muon). A recipe fills in TrainConfig fields the user did not set on the
+command line; explicit flags always win. The resolved configuration is printed at start and saved with every
+checkpoint; `galore-train recipes` lists `recipe_rows()`, derived from these tables.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from typing import Any
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.registry import OPTIMIZERS
+from galore_train.optim.apollo import APOLLO_SCALE, MINI_SCALE
+from galore_train.optim.norm_growth import DEFAULT_LIMIT
+from galore_train.registry import OPTIMIZERS, listing
 
 # Table 2 / Section 5.1: total batch 512 x 256 tokens, cosine to 10% with 10% warm-up, GaLore lr 0.01,
 # scale 0.25, gap 200; rank and steps per size. Steps, not Table 2's token counts (1.1B/2.2B/6.4B/13.1B):
@@ -24,6 +29,7 @@ _GALORE = {"lr": 0.01, "scale": 0.25, "gap": 200}
 # Baselines' lr: the paper tunes it per method from {0.01, 0.005, 0.001, 0.0005, 0.0001} without publishing
 # the winners; 0.001 is the value the reference scripts use for full-rank AdamW. An assumption, stated.
 _BASELINE = {"lr": 0.001}
+_BASELINE_SOURCE = "; lr 0.001 assumed (the paper tunes it per method without publishing it)"
 
 
 @dataclass(frozen=True)
@@ -59,21 +65,166 @@ PAPER_RECIPES: dict[str, Recipe] = {
 }
 
 
+# --- Optimizers with settings of their own paper: optimizer -> model -> Recipe ---------------------------
+# Each recipe is complete: GaLore's C4 setup, under which these papers pre-train (PAPER_RECIPES at the Table 2
+# sizes, _COMMON at 7B), plus its own values.
+# Optimizer constants below (the limiter's gamma, APOLLO's scales) are the optimizers' defaults, which are
+# these papers' values; the recipe states them so that `galore-train recipes` shows them with a source.
+
+# Fira (Chen et al., arXiv 2410.01623): the paper follows GaLore's setup; its per-size values are those of the
+# authors' published launch scripts (github.com/xichen-fy/Fira, pre_training_c4/scripts/llama_*.sh, Apache-2.0,
+# read for the numbers only): GaLore's ranks, lr 0.01 and gap 200; alpha (our --scale) 0.25 up to 350M, 0.0625
+# at 1B and 7B; weight decay 0; warm-up 1K/2K/6K/10K/1K steps = 10% (our default); batch 512 (sequence length:
+# not passed, so their GaLore-derived trainer's 256). 7B: rank 64, lr 0.005, gap 500, clipping 1.0, 10K steps.
+# gamma: the paper's 1.01. Residual "code" (alpha P P^T G subtracted): the authors' code, which produced the
+# published perplexities (docs/beyond_galore.md).
+_FIRA_SOURCE = "Fira paper (arXiv 2410.01623: gamma 1.01) and the authors' pre_training_c4/scripts/{model}.sh"
+_FIRA = {"fira_residual": "code", "norm_growth_limit": DEFAULT_LIMIT}
+
+# APOLLO and APOLLO-Mini (Zhu et al., arXiv 2412.05270), from the paper's statements as the authors' README
+# (github.com/zhuhanqing/APOLLO, docs only: its code is under a non-commercial license and was not read) and
+# project page give them: rank "1/4 of the original dim for APOLLO (same as Galore)", 1 for APOLLO-Mini; random
+# projection; channel-wise (APOLLO) / tensor-wise (Mini); scale 1 for APOLLO and sqrt(128) for APOLLO-Mini (the
+# README's grid "[sqrt(128), sqrt(256), sqrt(384)]" around its "128 for rank=1": the package square-roots its
+# `scale`, ours is the factor); update gap 200 and lr 0.01 (the README's example and its fixed lr); the limiter
+# adopted from Fira (gamma 1.01) instead of clipping. Steps and batch: GaLore's protocol. 7B (project page:
+# 150K steps, 19.7B tokens = 512 x 256 per step): APOLLO rank 256 (README: "256 for APOLLO works well for 1B
+# and 7B"; its 1.6G optimizer memory at 7B is rank 256's moments in BF16). ASSUMED at 7B, not published in the
+# docs read: lr 0.01 and gap 200 as at the smaller sizes, no global clipping (the limiter replaces it).
+_APOLLO_SOURCE = "APOLLO paper (arXiv 2412.05270) via the authors' README and project page"
+_APOLLO = {"lr": 0.01, "gap": 200, "apollo_proj": "random", "norm_growth_limit": DEFAULT_LIMIT}
+_APOLLO_7B_ASSUMED = "lr 0.01 and gap 200 assumed as at 1B"
+
+# Muon (Jordan et al. 2024) with Moonlight's rule (Liu et al., arXiv 2502.16982): scale each matrix's update to
+# AdamW's RMS (0.2 sqrt(max(m, n)), optim/muon.py) and reuse AdamW's lr and weight decay; their weight decay 0.1,
+# momentum 0.95, Nesterov, 5 Newton-Schulz steps (torch.optim.Muon's defaults, fixed in optim/muon.py). The lr is
+# this protocol's AdamW lr (_BASELINE, an assumption stated above). No 7B: the protocol has no AdamW lr there.
+_MUON_SOURCE = "Moonlight (arXiv 2502.16982): AdamW-matched update RMS, weight decay 0.1, AdamW's lr" + _BASELINE_SOURCE
+_MUON = {**_BASELINE, "weight_decay": 0.1}
+
+_TABLE2_SIZES = ("llama_60m", "llama_130m", "llama_350m", "llama_1b")
+
+
+def _galore_protocol(model: str, **values: Any) -> dict[str, Any]:
+    """GaLore's setup at a Table 2 size (batch, schedule, steps, GaLore's rank), then `values`."""
+    return {**PAPER_RECIPES[model].values, **values}
+
+
+OPTIMIZER_RECIPES: dict[str, dict[str, Recipe]] = {
+    "fira_adamw": {
+        **{
+            model: Recipe(
+                _galore_protocol(model, **{**_GALORE, "scale": 0.0625 if model == "llama_1b" else 0.25}, **_FIRA),
+                _FIRA_SOURCE.format(model=model),
+            )
+            for model in _TABLE2_SIZES
+        },
+        "llama_7b": Recipe(
+            {
+                **_COMMON,
+                "rank": 64,
+                "lr": 0.005,
+                "scale": 0.0625,
+                "gap": 500,
+                "grad_clipping": 1.0,
+                "num_training_steps": 10_000,
+                **_FIRA,
+            },
+            _FIRA_SOURCE.format(model="llama_7b"),
+        ),
+    },
+    "apollo_adamw": {
+        **{
+            model: Recipe(
+                _galore_protocol(model, **_APOLLO, apollo_scale=APOLLO_SCALE, apollo_scale_type="channel"),
+                _APOLLO_SOURCE + " (rank: GaLore's, 1/4 of d_model)",
+            )
+            for model in _TABLE2_SIZES
+        },
+        "llama_7b": Recipe(
+            {
+                **_COMMON,
+                **_APOLLO,
+                "rank": 256,
+                "apollo_scale": APOLLO_SCALE,
+                "apollo_scale_type": "channel",
+                "num_training_steps": 150_000,
+            },
+            f"{_APOLLO_SOURCE}; 7B: 150K steps and rank 256 (README, project page); {_APOLLO_7B_ASSUMED}",
+        ),
+    },
+    "apollo_mini": {
+        **{
+            model: Recipe(_galore_protocol(model, **_APOLLO, rank=1, apollo_scale=MINI_SCALE), _APOLLO_SOURCE)
+            for model in _TABLE2_SIZES
+        },
+        "llama_7b": Recipe(
+            {**_COMMON, **_APOLLO, "rank": 1, "apollo_scale": MINI_SCALE, "num_training_steps": 150_000},
+            f"{_APOLLO_SOURCE}; 7B: 150K steps (project page); {_APOLLO_7B_ASSUMED}",
+        ),
+    },
+    "muon": {model: Recipe(_galore_protocol(model, **_MUON), _MUON_SOURCE) for model in _TABLE2_SIZES},
+}
+
+
+def paper_recipe(model: str, optimizer: str, layerwise: bool = False) -> Recipe:
+    """The published settings for `model` (a name or config path) and `optimizer`; a one-line UserError if none."""
+    name = Path(model).stem
+    if optimizer in OPTIMIZER_RECIPES:
+        covered = OPTIMIZER_RECIPES[optimizer]
+        if name not in covered:
+            raise UserError(
+                f"--recipe paper has no published settings for --optimizer {optimizer} on {name!r}; "
+                f"it covers {listing(list(covered))}"
+            )
+        recipe = covered[name]
+    else:
+        if name not in PAPER_RECIPES:
+            raise UserError(f"--recipe paper covers {', '.join(PAPER_RECIPES)}; {name!r} has no published settings")
+        recipe = PAPER_RECIPES[name]
+        if name != "llama_7b":
+            galore = optimizer in OPTIMIZERS and OPTIMIZERS[optimizer].galore
+            extra = _GALORE if galore else _BASELINE
+            recipe = Recipe({**recipe.values, **extra}, recipe.source + ("" if galore else _BASELINE_SOURCE))
+    if layerwise and "grad_clipping" in recipe.values:
+        # layer-wise updates cannot clip the global norm (the GaLore paper's 4090 run: none)
+        recipe = Recipe({k: v for k, v in recipe.values.items() if k != "grad_clipping"}, recipe.source)
+    return recipe
+
+
 def recipe_values(cfg: TrainConfig) -> dict[str, Any]:
     """The values `--recipe paper` sets for this model and optimizer."""
-    name = Path(cfg.model).stem
     if cfg.recipe != "paper":
         raise UserError(f"unknown --recipe {cfg.recipe!r}; known: paper")
-    if name not in PAPER_RECIPES:
-        raise UserError(f"--recipe paper covers {', '.join(PAPER_RECIPES)}; {name!r} has no published settings")
-    recipe = PAPER_RECIPES[name]
-    values = dict(recipe.values)
-    if name != "llama_7b":
-        galore = cfg.optimizer in OPTIMIZERS and OPTIMIZERS[cfg.optimizer].galore
-        values.update(_GALORE if galore else _BASELINE)
-    if cfg.layerwise:
-        values.pop("grad_clipping", None)  # layer-wise updates cannot clip the global norm (paper's 4090 run: none)
-    return values
+    return dict(paper_recipe(cfg.model, cfg.optimizer, cfg.layerwise).values)
+
+
+def recipe_rows() -> list[tuple[str, str, str, str]]:
+    """(model, optimizers, settings, source) for every published combination, the settings without those of
+    common_settings(); optimizers with the same recipe share a row. What `galore-train recipes` prints: derived
+    from the tables, never typed twice."""
+    models = list(dict.fromkeys([*PAPER_RECIPES, *(m for covered in OPTIMIZER_RECIPES.values() for m in covered)]))
+    rows = []
+    for model in models:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for optimizer in OPTIMIZERS:
+            try:
+                recipe = paper_recipe(model, optimizer)
+            except UserError:
+                continue
+            own = {k: v for k, v in recipe.values.items() if k not in _COMMON or _COMMON[k] != v}
+            groups.setdefault((_settings(own), recipe.source), []).append(optimizer)
+        rows += [(model, ", ".join(names), settings, source) for (settings, source), names in groups.items()]
+    return rows
+
+
+def common_settings() -> str:
+    """The settings every recipe shares (GaLore's C4 setup; warm-up: the default 10% of the steps)."""
+    return _settings(_COMMON)
+
+
+def _settings(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={f'{v:g}' if isinstance(v, float) else v}" for k, v in values.items() if v is not None)
 
 
 def apply_recipe(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:

@@ -66,7 +66,7 @@ def _apollo_matrices(cfg: Any, mini: bool = False) -> dict[str, Any]:
         "scale_type": "tensor" if mini else cfg.apollo_scale_type,
         "scale": cfg.apollo_scale if cfg.apollo_scale is not None else default_scale,
     }
-    return {**group, "rank": 1} if mini else group
+    return {**group, "rank": OPTIMIZERS["apollo_mini"].rank} if mini else group
 
 
 def _resolve(path: str) -> Any:
@@ -90,10 +90,15 @@ class OptimizerSpec:
     options: tuple[str, ...] = ()  # the TrainConfig fields that only the optimizers naming them read
     fsdp: bool = False  # correct on FSDP2's DTensor shards
     base: Optional[str] = None  # a method's optimizer over its trainable parameters
+    rank: Optional[int] = None  # a rank of its own, whatever --rank says (APOLLO-Mini: 1)
 
     @property
     def is_method(self) -> bool:
         return self.base is not None
+
+    def rank_used(self, rank: int) -> int:
+        """The rank its target weights get when --rank is `rank`."""
+        return rank if self.rank is None else self.rank
 
     @property
     def norm_growth(self) -> bool:
@@ -237,7 +242,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             galore=True,
             matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True),
             options=tuple(name for name in _APOLLO if name != "apollo_scale_type"),
-        ),  # always tensor-wise
+            rank=1,
+        ),  # always tensor-wise, always rank 1
         OptimizerSpec(
             "muon",
             "Muon",

@@ -97,9 +97,16 @@ class Run:
         spec = OPTIMIZERS.get(str(self.config.get("optimizer", "")))
         return spec is not None and (spec.galore or spec.is_method)
 
+    @property
+    def rank(self) -> Optional[int]:
+        """The rank its target weights got (APOLLO-Mini's own 1 whatever --rank said); None where none applies."""
+        rank = self.config.get("rank") if self.uses_rank else None
+        return None if rank is None else OPTIMIZERS[str(self.config["optimizer"])].rank_used(rank)
+
     def settings(self) -> dict[str, Any]:
-        """The SETTING_FIELDS that apply to this run's method."""
-        return {name: self.config.get(name, ABSENT_MEANS.get(name)) for name in SETTING_FIELDS if self._applies(name)}
+        """The SETTING_FIELDS that apply to this run's method (the rank as used)."""
+        values = {name: self.config.get(name, ABSENT_MEANS.get(name)) for name in SETTING_FIELDS if self._applies(name)}
+        return {**values, "rank": self.rank} if "rank" in values else values
 
     def _applies(self, name: str) -> bool:
         """An optimizer's own option only to its runs, the low-rank section only to GaLore and LoRA-likes."""

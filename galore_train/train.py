@@ -39,7 +39,7 @@ from galore_train.metrics import MetricsSink
 from galore_train.model import build_model, dtype_name, load_model_config, load_pretrained_llama, resolve_dtype
 from galore_train.optimizers import build_optimizer
 from galore_train.plan import plan_steps
-from galore_train.registry import resolve_optimizer_name
+from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 from galore_train.schedule import build_scheduler
 from galore_train.signals import StopRequest
 from galore_train.updates import build_updates
@@ -396,4 +396,6 @@ class Trainer:
         )
         defaults = TrainConfig()
         chosen = {k: v for k, v in self.cfg.to_dict().items() if v != getattr(defaults, k)}
+        if (used := OPTIMIZERS[self.cfg.optimizer].rank_used(self.cfg.rank)) != self.cfg.rank:  # APOLLO-Mini
+            chosen["rank"] = f"{used} ({self.cfg.optimizer}'s own; --rank {self.cfg.rank} does not apply)"
         sink.print("resolved configuration (non-default values): " + ", ".join(f"{k}={v}" for k, v in chosen.items()))

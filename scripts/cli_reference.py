@@ -1,5 +1,6 @@
 """Print docs/cli.md: every `galore-train pretrain` flag, from TrainConfig (the single source of truth), the
-flags `galore-train memory` shares with it, and the --optimizer names from the registry.
+flags `galore-train memory` shares with it, the --optimizer names from the registry and the `--recipe paper`
+settings from galore_train/recipes.py.
 
     python scripts/cli_reference.py > docs/cli.md      (tests/test_docs.py checks it is current)
 """
@@ -11,6 +12,7 @@ from itertools import groupby
 
 from galore_train.cli import MEMORY_FIELDS, _flag
 from galore_train.config import TrainConfig
+from galore_train.recipes import common_settings, recipe_rows
 from galore_train.registry import OPTIMIZERS
 
 
@@ -49,6 +51,19 @@ def reference() -> str:
     for spec in OPTIMIZERS.values():
         variant = f"`{spec.other_8bit}`" if spec.other_8bit else ""
         lines.append(f"| `{spec.name}` | {spec.kind} | {variant} | {spec.state} |")
+    lines += [
+        "",
+        "## `galore-train recipes`",
+        "",
+        "What `--recipe paper` fills in (from `galore_train/recipes.py`; explicit flags win); every recipe also "
+        f"sets {common_settings()} (warm-up: the default 10% of the steps). Sources and assumptions: "
+        "docs/beyond_galore.md and the comments in recipes.py.",
+        "",
+        "| model | `--optimizer` | settings | source |",
+        "| --- | --- | --- | --- |",
+    ]
+    for model, names, settings, source in recipe_rows():
+        lines.append(f"| `{model}` | {names} | {settings} | {source} |")
     lines.append("")
     return "\n".join(lines)
 

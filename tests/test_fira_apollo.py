@@ -341,7 +341,7 @@ def test_muon_needs_torch_optim_muon(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, shared_data):
+def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, shared_data, capsys):
     from galore_train.train import Trainer
 
     summary = Trainer(
@@ -352,6 +352,8 @@ def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, share
         )
     ).run()
     assert summary["steps"] == 6 and math.isfinite(summary["val_perplexity"])
+    rank_note = "rank=1 (apollo_mini's own; --rank 8 does not apply)"  # the start-up line: the rank it uses
+    assert (rank_note in " ".join(capsys.readouterr().err.split())) == (name == "apollo_mini")
 
 
 @pytest.mark.slow

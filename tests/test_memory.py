@@ -307,6 +307,8 @@ def test_tables_render_every_part_and_optimizer() -> None:
     assert f"{estimate.total / GIB:.3f}" in text and f"{estimate.peak / GIB:.3f}" in text
     comparison = render_text(compare_table(CONFIG, RANK, dtype="fp32"))
     assert all(name in comparison for name in ("adamw", "adam8bit", "galore_adamw8bit", "lora", "low_rank"))
+    assert "apollo_mini (rank 1)" in comparison and "apollo_adamw (rank" not in comparison  # the rank it uses
+    assert estimate_memory(CONFIG, "apollo_mini", RANK).label.startswith("apollo_mini rank 1,")
     sharded = render_text(compare_table(CONFIG, RANK, dtype="fp32", nproc=4, distributed="fsdp"))
     assert "ddp/fsdp" in sharded and "galore_adamw" in sharded and "galore_adafactor" not in sharded  # FSDP_NAMES
     paper = render_text(paper_table2())

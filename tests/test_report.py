@@ -151,6 +151,21 @@ def test_rank_does_not_split_full_rank_runs(tmp_path: Path) -> None:
     assert table_row(text, "Runs", str(runs[0]))[5] == "—"  # rank: not a setting of full-rank AdamW
 
 
+def test_apollo_mini_reports_the_rank_it_uses(tmp_path: Path) -> None:
+    """APOLLO-Mini runs at rank 1 whatever --rank said: the Runs table and the CSV show 1, and two runs that
+    differ in --rank only are the same experiment (one row)."""
+    runs = [
+        write_run(tmp_path, "a", optimizer="apollo_mini", rank=128, final_ppl=600.0),
+        write_run(tmp_path, "b", optimizer="apollo_mini", seed=1, rank=64, final_ppl=610.0),
+        write_run(tmp_path, "c", optimizer="apollo_adamw", rank=64, final_ppl=620.0),
+    ]
+    text = report(runs)
+    assert [table_row(text, "Runs", str(run))[5] for run in runs] == ["1", "1", "64"]
+    assert table_row(text, "Validation perplexity", "APOLLO-Mini") == ["605.0 ±5.0 (n=2)"]
+    rows = list(csv.DictReader(io.StringIO(report(runs, csv=True))))
+    assert [row["rank"] for row in rows] == ["1", "1", "64"]
+
+
 @pytest.mark.parametrize(
     "optimizer, settings, rows",
     [
