@@ -388,9 +388,8 @@ class Trainer:
         where = f"resuming from {self.resume_dir} at step {self.step}" if self.resume_dir else "starting from scratch"
         sink.print(
             f"[bold]{self.run_name}[/bold]: {self.cfg.model} ({parameters / 1e6:.1f}M parameters,"
-            f" {trainable / 1e6:.1f}M trainable), "
-            f"{self.cfg.optimizer}, {plan.total_steps} steps x {plan.total_batch_size} sequences of"
-            f" {self.cfg.max_length} "
+            f" {trainable / 1e6:.1f}M trainable), {self.cfg.optimizer}, {plan.total_steps} steps x"
+            f" {plan.total_batch_size} sequences of {self.cfg.max_length} "
             f"(accumulation {plan.accumulation}, {self.env.world_size} process(es)), {self.dtype}, {self.device}; "
             f"validation on {self.eval_tokens:,} tokens; {where}; output in {self.output_dir}"
         )
