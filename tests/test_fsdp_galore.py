@@ -26,6 +26,7 @@ from test_distributed import (
     weights,
     work,  # noqa: F401 (fixture)
 )
+from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 
 from galore_train.memory import estimate_memory
@@ -44,7 +45,12 @@ FAMILY = {
     "8bit": EIGHTBIT,
     "adafactor": dict(RIGHT, optimizer="galore_adafactor"),
     "natural": dict(RIGHT, optimizer="natural_galore_adamw", fisher_history=3),
+    # 4-bit projections, randomized SVD, lazy refresh: every step until the interval doubles after 3 (threshold 0)
+    "8bit-4bit-lazy": dict(
+        EIGHTBIT, gap=1, proj_bits=4, proj_group_size=16, adaptive_gap=True, cos_threshold=0.0, svd="randomized"
+    ),
 }
+MEASURED = ["right", "8bit", "adafactor", "natural"]
 
 
 def step_four(output: Path) -> str:
@@ -79,6 +85,11 @@ def runs(work: Path, config_file: str, shared_data) -> dict[str, Path]:  # noqa:
     return out
 
 
+def replicated(states: dict[str, dict]) -> dict[str, dict]:
+    """What every rank holds whole of each parameter's state (not its DTensor shards)."""
+    return {name: {k: v for k, v in s.items() if not isinstance(v, DTensor)} for name, s in states.items()}
+
+
 def refreshes_per_rank(output: Path) -> list[list[int]]:
     """The SVDs each rank ran, at each step that refreshed."""
     return [r["svd_refreshes_per_rank"] for r in records(output) if "loss" in r and r["svd_refreshes"]]
@@ -95,9 +106,13 @@ def test_fsdp_equals_ddp_with_projections_equal_on_both_ranks(runs, name):
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=LOSS_RTOL)
     a, b = weights(fsdp, STEPS), weights(ddp, STEPS)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
-    rank0, rank1 = (dump["projections"] for dump in rank_dumps(fsdp))
+    dumps = rank_dumps(fsdp)
+    rank0, rank1 = (dump["projections"] for dump in dumps)
     assert len(rank0) == MATRICES and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    assert refreshes_per_rank(fsdp) == [[MATRICES // 2] * 2] * 3  # steps 0, 3, 6: 7 SVDs on each rank
+    assert states_equal(*(replicated(dump["states"]) for dump in dumps))  # codes, scales, intervals, Gram, ...
+    refreshed = refreshes_per_rank(fsdp)
+    assert refreshed == [[MATRICES // 2] * 2] * len(refreshes_per_rank(ddp))  # 7 SVDs on each rank per refresh
+    assert len(refreshed) == (6 if name == "8bit-4bit-lazy" else 3)  # lazy: 0-3, then 5, 7 (interval 2); 0, 3, 6
 
 
 @pytest.mark.slow
@@ -114,7 +129,7 @@ def test_fsdp_rank_holds_half_the_optimizer_state(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", MEASURED)
 def test_per_gpu_estimate_is_the_measured_state(runs, name):
     """`galore-train memory --nproc 2 --distributed fsdp`: states + projections per GPU = the meter's bytes on each
     rank (exactly for the Adam variants; Adafactor's column statistics and Natural GaLore's Gram matrices are
