@@ -188,9 +188,9 @@ def test_8bit_resumes_bit_exactly_in_each_mode_and_across_modes(runs):
 def test_8bit_blocks_must_not_straddle_two_ranks():
     _check_blocks_follow_rows("up", (160, 32), 2)  # 80 x 32 = 10 blocks per rank
     _check_blocks_follow_rows("embed", (32000, 64), 8)
-    with pytest.raises(ValueError, match="multiple of 256"):
+    with pytest.raises(ValueError, match="whole blocks of 256 values"):
         _check_blocks_follow_rows("up", (160, 24), 2)  # 80 x 24 = 7.5 blocks
-    with pytest.raises(ValueError, match="multiple of 256"):
+    with pytest.raises(ValueError, match="whole blocks of 256 values"):
         _check_blocks_follow_rows("gate", (5461, 64), 2)  # rank 1's rows start at value 2731 x 64, inside a block
 
 

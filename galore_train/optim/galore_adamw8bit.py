@@ -71,9 +71,9 @@ def _check_blocks_follow_rows(name: str, shape: tuple[int, ...], world: int) -> 
     aligned = all(start * width % EIGHTBIT_BLOCK == 0 for start in starts if start < shape[0])
     if not (aligned and follows_rows(shape[0], world, lambda rows: -(-rows * width // EIGHTBIT_BLOCK))):
         raise ValueError(
-            f"8-bit moments of {name} ({shape[0]} x {width} values) cannot be split over {world} processes in "
-            f"whole blocks of {EIGHTBIT_BLOCK}: under --distributed fsdp each rank's rows x {width} must be a "
-            "multiple of 256 (change --rank or the process count, or use --distributed ddp)"
+            f"8-bit moments of {name} ({shape[0]} x {width} values) cannot be split over {world} processes: under "
+            f"--distributed fsdp each rank's rows must hold whole blocks of {EIGHTBIT_BLOCK} values, split like the "
+            "rows (torch.chunk); change --rank or the process count, or use --distributed ddp"
         )
 
 
