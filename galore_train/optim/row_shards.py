@@ -8,7 +8,7 @@ a time), which computes the SVD and broadcasts Q (refresh_sharing.py); Q is kept
 
 Hence proj_type "right" is required on row shards: with "left" or "full", P^T G would need a sum over
 every rank's rows at each step (an r x n all-reduce per matrix), and "std" / "reverse_std" pick the side
-from the shape, which a shard does not have.
+from the shape, which a shard does not have (docs/distributed.md measures that trade-off).
 
 Every row-sharded parameter, projected or not, is updated on its local rows (`RowShard` tells the update
 which rows it has). Elementwise updates need nothing more; the reductions some updates make over the rows
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,7 @@ def chunk_sizes(size: int, world: int) -> list[int]:
     return [max(0, min(chunk, size - rank * chunk)) for rank in range(world)]
 
 
-def follows_rows(rows: int, world: int, size_of_rows: Any) -> bool:
+def follows_rows(rows: int, world: int, size_of_rows: Callable[[int], int]) -> bool:
     """Whether a state tensor whose part on a rank of r rows is `size_of_rows(r)` long shards like torch.chunk
     over its whole size `size_of_rows(rows)` (else its DTensor would gather and re-shard wrongly)."""
     return chunk_sizes(size_of_rows(rows), world) == [size_of_rows(r) for r in chunk_sizes(rows, world)]
