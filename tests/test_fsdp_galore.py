@@ -18,6 +18,7 @@ from test_distributed import (
     WEIGHT_ATOL,
     config_file,  # noqa: F401 (fixture)
     losses,
+    one_process_group,  # noqa: F401 (fixture)
     rank_dumps,
     records,
     run_args,
@@ -30,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 
 from galore_train.memory import estimate_memory
+from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW, projector
 from galore_train.optim.galore_adamw8bit import _check_blocks_follow_rows
 from galore_train.optim.natural_galore import _check_history_follows_rows
 
@@ -198,3 +200,57 @@ def test_natural_galore_history_must_shard_like_the_rows():
     _check_history_follows_rows("up", (160, 8), 2)
     with pytest.raises(ValueError, match="rows must divide evenly"):
         _check_history_follows_rows("up", (5, 2), 2)  # 3 + 2 rows: 6 + 4 values, torch.chunk splits 5 + 5
+
+
+@pytest.mark.parametrize("optimizer_class", [GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor, NaturalGaLoreAdamW])
+@pytest.mark.usefixtures("one_process_group")
+def test_row_shard_path_is_the_plain_update_with_svd_fallbacks(monkeypatch, optimizer_class):
+    """In-process, on a 1-rank mesh: DTensor row shards take the FSDP path (local rows, RowShard sums, state
+    wrapped as DTensors, refresh gathered to the owner) and give the plain optimizer's weights and state while
+    every SVD fails (first refresh: the randomized fallback; later ones keep the projection)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("injected")
+
+    monkeypatch.setattr(projector, "svd_top", failing_svd)
+    mesh = init_device_mesh("cpu", (1,))
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(160, 64), (128, 64), (64,)]  # a GaLore matrix (8-bit: 160 x 32), an 8-bit and an fp32 full-rank one
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    gradients = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(4)]
+    params = {
+        "plain": [p.clone() for p in start],
+        "sharded": [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(0)])) for p in start],
+    }
+    optimizers = {
+        mode: optimizer_class(
+            [{"params": ps[:1], "rank": 32, "update_proj_gap": 2, "proj_type": "right"}, {"params": ps[1:]}], lr=1e-2
+        )
+        for mode, ps in params.items()
+    }
+    for optimizer in optimizers.values():
+        optimizer.share_refresh()
+    with pytest.warns(RuntimeWarning, match="injected"):
+        for step_gradients in gradients:
+            for mode, optimizer in optimizers.items():
+                for p, g in zip(params[mode], step_gradients):
+                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]) if mode == "sharded" else g.clone()
+                optimizer.step()
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    for plain, sharded in zip(params["plain"], params["sharded"]):
+        torch.testing.assert_close(local(sharded.detach()), plain, rtol=1e-6, atol=1e-7)
+        a, b = optimizers["plain"].state[plain], optimizers["sharded"].state[sharded]
+        assert a.keys() == b.keys()
+        for key in a:
+            value = b[key]
+            if isinstance(value, torch.Tensor):
+                sharded_state = value.dim() > 0 and not key.startswith("projection")
+                assert isinstance(value, DTensor) == (
+                    sharded_state and optimizer_class.STATE_SHARDING.get(key, 0) is not None
+                )
+                torch.testing.assert_close(local(value), a[key], rtol=1e-6, atol=1e-7)
+            else:
+                assert value == a[key]
+    assert optimizers["sharded"].refresh_stats.failures == optimizers["plain"].refresh_stats.failures == 2
