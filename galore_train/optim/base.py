@@ -33,6 +33,11 @@ GALORE_GROUP_DEFAULTS = {
 }
 
 
+def group_names(group: dict[str, Any]) -> list[str]:
+    """The names of a param group's parameters, for messages (positions when the group has none)."""
+    return group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
+
+
 def check_galore_group(group: dict[str, Any]) -> None:
     """ValueError for GaLore settings that cannot work (build_optimizer turns these into UserErrors)."""
     rank, gap = group["rank"], group["update_proj_gap"]
@@ -50,8 +55,7 @@ def check_galore_group(group: dict[str, Any]) -> None:
         raise ValueError(f"GaLore proj_group_size must be a positive integer, got {group['proj_group_size']!r}")
     if not 0.0 <= group["cos_threshold"] <= 1.0:
         raise ValueError(f"GaLore cos_threshold must be within [0, 1], got {group['cos_threshold']!r}")
-    names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
-    for name, p in zip(names, group["params"]):
+    for name, p in zip(group_names(group), group["params"]):
         if p.dim() != 2:
             raise ValueError(f"GaLore projects 2-D weights; {name} has shape {tuple(p.shape)}")
         if rank > min(p.shape):

@@ -36,11 +36,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.base import GaLoreOptimizer, group_names
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
 from galore_train.optim.layout import EIGHTBIT_BLOCK, EIGHTBIT_MIN_SIZE, StateTensor, blockwise_8bit_moments
 from galore_train.optim.projector import GaLoreProjector
-from galore_train.optim.row_shards import chunk_sizes, follows_rows, is_row_sharded
+from galore_train.optim.row_shards import follows_rows, is_row_sharded
 
 
 def import_bitsandbytes() -> ModuleType:
@@ -65,10 +65,7 @@ def _check_blocks_follow_rows(name: str, shape: tuple[int, ...], world: int) -> 
     and the absmax blocks must shard like torch.chunk; otherwise a block would straddle two ranks and the
     state (and the checkpoint) would differ from one process's. ValueError (a UserError at start) if not."""
     width = math.prod(shape[1:])
-    starts = [0]
-    for rows in chunk_sizes(shape[0], world)[:-1]:
-        starts.append(starts[-1] + rows)
-    aligned = all(start * width % EIGHTBIT_BLOCK == 0 for start in starts if start < shape[0])
+    aligned = all(start * width % EIGHTBIT_BLOCK == 0 for start in range(0, shape[0], -(-shape[0] // world)))
     if not (aligned and follows_rows(shape[0], world, lambda rows: -(-rows * width // EIGHTBIT_BLOCK))):
         raise ValueError(
             f"8-bit moments of {name} ({shape[0]} x {width} values) cannot be split over {world} processes: under "
@@ -97,8 +94,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         projector = GaLoreProjector.from_group(group) if "rank" in group else None
-        names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
-        for name, p in zip(names, group["params"]):
+        for name, p in zip(group_names(group), group["params"]):
             shape = projector.low_rank_shape(p.shape) if projector else tuple(p.shape)
             if is_row_sharded(p) and math.prod(shape) >= group["min_8bit_size"]:
                 _check_blocks_follow_rows(name, shape, p.device_mesh.size())

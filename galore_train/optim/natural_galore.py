@@ -53,7 +53,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.base import GaLoreOptimizer, group_names
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
 from galore_train.optim.layout import StateTensor
 from galore_train.optim.projector import GaLoreProjector
@@ -128,8 +128,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             raise ValueError(f"fisher_damping must be a positive number, got {damping!r}")
         if "rank" in group and history:
             projector = GaLoreProjector.from_group(group)
-            names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
-            for name, p in zip(names, group["params"]):
+            for name, p in zip(group_names(group), group["params"]):
                 if is_row_sharded(p):
                     _check_history_follows_rows(name, projector.low_rank_shape(p.shape), p.device_mesh.size())
 
