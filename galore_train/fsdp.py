@@ -2,8 +2,9 @@
 
 Each decoder layer and the root are `fully_shard`-ed: weights, gradients and optimizer state become row-block
 DTensors, all-gathered per layer for forward/backward. The optimizers marked fsdp in the registry run on
-shards: adamw, adam (elementwise) and galore_adamw with right-side projections (row-local between refreshes;
-a refresh gathers one matrix's gradient to its owner: galore_train/optim/row_shards.py). Others are refused.
+shards: adamw, adam (elementwise), adafactor, and GaLore-AdamW, its 8-bit variant, GaLore-Adafactor and Natural
+GaLore with right-side projections (row-local between refreshes, up to a few small all-reduces; a refresh gathers
+one matrix's gradient to its owner: galore_train/optim/row_shards.py). Others are refused.
 
 Checkpoints stay in one format whatever the mode: full weights (safetensors) and torch's index-keyed
 optimizer state, gathered to rank 0's CPU on save and re-sharded on resume.
@@ -26,13 +27,15 @@ def check_fsdp_supported(cfg: Any) -> None:
     """UserError for what FSDP2 sharding cannot run correctly yet (see the module docstring)."""
     if cfg.layerwise:
         raise UserError("--layerwise does not run under --distributed fsdp yet: use --distributed ddp")
-    if cfg.optimizer not in FSDP_NAMES or cfg.eightbit:  # FSDP-capable in the registry: elementwise updates
+    spec = OPTIMIZERS.get(cfg.optimizer)
+    built = (spec.eightbit or cfg.optimizer) if spec and cfg.eightbit else cfg.optimizer  # what --8bit builds
+    if built not in FSDP_NAMES:  # FSDP-capable in the registry: correct on row shards
         chosen = f"{cfg.optimizer}{' --8bit' if cfg.eightbit else ''}"
         raise UserError(
-            f"--distributed fsdp supports --optimizer {', '.join(FSDP_NAMES)} (without --8bit) for now; "
+            f"--distributed fsdp supports --optimizer {', '.join(FSDP_NAMES)} (--8bit: galore_adamw) for now; "
             f"{chosen} does not run on sharded weights yet: use --distributed ddp"
         )
-    if OPTIMIZERS[cfg.optimizer].galore and cfg.proj_type != "right":
+    if OPTIMIZERS[built].galore and cfg.proj_type != "right":
         raise UserError(
             "GaLore under --distributed fsdp projects each rank's rows of the gradient: use --proj-type "
             f"right (got {cfg.proj_type}; see docs/distributed.md)"

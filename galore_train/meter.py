@@ -106,11 +106,16 @@ class _RecordOutputs(TorchDispatchMode):
         return out
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """FSDP2's DTensor: this rank's shard, whose storage is the memory it holds (the wrapper's is not)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def optimizer_state_tensors(optimizer: Optimizer) -> Iterator[torch.Tensor]:
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                yield value
+                yield local_tensor(value)
 
 
 def unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -201,7 +206,7 @@ class MemoryMeter:
         peak, reserved = self._cuda_peaks()
         self._carried = (0, 0)
         torch.cuda.reset_peak_memory_stats(self.device)
-        weights = unique_nbytes([*self.model.parameters(), *self.model.buffers()])
+        weights = unique_nbytes(local_tensor(t) for t in [*self.model.parameters(), *self.model.buffers()])
         return {
             "peak_memory_gb": peak / GIB,
             "peak_reserved_gb": reserved / GIB,
@@ -212,7 +217,7 @@ class MemoryMeter:
     def _label_known_tensors(self) -> None:
         """Enter what existed before this step: weights, any gradients, optimizer state."""
         for tensor in [*self.model.parameters(), *self.model.buffers()]:
-            self.ledger.label(tensor, "weights")
+            self.ledger.label(local_tensor(tensor), "weights")
         for p in self.model.parameters():
             if p.grad is not None:
                 self.ledger.label(p.grad, "grads")

@@ -165,6 +165,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "m + n fp32 (factored second moment); + mn fp32 with --beta1",
             "galore_train.optim:GaLoreAdafactor",
             _adafactor,
+            fsdp=True,
         ),
         OptimizerSpec(
             "adam8bit",
@@ -193,6 +194,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "galore_train.optim:GaLoreAdafactor",
             _adafactor,
             galore=True,
+            fsdp=True,
         ),
         OptimizerSpec(
             "galore_adamw8bit",
@@ -202,6 +204,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _adam,
             eightbit="galore_adamw8bit",
             galore=True,
+            fsdp=True,
         ),
         OptimizerSpec(
             "natural_galore_adamw",
@@ -211,6 +214,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _natural,
             galore=True,
             options=_MOMENTS,
+            fsdp=True,
         ),
         OptimizerSpec(
             "fira_adamw",

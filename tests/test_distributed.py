@@ -445,7 +445,7 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
 
 @pytest.mark.parametrize(
     "optimizer, eightbit",
-    [("galore_adafactor", False), ("adafactor", False), ("lora", False), ("adamw", True), ("galore_adamw", True)],
+    [("fira_adamw", False), ("apollo_adamw", False), ("muon", False), ("lora", False), ("adamw", True)],
 )
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
@@ -453,6 +453,10 @@ def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--layerwise does not run under --distributed fsdp"):
         fsdp.check_fsdp_supported(TrainConfig(optimizer="adamw", layerwise=True, distributed="fsdp"))
     fsdp.check_fsdp_supported(TrainConfig(optimizer="adamw", distributed="fsdp"))
+    for galore in ("galore_adamw", "galore_adafactor", "natural_galore_adamw", "galore_adamw8bit"):
+        fsdp.check_fsdp_supported(TrainConfig(optimizer=galore, proj_type="right", distributed="fsdp"))
+    eightbit_galore = TrainConfig(optimizer="galore_adamw", eightbit=True, proj_type="right", distributed="fsdp")
+    fsdp.check_fsdp_supported(eightbit_galore)
 
 
 def test_fsdp_galore_needs_right_side_projections():
@@ -624,6 +628,7 @@ def _worker(plan_file: str) -> None:
                 "projections": projections(trainer),
                 "states": optimizer_states(trainer),
                 "blank_eval_batches": blank,
+                "state_bytes": trainer.memory.ledger.live["optimizer_state"],  # the meter's, this rank's
             }
             Path(run["dump"]).mkdir(parents=True, exist_ok=True)
             torch.save(dump, Path(run["dump"]) / f"rank{rank}.pt")

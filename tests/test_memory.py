@@ -197,7 +197,7 @@ def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
         ({"nproc": 0}, "--nproc must be positive"),
         ({"nproc": 2, "distributed": "zero"}, "--distributed ddp or fsdp"),
         (
-            {"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adafactor"},
+            {"nproc": 2, "distributed": "fsdp", "optimizer": "fira_adamw"},
             "--distributed fsdp supports --optimizer adamw",
         ),
         ({"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adamw"}, "use --proj-type right"),
@@ -310,6 +310,6 @@ def test_tables_render_every_part_and_optimizer() -> None:
     assert "apollo_mini (rank 1)" in comparison and "apollo_adamw (rank" not in comparison  # the rank it uses
     assert estimate_memory(CONFIG, "apollo_mini", RANK).label.startswith("apollo_mini rank 1,")
     sharded = render_text(compare_table(CONFIG, RANK, dtype="fp32", nproc=4, distributed="fsdp"))
-    assert "ddp/fsdp" in sharded and "galore_adamw" in sharded and "galore_adafactor" not in sharded  # FSDP_NAMES
+    assert "ddp/fsdp" in sharded and "galore_adamw8bit" in sharded and "fira_adamw" not in sharded  # FSDP_NAMES
     paper = render_text(paper_table2())
     assert all(cell in paper for cell in ("0.36", "0.24", "2.06", "1.22", "7.80", "4.38"))

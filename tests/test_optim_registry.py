@@ -197,7 +197,15 @@ def test_optim_package_imports_without_transformers_or_the_config() -> None:
 def test_registry_is_the_one_list_of_names() -> None:
     assert OPTIMIZER_NAMES + METHOD_NAMES == tuple(OPTIMIZERS)
     assert METHOD_NAMES == ("lora", "relora", "low_rank")
-    assert FSDP_NAMES == ("adamw", "adam", "galore_adamw")
+    assert FSDP_NAMES == (
+        "adamw",
+        "adam",
+        "adafactor",
+        "galore_adamw",
+        "galore_adafactor",
+        "galore_adamw8bit",
+        "natural_galore_adamw",
+    )
     assert len({spec.label for spec in OPTIMIZERS.values()}) == len(OPTIMIZERS)
     for spec in OPTIMIZERS.values():
         assert callable(spec.load())

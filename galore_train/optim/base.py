@@ -18,7 +18,7 @@ from galore_train.optim.layout import StateTensor
 from galore_train.optim.projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, RefreshStats, stagger_offsets
 from galore_train.optim.quantize import QUANT_BITS
 from galore_train.optim.refresh_sharing import DueRefresh, RefreshSharing
-from galore_train.optim.row_shards import is_row_sharded, keep_local_state, local_state
+from galore_train.optim.row_shards import RowShard, is_row_sharded, keep_local_state, local_state
 
 GALORE_GROUP_DEFAULTS = {
     "update_proj_gap": 200,
@@ -31,6 +31,11 @@ GALORE_GROUP_DEFAULTS = {
     "adaptive_gap": False,
     "cos_threshold": 0.4,
 }
+
+
+def group_names(group: dict[str, Any]) -> list[str]:
+    """The names of a param group's parameters, for messages (positions when the group has none)."""
+    return group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
 
 
 def check_galore_group(group: dict[str, Any]) -> None:
@@ -50,8 +55,7 @@ def check_galore_group(group: dict[str, Any]) -> None:
         raise ValueError(f"GaLore proj_group_size must be a positive integer, got {group['proj_group_size']!r}")
     if not 0.0 <= group["cos_threshold"] <= 1.0:
         raise ValueError(f"GaLore cos_threshold must be within [0, 1], got {group['cos_threshold']!r}")
-    names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
-    for name, p in zip(names, group["params"]):
+    for name, p in zip(group_names(group), group["params"]):
         if p.dim() != 2:
             raise ValueError(f"GaLore projects 2-D weights; {name} has shape {tuple(p.shape)}")
         if rank > min(p.shape):
@@ -76,11 +80,15 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     foreach saves (scripts/bench_optimizer.py). The buffer (as large as the largest R) is not state.
     """
 
+    # FSDP2: the dim each state tensor created on a row shard is sharded on (default 0), None for replicated
+    STATE_SHARDING: Mapping[str, Optional[int]] = {}
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.refresh_stats = RefreshStats()
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._sharing: Optional[RefreshSharing] = None
         self._refreshed: dict[Tensor, bool] = {}  # this step's shared refreshes, already stored
+        self._shard: Optional[RowShard] = None  # FSDP2: the rows the running update works on (row_shards.py)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -140,7 +148,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
         grad = p.grad
-        if projector is not None and is_row_sharded(p):
+        if is_row_sharded(p):
             self._step_row_shard(p, group, projector, name)
             return
         if projector is not None:
@@ -160,26 +168,38 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         self._update(p, grad, group, state)
 
     def _step_row_shard(
-        self, p: Tensor, group: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
+        self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector], name: Optional[str]
     ) -> None:
-        """FSDP2: project and update this rank's rows of the weight (row_shards.py); step() has already run
-        the refresh, shared, from the gathered gradient."""
-        if projector.proj_type != "right" or self._sharing is None:
+        """FSDP2: update this rank's rows of the weight (row_shards.py), projected on the right for GaLore groups
+        (step() has already run the refresh, shared, from the gathered gradient). The update sees its rows
+        through `self._shard` (for the reductions over rows some updates need)."""
+        if projector is not None and (projector.proj_type != "right" or self._sharing is None):
             raise ValueError(
                 f"GaLore on row-sharded {name or 'parameters'} needs proj_type 'right' and share_refresh()"
             )
         state = self.state[p]
         grad = p.grad.to_local()
-        out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
-        low = projector.project(
-            grad, state, state.get("step", 0), self.refresh_stats, name, out=out, refreshed=self._refreshed.pop(p, None)
-        )
-        if low is None:
-            return
+        if projector is not None:
+            out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
+            grad = projector.project(
+                grad,
+                state,
+                state.get("step", 0),
+                self.refresh_stats,
+                name,
+                out=out,
+                refreshed=self._refreshed.pop(p, None),
+            )
+            if grad is None:
+                return
         local = local_state(state)
         local["step"] = state.get("step", 0) + 1
-        self._update(p.to_local(), low, group, local)
-        keep_local_state(state, local, p)
+        self._shard = RowShard(p.shape[0], p.device_mesh.get_group())
+        try:
+            self._update(p.to_local(), grad, group, local)
+        finally:
+            self._shard = None
+        keep_local_state(state, local, p, self.STATE_SHARDING)
 
     def _due_refreshes(self) -> list[DueRefresh]:
         """The parameters (with a gradient) whose projection this step refreshes, in optimizer order."""

@@ -14,6 +14,12 @@ parameter-scale factor, the first moment only when beta1 is given. For a (low-ra
 GaLore parameters keep row (r or m) and col (n or r) statistics of the low-rank R; the moments and
 the update are computed in fp32 whatever the parameter dtype. Groups without "rank" are plain
 Adafactor with the same settings (the `adafactor` baseline).
+
+FSDP2 (row shards, row_shards.py): a rank holds its rows of R (right side, m x r) or of a plain weight. The
+row statistics are per row (sharded like the rows); the column statistics, the mean of the row statistics
+and RMS(U) reduce over all rows, so their sums are all-reduced (RowShard.sum: n + 2 values per matrix and
+step, n = r for a GaLore matrix) and the column statistics are replicated. Same result as one process up to
+the order of the sums.
 """
 
 from __future__ import annotations
@@ -26,14 +32,26 @@ from torch import Tensor
 
 from galore_train.optim.base import GaLoreOptimizer
 from galore_train.optim.layout import StateTensor
+from galore_train.optim.row_shards import RowShard
 
 
-def _rms(t: Tensor) -> Tensor:
-    return t.norm() / (t.numel() ** 0.5)
+def _rms(t: Tensor, shard: Optional[RowShard] = None) -> Tensor:
+    if shard is None:
+        return t.norm() / (t.numel() ** 0.5)
+    return shard.sum(t.square().sum()).div_(shard.numel(t)).sqrt_()
+
+
+def _mean_over_rows(t: Tensor, dim: int, shard: Optional[RowShard], keepdim: bool = False) -> Tensor:
+    """The mean over `dim`, the rows: under FSDP `t` holds this rank's rows (2-D: dim -2; 1-D: -1) of the whole."""
+    if shard is None:
+        return t.mean(dim=dim, keepdim=keepdim)
+    return shard.sum(t.sum(dim=dim, keepdim=keepdim)).div_(shard.rows)
 
 
 class GaLoreAdafactor(GaLoreOptimizer):
     """Adafactor with GaLore param groups (see GaLoreOptimizer for the param-group convention)."""
+
+    STATE_SHARDING = {"exp_avg_sq_col": None}  # FSDP2: the column statistics cover every row: replicated
 
     def __init__(
         self,
@@ -69,13 +87,13 @@ class GaLoreAdafactor(GaLoreOptimizer):
         if factored:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.lerp_(squared.mean(dim=-1), 1.0 - beta2t)
-            col.lerp_(squared.mean(dim=-2), 1.0 - beta2t)
-            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            col.lerp_(_mean_over_rows(squared, -2, self._shard), 1.0 - beta2t)
+            row_factor = (row / _mean_over_rows(row, -1, self._shard, keepdim=True)).rsqrt_().unsqueeze(-1)
             update = col.rsqrt().unsqueeze(-2).mul(row_factor).mul_(grad)
         else:
             state["exp_avg_sq"].lerp_(squared, 1.0 - beta2t)
             update = state["exp_avg_sq"].rsqrt().mul_(grad)
-        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0)).mul_(group["lr"])
+        update.div_((_rms(update, self._shard) / group["clip_threshold"]).clamp_(min=1.0)).mul_(group["lr"])
         if group["beta1"] is not None:
             update = state["exp_avg"].lerp_(update, 1.0 - group["beta1"])
         self._apply(p, update, group, state, step_size=1.0)

@@ -19,6 +19,10 @@ fp32 absmax carries a uniform decay that the codes cannot.
 
 State per 8-bit parameter: exp_avg / exp_avg_sq (uint8, shape of the (low-rank) gradient),
 exp_avg_absmax / exp_avg_sq_absmax (fp32, one per block of 256), step; GaLore adds the projection.
+
+FSDP2 (row shards, row_shards.py): each rank runs the kernel on its own rows. The blocks are those of the
+whole flattened matrix when every rank's rows start a block (checked at construction), so the state is
+one process's, sharded; `min_8bit_size` is compared with the whole (low-rank) matrix, not the shard.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.base import GaLoreOptimizer, group_names
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
 from galore_train.optim.layout import EIGHTBIT_BLOCK, EIGHTBIT_MIN_SIZE, StateTensor, blockwise_8bit_moments
+from galore_train.optim.projector import GaLoreProjector
+from galore_train.optim.row_shards import follows_rows, is_row_sharded
 
 
 def import_bitsandbytes() -> ModuleType:
@@ -54,6 +60,20 @@ def _quantization_maps(device: torch.device) -> tuple[Tensor, Tensor]:
     return functional.create_dynamic_map(signed=True).to(device), functional.create_dynamic_map(signed=False).to(device)
 
 
+def _check_blocks_follow_rows(name: str, shape: tuple[int, ...], world: int) -> None:
+    """FSDP2: each rank quantizes the moments of its own rows, so its first row must start a block of 256 values
+    and the absmax blocks must shard like torch.chunk; otherwise a block would straddle two ranks and the
+    state (and the checkpoint) would differ from one process's. ValueError (a UserError at start) if not."""
+    width = math.prod(shape[1:])
+    aligned = all(start * width % EIGHTBIT_BLOCK == 0 for start in range(0, shape[0], -(-shape[0] // world)))
+    if not (aligned and follows_rows(shape[0], world, lambda rows: -(-rows * width // EIGHTBIT_BLOCK))):
+        raise ValueError(
+            f"8-bit moments of {name} ({shape[0]} x {width} values) cannot be split over {world} processes: under "
+            f"--distributed fsdp each rank's rows must hold whole blocks of {EIGHTBIT_BLOCK} values, split like the "
+            "rows (torch.chunk); change --rank or the process count, or use --distributed ddp"
+        )
+
+
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with 8-bit block-wise quantized moments (same param-group convention)."""
 
@@ -70,8 +90,18 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             self, params, {**adam_defaults(lr, betas, eps, weight_decay), "min_8bit_size": min_8bit_size}
         )
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        projector = GaLoreProjector.from_group(group) if "rank" in group else None
+        for name, p in zip(group_names(group), group["params"]):
+            shape = projector.low_rank_shape(p.shape) if projector else tuple(p.shape)
+            if is_row_sharded(p) and math.prod(shape) >= group["min_8bit_size"]:
+                _check_blocks_follow_rows(name, shape, p.device_mesh.size())
+
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        if grad.numel() < group["min_8bit_size"]:
+        numel = grad.numel() if self._shard is None else self._shard.numel(grad)  # FSDP: the whole matrix's
+        if numel < group["min_8bit_size"]:
             super()._update(p, grad, group, state)
             return
         if "exp_avg" not in state:

@@ -37,20 +37,27 @@ Choices where the paper leaves room, and why:
 State per GaLore parameter, besides GaLore-AdamW's: fisher_grads (s x d, gradient dtype; the memory
 cost, s times the low-rank gradient), fisher_gram (s x s, float64), fisher_count (int, vectors written
 since the last refresh). All tensors or ints, so torch.load(weights_only=True) round-trips them.
+
+FSDP2 (row shards, row_shards.py): a rank holds its rows of R (m x r, right side), i.e. a contiguous part
+of g, so its fisher_grads are the matching columns of H (sharded on dim 1) and H g is the sum of every
+rank's partial products: one all-reduce of k <= s float64 values per matrix and step. The Gram matrix, the
+k x k solve and y are then the same on every rank (fisher_gram is replicated), and g - H^T y is row-local.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from galore_train.optim.base import GaLoreOptimizer
+from galore_train.optim.base import GaLoreOptimizer, group_names
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
 from galore_train.optim.layout import StateTensor
+from galore_train.optim.projector import GaLoreProjector
+from galore_train.optim.row_shards import RowShard, follows_rows, is_row_sharded
 
 FISHER_HISTORY = 20  # the authors' code keeps 20 projected gradients
 FISHER_DAMPING = 1e-3  # and damps with 1e-3
@@ -69,6 +76,15 @@ def woodbury_solve(gram: Tensor, hg: Tensor, damping: float) -> Tensor | None:
     if info.item() != 0 and bool(torch.isfinite(system).all()):
         return None
     return torch.cholesky_solve(hg.unsqueeze(1), factor).squeeze(1)
+
+
+def _check_history_follows_rows(name: str, shape: tuple[int, int], world: int) -> None:
+    """FSDP2: each rank's columns of fisher_grads must be where torch.chunk puts them (its rows x r values)."""
+    if not follows_rows(shape[0], world, lambda rows: rows * shape[1]):
+        raise ValueError(
+            f"Natural GaLore's gradient history of {name} ({shape[0]} x {shape[1]}) cannot be sharded over {world} "
+            f"processes like its rows: under --distributed fsdp its rows must divide evenly (or use --distributed ddp)"
+        )
 
 
 class NaturalGaLoreAdamW(GaLoreAdamW):
@@ -100,6 +116,8 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         }
         GaLoreOptimizer.__init__(self, params, defaults)
 
+    STATE_SHARDING = {"fisher_grads": 1, "fisher_gram": None}  # FSDP2: H by columns, H H^T replicated
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -108,6 +126,11 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             raise ValueError(f"fisher_history must be a non-negative integer, got {history!r}")
         if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
             raise ValueError(f"fisher_damping must be a positive number, got {damping!r}")
+        if "rank" in group and history:
+            projector = GaLoreProjector.from_group(group)
+            for name, p in zip(group_names(group), group["params"]):
+                if is_row_sharded(p):
+                    _check_history_follows_rows(name, projector.low_rank_shape(p.shape), p.device_mesh.size())
 
     @classmethod
     def state_layout(cls, shape: tuple[int, ...], group: Mapping[str, Any], itemsize: int) -> list[StateTensor]:
@@ -124,12 +147,14 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if "rank" in group and group["fisher_history"] > 0:
-            self._natural_gradient_(grad, group, state)
+            self._natural_gradient_(grad, group, state, self._shard)
         super()._update(p, grad, group, state)
 
     @staticmethod
-    def _natural_gradient_(grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """grad <- lam F^{-1} grad, in place (grad is the projected gradient's scratch buffer)."""
+    def _natural_gradient_(
+        grad: Tensor, group: dict[str, Any], state: dict[str, Any], shard: Optional[RowShard] = None
+    ) -> None:
+        """grad <- lam F^{-1} grad, in place (grad is the projected gradient's scratch buffer; FSDP: its rows)."""
         size = group["fisher_history"]
         g = grad.view(-1)
         if "fisher_grads" not in state:
@@ -145,6 +170,8 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         precise = torch.promote_types(g.dtype, torch.float32)  # bf16/fp16 products are far off (docstring)
         history, g_precise = history_buffer[:k].to(precise), g.to(precise)
         hg = torch.mv(history, g_precise).to(torch.float64)
+        if shard is not None:  # FSDP: each rank's part of every inner product
+            shard.sum(hg)
         gram_buffer[slot, :k] = hg
         gram_buffer[:k, slot] = hg
         state["fisher_count"] += 1

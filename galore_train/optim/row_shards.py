@@ -8,15 +8,25 @@ a time), which computes the SVD and broadcasts Q (refresh_sharing.py); Q is kept
 
 Hence proj_type "right" is required on row shards: with "left" or "full", P^T G would need a sum over
 every rank's rows at each step (an r x n all-reduce per matrix), and "std" / "reverse_std" pick the side
-from the shape, which a shard does not have.
+from the shape, which a shard does not have (docs/distributed.md measures that trade-off).
 
-State: the moments are DTensors sharded like the weight (torch's full-state gathering then concatenates
-them, and re-shards them on load); Q and the refresh bookkeeping are plain values, the same on every rank.
+Every row-sharded parameter, projected or not, is updated on its local rows (`RowShard` tells the update
+which rows it has). Elementwise updates need nothing more; the reductions some updates make over the rows
+go through `RowShard.sum`, an all-reduce: Adafactor's column statistics and update RMS (r + 2 values per
+matrix per step), Natural GaLore's Fisher products H g (at most s values).
+
+State: tensors an update creates on its shard become DTensors (torch's full-state gathering then concatenates
+them, and re-shards them on load), sharded on dim 0 unless the optimizer's STATE_SHARDING says otherwise
+(another dim, or None: replicated, the same on every rank); Q and the refresh bookkeeping are plain values,
+the same on every rank. A sharded state tensor must follow torch.chunk's layout (`chunk_sizes`) for that to be
+exact: the optimizers check it at construction (e.g. 8-bit blocks must not straddle two ranks' rows).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,24 +52,61 @@ def gather_rows(grad: DTensor, dst: int, group: Optional[dist.ProcessGroup] = No
     return torch.cat(blocks)[:rows] if blocks is not None else None
 
 
+def chunk_sizes(size: int, world: int) -> list[int]:
+    """Each rank's part of `size` under Shard (torch.chunk): ceil(size / world) each, the last ones fewer or none."""
+    chunk = -(-size // world)
+    return [max(0, min(chunk, size - rank * chunk)) for rank in range(world)]
+
+
+def follows_rows(rows: int, world: int, size_of_rows: Callable[[int], int]) -> bool:
+    """Whether a state tensor whose part on a rank of r rows is `size_of_rows(r)` long shards like torch.chunk
+    over its whole size `size_of_rows(rows)` (else its DTensor would gather and re-shard wrongly)."""
+    return chunk_sizes(size_of_rows(rows), world) == [size_of_rows(r) for r in chunk_sizes(rows, world)]
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """What an update on one rank's rows needs to know: the whole weight's rows and the ranks' process group."""
+
+    rows: int
+    group: dist.ProcessGroup
+
+    def sum(self, t: Tensor) -> Tensor:
+        """`t` summed over the ranks, in place (collective)."""
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def numel(self, local: Tensor) -> int:
+        """Elements of the whole tensor whose rows this rank holds `local` of."""
+        return self.rows * math.prod(local.shape[1:])
+
+
 def local_state(state: dict[str, Any]) -> dict[str, Any]:
     """The state with each DTensor replaced by this rank's shard (a view: in-place updates reach the DTensor)."""
     return {key: value.to_local() if isinstance(value, DTensor) else value for key, value in state.items()}
 
 
-def keep_local_state(state: dict[str, Any], local: dict[str, Any], param: DTensor) -> None:
-    """Write back what the update changed in `local`: entries created on the shard (the moments, rows like
-    the weight's) become row-sharded DTensors; plain values (the step, Q) are stored as they are."""
+def keep_local_state(
+    state: dict[str, Any], local: dict[str, Any], param: DTensor, sharding: Mapping[str, Optional[int]]
+) -> None:
+    """Write back what the update changed in `local`: tensors created on the shard become DTensors sharded on
+    dim `sharding.get(key, 0)` (their whole size there summed over the ranks: one all-reduce per tensor, when
+    it is created), or stay plain where that is None; the projections and plain values (the step) are stored
+    as they are."""
     for key, value in local.items():
         if isinstance(state.get(key), DTensor):
             continue  # updated in place through its local view
-        if isinstance(value, Tensor) and value.dim() == 2 and not key.startswith("projection"):
+        dim = sharding.get(key, 0)
+        if isinstance(value, Tensor) and value.dim() > 0 and not key.startswith("projection") and dim is not None:
+            size = torch.tensor([value.shape[dim]], dtype=torch.int64, device=value.device)
+            dist.all_reduce(size, group=param.device_mesh.get_group())
+            shape = value.shape[:dim] + (int(size),) + value.shape[dim + 1 :]
             value = DTensor.from_local(
-                value,
+                value.contiguous(),
                 param.device_mesh,
-                [Shard(0)],
+                [Shard(dim)],
                 run_check=False,
-                shape=torch.Size((param.shape[0], value.shape[1])),
-                stride=(value.shape[1], 1),
+                shape=shape,
+                stride=torch.empty(shape, device="meta").stride(),
             )
         state[key] = value
