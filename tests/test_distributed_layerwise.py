@@ -23,10 +23,12 @@ from test_distributed import (
     LOSS_RTOL,
     WEIGHT_ATOL,
     losses,
+    optimizer_states,
     projections,
     rank_dumps,
     records,
     run_args,
+    states_equal,
     svd_counts,
     torchrun_ok,
     weights,
@@ -86,8 +88,11 @@ def test_layerwise_equals_plain_ddp_for_every_step(runs, mode):
     projections equal on both ranks, each rank running half of the SVDs (each matrix's on its owner only)."""
     layerwise, plain = train_losses(runs[mode]), train_losses(runs["plain"])
     assert all(b == pytest.approx(a, rel=LOSS_RTOL) for a, b in zip(plain, layerwise)), (plain, layerwise)
-    rank0, rank1 = (dump["projections"] for dump in rank_dumps(runs[mode]))
+    dumps = rank_dumps(runs[mode])
+    rank0, rank1 = (dump["projections"] for dump in dumps)
     assert len(rank0) == 14 and all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    if mode == "ddp":  # the whole state is replicated (FSDP2's moments are each rank's rows)
+        assert states_equal(dumps[0]["states"], dumps[1]["states"])
     assert svd_counts(runs[mode]) == [21, 21]  # 3 refreshes of 14 matrices: 7 on each rank each time
     a, b = weights(runs[mode], STEPS), weights(runs["plain"], STEPS)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
@@ -148,7 +153,7 @@ def _poison_first_update(trainer: Trainer, rank: int) -> None:
 
 
 def _worker(plan_file: str) -> None:
-    """Run each planned Trainer in this torchrun process and dump each rank's projections."""
+    """Run each planned Trainer in this torchrun process and dump each rank's projections and optimizer state."""
     real_teardown = distributed.teardown
     distributed.teardown = lambda: None  # one process group for every run (see test_distributed._worker)
     rank = int(os.environ["RANK"])
@@ -157,7 +162,8 @@ def _worker(plan_file: str) -> None:
         if run["poison"]:
             _poison_first_update(trainer, rank)
         trainer.run()
-        torch.save({"projections": projections(trainer)}, Path(run["dump"]) / f"rank{rank}.pt")
+        dump = {"projections": projections(trainer), "states": optimizer_states(trainer)}
+        torch.save(dump, Path(run["dump"]) / f"rank{rank}.pt")
     real_teardown()
 
 
