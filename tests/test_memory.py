@@ -258,7 +258,8 @@ def test_7b_plan_fits_a_24gb_gpu_only_with_galore() -> None:
 
 
 def test_7b_on_8_gpus_of_24gb_per_gpu() -> None:
-    """The README's multi-GPU table: 8-bit GaLore layer-wise under DDP and AdamW under FSDP fit, AdamW under DDP not."""
+    """The README's multi-GPU table: 8-bit GaLore layer-wise under DDP, AdamW under FSDP and GaLore layer-wise under
+    FSDP fit, AdamW under DDP not."""
     config = load_model_config("llama_7b")
     plan = dict(activation_checkpointing=True, batch_size=1, max_length=256, dtype="bf16", nproc=8)
     galore = estimate_memory(config, "galore_adamw", 1024, eightbit=True, layerwise=True, **plan)
@@ -268,6 +269,10 @@ def test_7b_on_8_gpus_of_24gb_per_gpu() -> None:
     )
     assert galore.peak < 24e9 and estimate_memory(config, "adamw", 1024, distributed="fsdp", **plan).peak < 24e9
     assert estimate_memory(config, "adamw", 1024, **plan).peak > 24 * GIB
+    # scripts/paper_8x24gb_7b.sh (README): FSDP + layer-wise at the paper's batch, 16-bit moments here.
+    script = dict(plan, batch_size=16, total_batch_size=512, distributed="fsdp", proj_type="right", layerwise=True)
+    sharded = estimate_memory(config, "galore_adamw", 1024, **script)
+    assert sharded.accumulating and round(sharded.peak / GIB, 1) == 10.5
 
 
 # --- measured memory -------------------------------------------------------------------------------
