@@ -13,7 +13,7 @@ The training loop drives both through the same calls, so it never asks which one
 from __future__ import annotations
 
 import math
-from typing import ContextManager, Optional, Protocol
+from typing import ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -42,11 +42,9 @@ class PlainUpdates:
 
     applies_in_backward = False
 
-    def __init__(
-        self, model: nn.Module, optimizer: Optimizer, *, grad_clipping: float, module: Optional[nn.Module] = None
-    ) -> None:
+    def __init__(self, model: nn.Module, module: nn.Module, optimizer: Optimizer, *, grad_clipping: float) -> None:
         self.model = model
-        self.module = model if module is None else module
+        self.module = module
         self.optimizer = optimizer
         self.max_norm = grad_clipping if grad_clipping > 0 else float("inf")
 
@@ -78,4 +76,4 @@ def build_updates(
     if layerwise:
         reduce = None if distributed.is_sharded(model) else distributed.gradient_averager(env)
         return LayerwiseUpdater(model, optimizer, grad_clipping=grad_clipping, reduce=reduce)
-    return PlainUpdates(model, optimizer, grad_clipping=grad_clipping, module=module)
+    return PlainUpdates(model, module, optimizer, grad_clipping=grad_clipping)

@@ -41,7 +41,7 @@ from galore_train.train import Trainer
 
 STEPS = 8
 RESUME_AT = 4
-POISONED_STEP = 4  # a refresh step: the NaN must stop the refresh collectives on both ranks alike
+POISONED_STEP = 4  # logged step 4 (0-based 3) refreshes: the NaN must stop its refresh collectives on both ranks
 # Refreshes at steps 0, 3, 6 (3 x 14 matrices); micro-batches of 2 with a global batch of 8: accumulation 2.
 LAYERWISE = dict(
     GALORE, gap=3, proj_type="right", num_training_steps=STEPS, batch_size=2, save_every=RESUME_AT, eval_every=4
