@@ -189,6 +189,7 @@ ESTIMATE_OPTIONS = (
     "norm_growth_limit",
     "apollo_proj",
     "distributed",
+    "total_batch_size",
 )
 MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [

@@ -5,6 +5,8 @@ DTensors, all-gathered per layer for forward/backward. The optimizers marked fsd
 shards: adamw, adam (elementwise), adafactor, and GaLore-AdamW, its 8-bit variant, GaLore-Adafactor and Natural
 GaLore with right-side projections (row-local between refreshes, up to a few small all-reduces; a refresh gathers
 one matrix's gradient to its owner: galore_train/optim/row_shards.py). Others are refused.
+With --layerwise each parameter is updated inside backward, from the gradient hook FSDP2 runs on its
+reduce-scattered shard (`runs_sharded_gradient_hooks`; galore_train/optim/layerwise.py).
 
 Checkpoints stay in one format whatever the mode: full weights (safetensors) and torch's index-keyed
 optimizer state, gathered to rank 0's CPU on save and re-sharded on resume.
@@ -12,6 +14,8 @@ optimizer state, gathered to rank 0's CPU on save and re-sharded on resume.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,8 +29,11 @@ from galore_train.registry import FSDP_NAMES, OPTIMIZERS
 
 def check_fsdp_supported(cfg: Any) -> None:
     """UserError for what FSDP2 sharding cannot run correctly yet (see the module docstring)."""
-    if cfg.layerwise:
-        raise UserError("--layerwise does not run under --distributed fsdp yet: use --distributed ddp")
+    if cfg.layerwise and not runs_sharded_gradient_hooks():
+        raise UserError(
+            f"--layerwise under --distributed fsdp needs an FSDP2 that runs the sharded parameters' gradient hooks"
+            f" (torch >= 2.5); torch {torch.__version__} does not: use --distributed ddp"
+        )
     spec = OPTIMIZERS.get(cfg.optimizer)
     built = (spec.eightbit or cfg.optimizer) if spec and cfg.eightbit else cfg.optimizer  # what --8bit builds
     if built not in FSDP_NAMES:  # FSDP-capable in the registry: correct on row shards
@@ -40,6 +47,29 @@ def check_fsdp_supported(cfg: Any) -> None:
             "GaLore under --distributed fsdp projects each rank's rows of the gradient: use --proj-type "
             f"right (got {cfg.proj_type}; see docs/distributed.md)"
         )
+
+
+# Where FSDP2's reduce-scatter lives: torch >= 2.6, then its earlier private home.
+_FSDP2_COLLECTIVES = (
+    "torch.distributed.fsdp._fully_shard._fsdp_collectives",
+    "torch.distributed._composable.fsdp._fsdp_collectives",
+)
+
+
+def runs_sharded_gradient_hooks() -> bool:
+    """Whether the installed FSDP2 runs a sharded parameter's post-accumulate-grad hooks right after writing its
+    reduce-scattered gradient shard, which layer-wise updates under FSDP rely on.
+
+    Autograd never sees FSDP2's sharded parameters (it accumulates into the unsharded ones), so their hooks run
+    only because FSDP2's `foreach_reduce` calls them itself (since torch 2.5, pytorch#129450): read from its source.
+    """
+    for module in _FSDP2_COLLECTIVES:
+        try:
+            source = inspect.getsource(importlib.import_module(module).foreach_reduce)
+        except (ImportError, AttributeError, OSError, TypeError):
+            continue
+        return "_post_accumulate_grad_hooks" in source
+    return False
 
 
 def shard_model(model: nn.Module, cfg: Any, env: DistEnv) -> nn.Module:

@@ -1,9 +1,10 @@
 """Estimated memory of a training setup from the model config alone: what `galore-train memory` prints.
 
 From a meta-device model (so 7B is instant): weights, gradients (all, or the largest one with layer-wise
-updates), optimizer states as each optimizer describes them (its `state_layout`, galore_train/optim/layout.py:
-the estimator adds up, it knows no optimizer's internals), GaLore's projection matrices (part of that layout,
-reported apart), and activations from a documented per-token formula. Units: bytes here, GiB (2**30) in the
+updates and one micro-batch per step), optimizer states as each optimizer describes them (its
+`state_layout`, galore_train/optim/layout.py: the estimator adds up, it knows no optimizer's internals),
+GaLore's projection matrices (part of that layout, reported apart), and activations from a documented
+per-token formula. Units: bytes here, GiB (2**30) in the
 tables (memory_tables.py, with the paper's Table 2). Formulas in docs/memory.md; what a run really uses is
 measured by galore_train/meter.py.
 """
@@ -29,6 +30,7 @@ from galore_train.optim.natural_galore import FISHER_HISTORY
 from galore_train.optim.norm_growth import check_norm_growth_limit
 from galore_train.optim.projector import PROJ_TYPES
 from galore_train.optim.quantize import QUANT_BITS
+from galore_train.plan import plan_steps
 from galore_train.registry import OPTIMIZERS, OptimizerSpec, moments_group, resolve_optimizer_name
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -41,8 +43,10 @@ class MemoryEstimate:
 
     `total` adds every part. `peak` models the step's high-water mark: activations are largest at the
     start of the backward pass, before any gradient exists, and gradients at its end, after the
-    activations are freed, so only the larger of the two counts (the CPU bench confirms it). Over several
-    GPUs every part is one GPU's, and `distributed` is DDP's gradient buckets or FSDP's gathered units.
+    activations are freed, so only the larger of the two counts (the CPU bench confirms it); with gradient
+    accumulation (`accumulating`) the earlier micro-batches' gradients are alive beside the last one's
+    activations, so both count. Over several GPUs every part is one GPU's, and `distributed` is DDP's
+    gradient buckets or FSDP's gathered units.
     """
 
     label: str
@@ -52,6 +56,7 @@ class MemoryEstimate:
     projections: int
     activations: int
     distributed: int = 0
+    accumulating: bool = False
 
     @property
     def total(self) -> int:
@@ -71,7 +76,7 @@ class MemoryEstimate:
             + self.optimizer_states
             + self.projections
             + self.distributed
-            + max(self.gradients, self.activations)
+            + (self.gradients + self.activations if self.accumulating else max(self.gradients, self.activations))
         )
 
 
@@ -97,19 +102,24 @@ def _parameter_shapes(model_config: LlamaConfig, targets: Iterable[str]) -> list
     return [(name, tuple(p.shape), name in target_weights) for name, p in model.named_parameters()]
 
 
-def fsdp_gathered_bytes(named_shapes: Iterable[tuple[str, tuple[int, ...], bool]], dtype_bytes: int) -> int:
-    """The full (unsharded) tensors FSDP2 holds at once beside the shards, as galore_train.distributed shards
-    LLaMA (each decoder layer a unit, the rest -- embeddings, final norm, lm_head -- the root unit): the root's
-    weights and gradient, which stay unsharded all step (FSDP2 does not reshard the root after forward and
-    reduce-scatters its gradient at the end of backward), plus the largest decoder layer's weights and
-    gradient while it runs. An upper bound: the embedding gradient only appears after the last layer's."""
+def fsdp_unit_bytes(named_shapes: Iterable[tuple[str, tuple[int, ...], bool]], dtype_bytes: int) -> dict[str, int]:
+    """Bytes of each FSDP2 unit as galore_train/fsdp.py shards LLaMA: each decoder layer a unit, the rest
+    (embeddings, final norm, lm_head) the root unit ("root")."""
     units: dict[str, int] = {}
     for name, shape, _ in named_shapes:
         match = re.match(r"model\.layers\.\d+\.", name)
         unit = match.group(0) if match else "root"
         units[unit] = units.get(unit, 0) + math.prod(shape) * dtype_bytes
-    root = units.pop("root", 0)
-    return 2 * root + 2 * max(units.values(), default=0)
+    return units
+
+
+def fsdp_gathered_bytes(units: dict[str, int]) -> int:
+    """The full (unsharded) tensors FSDP2 holds at once beside the shards: the root's weights and gradient,
+    which stay unsharded all step (FSDP2 does not reshard the root after forward and reduce-scatters its
+    gradient at the end of backward), plus the largest decoder layer's weights and gradient while it runs.
+    An upper bound: the embedding gradient only appears after the last layer's."""
+    layers = [size for unit, size in units.items() if unit != "root"]
+    return 2 * units.get("root", 0) + 2 * max(layers, default=0)
 
 
 def _method_tensors(method: Any, shape: tuple[int, ...], rank: int) -> list[_Tensor]:
@@ -191,6 +201,7 @@ def estimate_memory(
     apollo_proj: str = "random",
     distributed: str = "ddp",
     nproc: int = 1,
+    total_batch_size: int | None = None,
 ) -> MemoryEstimate:
     """Memory of training `model_config` with `optimizer` (a --optimizer name: optimizer or method).
 
@@ -200,7 +211,9 @@ def estimate_memory(
     only (its optional first moment), `fisher_history` for natural_galore_adamw only, `moments_dtype` (fp32:
     float32 low-rank Adam moments) for the optimizers that take it (registry.MOMENTS_NAMES), `norm_growth_limit`
     (0 = off: no scalar) for Fira and APOLLO, `apollo_proj` ("svd" stores the projection) for APOLLO.
-    With `nproc` > 1 the estimate is per GPU under `distributed` (see `_per_gpu`).
+    With `nproc` > 1 the estimate is per GPU under `distributed` (see `_per_gpu`). `total_batch_size` (sequences
+    per step over all GPUs, as in pretrain) sets the accumulation, which matters with `layerwise` only: its hooks
+    hold every gradient (FSDP: every shard) between micro-batches.
     """
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
     if dtype not in DTYPE_BYTES:
@@ -223,6 +236,9 @@ def estimate_memory(
         check_fsdp_supported(
             TrainConfig(optimizer=optimizer, eightbit=eightbit, layerwise=layerwise, proj_type=proj_type)
         )
+    step_batch = TrainConfig(batch_size=batch_size, total_batch_size=total_batch_size, num_training_steps=1)
+    accumulation = plan_steps(step_batch, nproc).accumulation
+    one_gradient = layerwise and accumulation == 1  # else every gradient (shard) is alive at the step's end
     e = DTYPE_BYTES[dtype]
     method = method_class(optimizer)
     name = resolve_optimizer_name(OPTIMIZERS[optimizer].base if method else optimizer, eightbit)
@@ -260,10 +276,12 @@ def estimate_memory(
     label += ["layer-wise"] if layerwise else []
     label += ["activation checkpointing"] if activation_checkpointing else []
     label += [f"{distributed.upper()} on {nproc} GPUs, per GPU"] if nproc > 1 else []
+    label += [f"accumulation {accumulation}"] if accumulation > 1 else []
     estimate = MemoryEstimate(
         label=", ".join(label + [f"batch {batch_size}x{max_length}"]),
         weights=sum(t.numel for t in tensors) * e,
-        gradients=max(trainable) if layerwise else sum(trainable),
+        gradients=max(trainable) if one_gradient else sum(trainable),
+        accumulating=accumulation > 1,
         optimizer_states=states,
         projections=projections,
         activations=activation_bytes(
@@ -274,22 +292,27 @@ def estimate_memory(
             checkpointing=activation_checkpointing,
         ),
     )
-    return _per_gpu(estimate, nproc, distributed, layerwise, fsdp_gathered_bytes(named_shapes, e))
+    return _per_gpu(estimate, nproc, distributed, layerwise, one_gradient, fsdp_unit_bytes(named_shapes, e))
 
 
-def _per_gpu(estimate: MemoryEstimate, nproc: int, distributed: str, layerwise: bool, gathered: int) -> MemoryEstimate:
+def _per_gpu(
+    estimate: MemoryEstimate, nproc: int, distributed: str, layerwise: bool, one_gradient: bool, units: dict[str, int]
+) -> MemoryEstimate:
     """One GPU's share of a run on `nproc` (docs/memory.md). DDP: every GPU holds everything, plus DDP's
     gradient buckets, a flat copy of every gradient (none with --layerwise: the model is not DDP-wrapped, each
     hook all-reduces its gradient in place). FSDP: weights, gradients and states divided by nproc, plus the
-    unsharded units (`fsdp_gathered_bytes`). Activations are per GPU already (--batch-size is per device)."""
+    unsharded units (`fsdp_gathered_bytes`); with --layerwise and one micro-batch per step, the gradient is one
+    unit's shard (FSDP2 writes a unit's shards as views of one reduce-scatter output, freed after its last hook).
+    Activations are per GPU already (--batch-size is per device)."""
     if nproc == 1:
         return estimate
     if distributed == "ddp":
         return replace(estimate, distributed=0 if layerwise else estimate.gradients)
+    gradients = max(units.values()) if one_gradient else estimate.gradients
     return replace(
         estimate,
         weights=-(-estimate.weights // nproc),
-        gradients=-(-estimate.gradients // nproc),
+        gradients=-(-gradients // nproc),
         optimizer_states=-(-estimate.optimizer_states // nproc),
-        distributed=gathered,
+        distributed=fsdp_gathered_bytes(units),
     )

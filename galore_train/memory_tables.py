@@ -105,7 +105,8 @@ def memory_table(estimate: MemoryEstimate, title: str | None = None) -> Table:
     for name, nbytes in parts:
         table.add_row(name, f"{nbytes / GIB:.3f}")
     table.add_row("total (sum of parts)", f"{estimate.total / GIB:.3f}")
-    table.add_row("peak (gradients or activations)", f"{estimate.peak / GIB:.3f}", style="bold")
+    both = "and activations: accumulation" if estimate.accumulating else "or activations"
+    table.add_row(f"peak (gradients {both})", f"{estimate.peak / GIB:.3f}", style="bold")
     return table
 
 

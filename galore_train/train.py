@@ -148,11 +148,11 @@ class Trainer:
             start_step=start_step,
             **scheduler_kwargs(cfg),
         )
+        module = distributed.wrap_model(self.model, self.env, layerwise=cfg.layerwise)
         # With --layerwise the optimizer steps inside backward, from per-parameter gradient hooks.
         self.updates = build_updates(
-            self.model, self.optimizer, self.env, layerwise=cfg.layerwise, grad_clipping=cfg.grad_clipping
+            self.model, module, self.optimizer, self.env, layerwise=cfg.layerwise, grad_clipping=cfg.grad_clipping
         )
-        module = distributed.wrap_model(self.model, self.env, layerwise=cfg.layerwise)
         self.train_model = torch.compile(module) if cfg.compile else module
 
     def _rebuild_optimizer(self) -> None:
@@ -261,12 +261,7 @@ class Trainer:
 
     def _accumulation_context(self, last_micro_batch: bool):
         """Earlier micro-batches only accumulate: no DDP all-reduce, no layer-wise update."""
-        if last_micro_batch:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.updates.accumulating())
-        stack.enter_context(distributed.no_sync(self.train_model))
-        return stack
+        return contextlib.nullcontext() if last_micro_batch else self.updates.accumulating()
 
     def _skip_step(self, reason: str, loss_value: float) -> dict[str, Any]:
         """A bad loss or gradient never reaches the weights: the guard stops the run or this step's update

@@ -2,7 +2,7 @@
 
 The training loop drives both through the same calls, so it never asks which one it has:
 
-    with updates.accumulating():      # earlier micro-batches: gradients only accumulate
+    with updates.accumulating():      # earlier micro-batches: gradients only accumulate (plain: no DDP/FSDP sync)
         loss.backward()
     loss.backward()                   # last micro-batch (layer-wise: the weights change during it)
     grad_norm = updates.finish()      # the step's gradient norm; a non-finite one is never applied
@@ -12,7 +12,6 @@ The training loop drives both through the same calls, so it never asks which one
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import ContextManager, Protocol
 
@@ -38,17 +37,20 @@ class WeightUpdates(Protocol):
 
 
 class PlainUpdates:
-    """`optimizer.step()` after backward, with global gradient-norm clipping (0 = off)."""
+    """`optimizer.step()` after backward, with global gradient-norm clipping (0 = off). `module` is what
+    forward and backward run through (the DDP wrapper, or the model itself)."""
 
     applies_in_backward = False
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, *, grad_clipping: float) -> None:
+    def __init__(self, model: nn.Module, module: nn.Module, optimizer: Optimizer, *, grad_clipping: float) -> None:
         self.model = model
+        self.module = module
         self.optimizer = optimizer
         self.max_norm = grad_clipping if grad_clipping > 0 else float("inf")
 
     def accumulating(self) -> ContextManager[None]:
-        return contextlib.nullcontext()
+        """Earlier micro-batches skip the gradient communication (DDP no_sync, FSDP2's gradient sync off)."""
+        return distributed.no_sync(self.module)
 
     def finish(self) -> float:
         """Clip, step and clear the gradients; a non-finite norm (a NaN/inf gradient with a finite loss)
@@ -67,11 +69,11 @@ class PlainUpdates:
 
 
 def build_updates(
-    model: nn.Module, optimizer: Optimizer, env: DistEnv, *, layerwise: bool, grad_clipping: float
+    model: nn.Module, module: nn.Module, optimizer: Optimizer, env: DistEnv, *, layerwise: bool, grad_clipping: float
 ) -> WeightUpdates:
-    """Layer-wise under torchrun: the hooks average each gradient across ranks (the model is not DDP-wrapped)."""
+    """`module` runs forward and backward (`distributed.wrap_model`). Layer-wise under torchrun: with DDP the hooks
+    average each gradient across ranks (the model is not DDP-wrapped); FSDP2 hands them reduce-scattered shards."""
     if layerwise:
-        return LayerwiseUpdater(
-            model, optimizer, grad_clipping=grad_clipping, reduce=distributed.gradient_averager(env)
-        )
-    return PlainUpdates(model, optimizer, grad_clipping=grad_clipping)
+        reduce = None if distributed.is_sharded(model) else distributed.gradient_averager(env)
+        return LayerwiseUpdater(model, optimizer, grad_clipping=grad_clipping, reduce=reduce)
+    return PlainUpdates(model, module, optimizer, grad_clipping=grad_clipping)

@@ -6,8 +6,8 @@
 # GPUs the total batch stays 512 x 256 tokens and accumulation grows (one node of 8: accumulation 8,
 # about 8x the wall time). Several nodes: run this script on every node with
 #   NNODES=8 NODE_RANK=<0..7> RDZV_ENDPOINT=<host of node 0>:29500 scripts/paper_table3_7b.sh
-# Layer-wise updates are single-process only (galore-train refuses them under DDP), so these
-# multi-GPU runs use plain 8-bit optimizers; see scripts/paper_4090_7b.sh for the one-GPU layer-wise run.
+# These runs use the paper's plain 8-bit optimizers (with gradient clipping); scripts/paper_4090_7b.sh is the
+# one-GPU layer-wise run, scripts/paper_8x24gb_7b.sh layer-wise on 8 x 24 GB GPUs under FSDP.
 #
 # Expected result (paper, Table 3: validation perplexity after 40K / 80K / 120K / 150K steps, i.e. 5.2B /
 # 10.5B / 15.7B / 19.7B tokens, and memory):

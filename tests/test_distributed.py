@@ -166,14 +166,12 @@ def ddp_cli(work: Path, config_file: str, shared_data) -> Path:
 def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
     """One launch: resume the CLI run from its step-2 checkpoint; a DDP GaLore run dumping each rank's state
     (shared refresh, as the trainer sets it up), the same run with every rank computing every SVD itself
-    (the behaviour before shared refresh), the shared run with layer-wise updates (micro-batches of 2:
-    accumulation 2 on each rank), and a two-sided 4-bit lazy-refresh run (refreshes at steps 0-3, whose
-    interval doubles after the third)."""
+    (the behaviour before shared refresh), and a two-sided 4-bit lazy-refresh run (refreshes at steps 0-3, whose
+    interval doubles after the third). Layer-wise runs: tests/test_distributed_layerwise.py."""
     runs = {
         "resumed": work / "ddp-adamw-resumed",
         "galore": work / "ddp-galore",
         "replicated": work / "ddp-galore-replicated",
-        "layerwise": work / "ddp-galore-layerwise",
         "quantized": work / "ddp-galore-4bit-lazy",
         "right": work / "ddp-galore-right",
     }
@@ -190,10 +188,6 @@ def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
                 "config": run_args(runs["replicated"], config_file, **GALORE),
                 "dump": str(runs["replicated"]),
                 "replicated_refresh": True,
-            },
-            {
-                "config": run_args(runs["layerwise"], config_file, **GALORE, layerwise=True, batch_size=2),
-                "dump": str(runs["layerwise"]),
             },
             {"config": run_args(runs["quantized"], config_file, **quantized), "dump": str(runs["quantized"])},
             {"config": run_args(runs["right"], config_file, **GALORE, proj_type="right"), "dump": None},
@@ -350,23 +344,6 @@ def test_shared_refresh_equals_every_rank_computing_every_svd(ddp_workers):
 
 
 @pytest.mark.slow
-def test_layerwise_under_ddp_equals_plain_ddp(ddp_workers):
-    """Each hook averages its gradient across ranks before the update: the same run as DDP's, with refreshes
-    (steps 0 and 2, each matrix's SVD on its owner only) and gradient accumulation, and the same state on both
-    ranks."""
-    layerwise, plain = losses(ddp_workers["layerwise"]), losses(ddp_workers["replicated"])
-    assert list(layerwise) == list(range(1, STEPS + 1))
-    assert layerwise == pytest.approx(plain, rel=LOSS_RTOL)
-    dumps = rank_dumps(ddp_workers["layerwise"])
-    rank0, rank1 = (dump["projections"] for dump in dumps)
-    assert len(rank0) == 14 and all(torch.equal(rank0[name], rank1[name]) for name in rank0)
-    assert states_equal(dumps[0]["states"], dumps[1]["states"])
-    assert svd_counts(ddp_workers["layerwise"]) == [14, 14]
-    a, b = weights(ddp_workers["layerwise"]), weights(ddp_workers["galore"])
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
-
-
-@pytest.mark.slow
 def test_shared_refresh_keeps_4bit_lazy_projections_identical_on_both_ranks(ddp_workers):
     """Two-sided 4-bit codes and scales, and the lazy-refresh bookkeeping, come out the same on both ranks."""
     rank0, rank1 = (dump["states"] for dump in rank_dumps(ddp_workers["quantized"]))
@@ -450,8 +427,6 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
         fsdp.check_fsdp_supported(TrainConfig(optimizer=optimizer, eightbit=eightbit, distributed="fsdp"))
-    with pytest.raises(UserError, match="--layerwise does not run under --distributed fsdp"):
-        fsdp.check_fsdp_supported(TrainConfig(optimizer="adamw", layerwise=True, distributed="fsdp"))
     fsdp.check_fsdp_supported(TrainConfig(optimizer="adamw", distributed="fsdp"))
     for galore in ("galore_adamw", "galore_adafactor", "natural_galore_adamw", "galore_adamw8bit"):
         fsdp.check_fsdp_supported(TrainConfig(optimizer=galore, proj_type="right", distributed="fsdp"))

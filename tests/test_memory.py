@@ -191,6 +191,29 @@ def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
     assert fsdp.peak == fsdp.weights + fsdp.optimizer_states + fsdp.distributed + max(fsdp.gradients, fsdp.activations)
 
 
+def test_layerwise_under_fsdp_holds_one_unit_shard_or_every_shard_when_accumulating() -> None:
+    """FSDP2 writes a unit's gradient shards as views of one reduce-scatter output, freed after its last hook:
+    one unit's shard at a time. With accumulation the hooks hold every shard between micro-batches (1/N of
+    the gradients, as without --layerwise), alive beside the last micro-batch's activations."""
+    sharded = dict(dtype="fp32", nproc=4, distributed="fsdp", proj_type="right")
+    plain = estimate_memory(CONFIG, "galore_adamw", RANK, **sharded)
+    layerwise = estimate_memory(CONFIG, "galore_adamw", RANK, layerwise=True, **sharded)
+    model = build_model(CONFIG, seed=0)
+    root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("model.layers.")) * 4
+    layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    assert layerwise.gradients == -(-max(root, layer) // 4) < plain.gradients
+    parts = ("weights", "optimizer_states", "projections", "activations", "distributed")
+    assert all(getattr(layerwise, part) == getattr(plain, part) for part in parts)
+    assert layerwise.peak == plain.peak - max(plain.gradients, plain.activations) + max(
+        layerwise.gradients, layerwise.activations
+    )
+    held = estimate_memory(CONFIG, "galore_adamw", RANK, layerwise=True, batch_size=2, total_batch_size=16, **sharded)
+    assert held.gradients == plain.gradients and "accumulation 2" in held.label
+    assert held.peak == held.total  # earlier micro-batches' shards beside the last one's activations
+    one_gpu = estimate_memory(CONFIG, "galore_adamw", RANK, layerwise=True, batch_size=2, total_batch_size=4)
+    assert one_gpu.gradients == estimate_memory(CONFIG, "galore_adamw", RANK).gradients  # every gradient held
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -201,7 +224,7 @@ def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
             "--distributed fsdp supports --optimizer adamw",
         ),
         ({"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adamw"}, "use --proj-type right"),
-        ({"nproc": 2, "distributed": "fsdp", "layerwise": True}, "--layerwise does not run under --distributed fsdp"),
+        ({"nproc": 2, "batch_size": 4, "total_batch_size": 12}, "12 is not a multiple of --batch-size 4 x 2"),
     ],
 )
 def test_bad_distributed_estimates_are_user_errors(options: dict, message: str) -> None:
@@ -235,7 +258,8 @@ def test_7b_plan_fits_a_24gb_gpu_only_with_galore() -> None:
 
 
 def test_7b_on_8_gpus_of_24gb_per_gpu() -> None:
-    """The README's multi-GPU table: 8-bit GaLore layer-wise under DDP and AdamW under FSDP fit, AdamW under DDP not."""
+    """The README's multi-GPU table: 8-bit GaLore layer-wise under DDP, AdamW under FSDP and GaLore layer-wise under
+    FSDP fit, AdamW under DDP not."""
     config = load_model_config("llama_7b")
     plan = dict(activation_checkpointing=True, batch_size=1, max_length=256, dtype="bf16", nproc=8)
     galore = estimate_memory(config, "galore_adamw", 1024, eightbit=True, layerwise=True, **plan)
@@ -245,6 +269,11 @@ def test_7b_on_8_gpus_of_24gb_per_gpu() -> None:
     )
     assert galore.peak < 24e9 and estimate_memory(config, "adamw", 1024, distributed="fsdp", **plan).peak < 24e9
     assert estimate_memory(config, "adamw", 1024, **plan).peak > 24 * GIB
+    # scripts/paper_8x24gb_7b.sh (README): 8-bit GaLore, FSDP + layer-wise at the paper's batch; 16-bit moments too.
+    script = dict(plan, batch_size=16, total_batch_size=512, distributed="fsdp", proj_type="right", layerwise=True)
+    sharded = estimate_memory(config, "galore_adamw", 1024, eightbit=True, **script)
+    assert sharded.accumulating and round(sharded.peak / GIB, 2) == 10.15
+    assert round(estimate_memory(config, "galore_adamw", 1024, **script).peak / GIB, 2) == 10.53
 
 
 # --- measured memory -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import typer
 
 from galore_train.cli import app, config_from_cli
 from galore_train.config import TrainConfig
+from galore_train.fsdp import check_fsdp_supported
 from galore_train.methods import METHOD_NAMES
 from galore_train.model import load_model_config
 from galore_train.plan import plan_steps
@@ -95,9 +96,7 @@ def test_dry_run_prints_valid_commands(script: Path, tmp_path: Path) -> None:
             resolve_optimizer_name(cfg.optimizer, cfg.eightbit)  # a known optimizer (and 8-bit variant)
         plan = plan_steps(cfg, processes)  # the total batch divides over the processes
         assert plan.warmup_steps == plan.total_steps // 10, "warm-up 10% of the steps"
-        assert not (cfg.layerwise and (processes > 1 or cfg.grad_clipping > 0)), (
-            "galore-train refuses these with --layerwise"
-        )
+        assert not (cfg.layerwise and cfg.grad_clipping > 0), "galore-train refuses clipping with --layerwise"
     names = [cfg.output_dir for cfg, _ in configs]
     assert len(set(names)) == len(names), "two runs share an output directory"
 
@@ -148,7 +147,7 @@ def test_table2_has_the_papers_settings(tmp_path: Path) -> None:
         assert (lora.rank, lora.lr) == (rank, 0.001)
 
 
-@pytest.mark.parametrize("script", ["paper_table2.sh", "paper_table3_7b.sh", "paper_4090_7b.sh"])
+@pytest.mark.parametrize("script", ["paper_table2.sh", "paper_table3_7b.sh", "paper_4090_7b.sh", "paper_8x24gb_7b.sh"])
 def test_paper_scripts_take_their_settings_from_the_recipe(script: str, tmp_path: Path) -> None:
     """One copy of the paper's numbers (galore_train/recipes.py): the scripts pass `--recipe paper` and set
     no step count of their own."""
@@ -185,6 +184,16 @@ def test_7b_settings_and_multi_node_launch(tmp_path: Path) -> None:
     assert processes == 1 and single.eightbit and single.layerwise and single.activation_checkpointing
     assert (single.rank, single.gap, single.lr, single.grad_clipping) == (1024, 500, 0.005, 0.0)
     assert plan_steps(single, 1).accumulation == 1
+
+
+def test_7b_on_8_gpus_of_24gb_trains_the_papers_batch_sharded_and_layer_wise(tmp_path: Path) -> None:
+    ((cfg, processes),) = pretrain_configs(ROOT / "scripts/paper_8x24gb_7b.sh", tmp_path)
+    assert processes == 8 and (cfg.distributed, cfg.proj_type) == ("fsdp", "right")
+    assert cfg.optimizer == "galore_adamw" and cfg.eightbit and cfg.layerwise and cfg.activation_checkpointing
+    assert (cfg.rank, cfg.gap, cfg.lr, cfg.grad_clipping, cfg.dtype) == (1024, 500, 0.005, 0.0, "bf16")
+    plan = plan_steps(cfg, processes)
+    assert (plan.total_batch_size, plan.accumulation) == (512, 4)  # 16 per GPU x 8 GPUs x 4 micro-batches
+    check_fsdp_supported(cfg)  # what pretrain checks at start: 8-bit GaLore, layer-wise and right projections shard
 
 
 def test_mini_table2_budget(tmp_path: Path) -> None:

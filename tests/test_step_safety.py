@@ -129,7 +129,7 @@ def test_load_weights_reads_a_checkpoint_split_into_shards(tmp_path):
 def test_the_model_is_sharded_before_it_is_moved_to_the_device(tiny_config_file, tmp_path, monkeypatch, shared_data):
     """FSDP2 moves each layer to the GPU as it shards it: moving the whole model first would put all of it on
     every rank's device (7B: 13.5 GB) before sharding. Stand-ins record the order on CPU."""
-    import galore_train.distributed as distributed_module
+    import galore_train.fsdp as fsdp_module
 
     events = []
     real_to = torch.nn.Module.to
@@ -139,7 +139,7 @@ def test_the_model_is_sharded_before_it_is_moved_to_the_device(tiny_config_file,
             events.append("to device")
         return real_to(self, *args, **kwargs)
 
-    monkeypatch.setattr(distributed_module, "shard_model", lambda model, cfg, env: events.append("shard") or model)
+    monkeypatch.setattr(fsdp_module, "shard_model", lambda model, cfg, env: events.append("shard") or model)
     monkeypatch.setattr(torch.nn.Module, "to", record_to)
     Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run"))).train_stream.close()
     assert events[:2] == ["shard", "to device"]

@@ -14,19 +14,26 @@ training loop steps it once per optimizer step, exactly as without `--layerwise`
 Gradient accumulation: inside `with updater.accumulating():` the hooks move each gradient into a
 buffer owned by the updater (summed in the same order autograd would sum it), so `.grad` stays None
 and the invariant above holds; the backward of the last micro-batch then adds the buffer and steps.
-Accumulation therefore keeps a full gradient set between micro-batches: correct, but the memory
-saving on gradients only materialises with one micro-batch per step.
+Accumulation therefore keeps a full gradient set between micro-batches (under FSDP2: the rank's shards,
+1/N of it): correct, but the memory saving on gradients only materialises with one micro-batch per step.
 
 Non-finite gradients: each hook checks its gradient's norm before stepping (one device sync per
-parameter, the price of never applying a NaN). From the first non-finite gradient on, no parameter of
-this step is updated, and `finish()` returns a non-finite norm so the loop skips or stops the step as
-for a non-finite loss. What cannot be undone: parameters whose hooks ran earlier in this backward
-(layers nearer the output) keep their update of this step; it was computed from finite gradients.
+parameter, the price of never applying a NaN; under FSDP2 the shards' squared norms are summed over
+ranks first, one scalar all-reduce, so every rank takes the same decision). From the first non-finite
+gradient on, no parameter of this step is updated, and `finish()` returns a non-finite norm so the loop
+skips or stops the step as for a non-finite loss. What cannot be undone: parameters whose hooks ran
+earlier in this backward (layers nearer the output) keep their update of this step; it was computed
+from finite gradients.
 
 Several processes (data parallel): DDP's wrapper would all-reduce gradients in its own hooks, after
 ours had stepped, so the model is not DDP-wrapped; instead each hook averages its completed gradient
 across ranks (`reduce`, from the training loop) before the update. Every rank then applies the same
-averaged gradient, as under DDP.
+averaged gradient, as under DDP. FSDP2 (a `fully_shard`-ed model) needs no `reduce`: autograd never
+sees its sharded parameters, and FSDP2 itself runs their post-accumulate-grad hooks once it has written
+each reduce-scattered (averaged) gradient shard, one FSDP unit at a time, in the same order on every
+rank; the hook then updates the rank's shard. FSDP2 reduce-scatters every micro-batch here (the
+training loop does not turn its gradient sync off with layer-wise updates), so the hooks of earlier
+micro-batches hold 1/N shards rather than FSDP2 keeping whole unsharded gradients between them.
 
 Not supported, refused with a UserError: global gradient-norm clipping (it needs every gradient
 before the first update) and a DDP-wrapped model. The global gradient norm is still available for
@@ -44,8 +51,10 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from galore_train.distributed import is_sharded
 from galore_train.errors import UserError
 
 GradientReduce = Callable[[torch.Tensor], None]  # averages a gradient across processes, in place
@@ -59,7 +68,8 @@ def check_layerwise_supported(model: nn.Module, grad_clipping: float, reduce: Op
             "others' gradients exist); use --grad-clipping 0 with --layerwise"
         )
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if isinstance(model, nn.parallel.DistributedDataParallel) or (several and reduce is None):
+    reduced = reduce is not None or is_sharded(model)  # FSDP2 reduce-scatters before the hooks run
+    if isinstance(model, nn.parallel.DistributedDataParallel) or (several and not reduced):
         raise UserError("--layerwise needs the unwrapped model and a gradient reduction across processes")
 
 
@@ -150,10 +160,19 @@ class LayerwiseUpdater:
             param.grad = held.add_(param.grad)
         if self._reduce is not None:
             self._reduce(param.grad)
-        # Norm in the gradient's own dtype (float accumulation inside): no full-size fp32 copy.
-        sq_norm = torch.linalg.vector_norm(param.grad).float().square()
+        sq_norm = _squared_norm(param.grad)
         self._sq_norm = self._sq_norm + sq_norm
         self._poisoned = self._poisoned or not bool(torch.isfinite(sq_norm))  # the one sync per parameter
         if not self._poisoned:
             self.optimizer.step()
         param.grad = None
+
+
+def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of a whole gradient, in float32. Computed in the gradient's own dtype (float accumulation
+    inside): no full-size fp32 copy. A DTensor (FSDP2's row shards) sums its shards' squares over the ranks."""
+    if not isinstance(grad, DTensor):
+        return torch.linalg.vector_norm(grad).float().square()
+    sq_norm = torch.linalg.vector_norm(grad.to_local()).float().square()
+    dist.all_reduce(sq_norm, group=grad.device_mesh.get_group())
+    return sq_norm
