@@ -3,23 +3,25 @@
 Each source shard becomes `NNNNN.tokens` (the documents' content ids, no special tokens, uint16, back to back) and
 `NNNNN.offsets.npy` (int64 document boundaries, one more than the documents), memory-mapped when read.
 `manifest.json` records the tokenizer (name and a hash of its full definition), each source file with its
-document and token counts, and the totals. Reading yields one `datasets` shard per source shard, in the same
-order, with the same documents as streaming the json shards (bad lines are skipped the same way), so shard
-shuffle, rank split, shuffle buffer and resume behave as when streaming, and the same seed gives the same
-batches: the special tokens and truncation are applied when the batch is made (`Tokenize.from_ids`).
+document and token counts, and the totals. A prepared shard holds the same documents as its json shard (bad
+lines are skipped the same way), and they are read in the order `datasets` streams the json shards in
+(shard_order.py), so shard shuffle, rank split, shuffle buffer and resume behave as when streaming, and the same
+seed gives the same batches: the special tokens and truncation are applied when the batch is made (stream.py).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import datasets
 import numpy as np
 
+from galore_train.data.shard_order import ShardOrder
 from galore_train.data.sources import expand_data_files, read_c4_lines
 from galore_train.data.tokens import Tokenize, load_tokenizer, tokenizer_fingerprint
 from galore_train.errors import UserError
@@ -85,17 +87,31 @@ def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: i
     return manifest
 
 
-def _read_shards(directory: str, stems: list[str]) -> Iterator[dict[str, list[int]]]:
-    for stem in stems:
-        offsets = np.load(Path(directory) / f"{stem}.offsets.npy")
-        tokens = np.memmap(Path(directory) / f"{stem}.tokens", dtype=np.uint16, mode="r")
-        for start, end in zip(offsets[:-1], offsets[1:]):
-            yield {"ids": tokens[start:end].tolist()}
+class PreparedDocuments:
+    """A checked prepared directory: per shard its memory-mapped tokens and document offsets. Documents are
+    global indices (shard by shard, in manifest order); `order` reads them as streaming the json shards would."""
+
+    def __init__(self, path: Path, shards: list[dict[str, Any]]) -> None:
+        # plain ndarray views of the maps: slicing a np.memmap costs more than copying a document's ids
+        self.tokens = [
+            np.memmap(path / f"{s['stem']}.tokens", dtype=np.uint16, mode="r").view(np.ndarray) for s in shards
+        ]
+        self.offsets = [np.load(path / f"{s['stem']}.offsets.npy", mmap_mode="r").view(np.ndarray) for s in shards]
+        self.counts = [s["documents"] for s in shards]
+        self.first = [0, *itertools.accumulate(self.counts)]
+
+    def order(self, seed: int, epoch: int, rank: int, world_size: int, state: dict | None) -> ShardOrder:
+        return ShardOrder(self.counts, seed, epoch, rank, world_size, state)
+
+    def ids(self, document: int) -> np.ndarray:
+        """The document's content ids (uint16, no special tokens)."""
+        shard = bisect.bisect_right(self.first, document) - 1
+        start, end = self.offsets[shard][document - self.first[shard] : document - self.first[shard] + 2]
+        return self.tokens[shard][start:end]
 
 
-def prepared_documents(directory: str, tokenize: Tokenize) -> datasets.IterableDataset:
-    """The prepared documents as a `datasets` source (one shard per source shard), after checking the directory
-    against its manifest and the run's tokenizer."""
+def prepared_documents(directory: str, tokenize: Tokenize) -> PreparedDocuments:
+    """The prepared documents, after checking the directory against its manifest and the run's tokenizer."""
     path = Path(directory)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -126,6 +142,4 @@ def prepared_documents(directory: str, tokenize: Tokenize) -> datasets.IterableD
             raise UserError(f"cannot read prepared data file {offsets}: {err}") from None
         if len(bounds) != shard["documents"] + 1 or int(bounds[-1]) != shard["tokens"]:
             raise UserError(f"prepared data file {offsets} does not match its manifest (prepare the data again)")
-    return datasets.IterableDataset.from_generator(
-        _read_shards, gen_kwargs={"directory": str(path), "stems": [s["stem"] for s in shards]}
-    )
+    return PreparedDocuments(path, shards)
