@@ -461,6 +461,21 @@ def test_prepared_order_and_position_are_those_of_datasets(counts):
 
 
 @pytest.mark.parametrize("pack", [False, True])
+def test_prepared_ids_the_model_cannot_embed_become_unk_and_are_counted(tokenize, tmp_path, pack):
+    from galore_train.data.prepared import prepare_data
+
+    write_shard(tmp_path / "a.json.gz", [json.dumps({"text": f"<extra_id_{i}> word {i} " * 9}) for i in range(30)])
+    files = str(tmp_path / "*.json.gz")
+    prepare_data(files, TOKENIZER, tmp_path / "prepared")
+    start = tokenize.remapped_ids
+    streamed = [train_stream(tokenize, files=files, pack=pack).next_batch() for _ in range(3)]
+    counted = tokenize.remapped_ids - start
+    prepared = [prepared_stream(tokenize, tmp_path / "prepared", pack=pack).next_batch() for _ in range(3)]
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(streamed, prepared) for key in a)
+    assert tokenize.remapped_ids - start == 2 * counted > 0
+
+
+@pytest.mark.parametrize("pack", [False, True])
 def test_a_run_can_switch_from_its_shards_to_their_prepared_directory(tokenize, prepared_dir, pack):
     streamed = train_stream(tokenize, pack=pack, shuffle_buffer=8, batch_size=8)
     consumed(streamed, 3)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tokenizers
 
 from galore_train.data.shard_order import ShardOrder
 from galore_train.data.sources import expand_data_files, read_c4_lines
@@ -35,14 +36,15 @@ def is_prepared(path: str | None) -> bool:
     return bool(path) and (Path(path) / MANIFEST).is_file()
 
 
-def _prepare_file(index: int, source: str, tokenizer_name: str, output: str) -> dict[str, Any]:
-    """Tokenize one source shard into its token and offset files (runs in a worker process)."""
-    backend = Tokenize.private_backend(load_tokenizer(tokenizer_name))
+def _prepare_file(index: int, source: str, definition: str, output: str) -> dict[str, Any]:
+    """Tokenize one source shard into its token and offset files (runs in a worker process). `definition` is the
+    Rust tokenizer's JSON (loading it is instant; loading by name converts the SentencePiece model again)."""
+    backend = tokenizers.Tokenizer.from_str(definition)
     stem = Path(output) / f"{index:05d}"
     offsets = [0]
     with open(f"{stem}.tokens", "wb") as handle:
         texts: list[str] = []
-        for record in [*read_c4_lines([source]), None]:
+        for record in itertools.chain(read_c4_lines([source]), [None]):
             if record is not None:
                 texts.append(record["text"])
             if texts and (record is None or len(texts) == CHUNK_DOCUMENTS):
@@ -67,11 +69,12 @@ def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: i
     tokenizer = load_tokenizer(tokenizer_name)
     if len(tokenizer) > np.iinfo(np.uint16).max + 1:
         raise UserError(f"the tokenizer has {len(tokenizer)} ids: more than prepared data's uint16 tokens hold")
-    if Tokenize.private_backend(tokenizer) is None:
+    backend = Tokenize.private_backend(tokenizer)
+    if backend is None:
         raise UserError(f"tokenizer {tokenizer_name!r} has no fast (Rust) version, which prepare-data needs")
     output.mkdir(parents=True, exist_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)  # no manifest until every file is complete
-    arguments = [(index, file, tokenizer_name, str(output)) for index, file in enumerate(files)]
+    arguments = [(index, file, backend.to_str(), str(output)) for index, file in enumerate(files)]
     with ProcessPoolExecutor(max_workers=max(1, num_proc)) as pool:
         shards = list(pool.map(_prepare_file, *zip(*arguments)))
     manifest = {
@@ -99,9 +102,27 @@ class PreparedDocuments:
         self.offsets = [np.load(path / f"{s['stem']}.offsets.npy", mmap_mode="r").view(np.ndarray) for s in shards]
         self.counts = [s["documents"] for s in shards]
         self.first = [0, *itertools.accumulate(self.counts)]
+        self.first_array = np.asarray(self.first, dtype=np.int64)
 
     def order(self, seed: int, epoch: int, rank: int, world_size: int, state: dict | None) -> ShardOrder:
         return ShardOrder(self.counts, seed, epoch, rank, world_size, state)
+
+    def kept(self, documents: list[int], width: int, fill: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `width` content ids of each document (then `fill`) and how many there are: one gather per
+        shard."""
+        documents = np.asarray(documents, dtype=np.int64)
+        shards = np.searchsorted(self.first_array, documents, side="right") - 1
+        kept = np.empty((len(documents), width), dtype=np.int64)
+        lengths = np.empty(len(documents), dtype=np.int64)
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            local = documents[rows] - self.first[shard]
+            starts, ends = self.offsets[shard][local], self.offsets[shard][local + 1]
+            lengths[rows] = np.minimum(ends - starts, width)
+            valid = np.arange(width) < lengths[rows, None]
+            block = self.tokens[shard][np.where(valid, starts[:, None] + np.arange(width), 0)]
+            kept[rows] = np.where(valid, block, fill)
+        return kept, lengths
 
     def ids(self, document: int) -> np.ndarray:
         """The document's content ids (uint16, no special tokens)."""

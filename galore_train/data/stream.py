@@ -128,31 +128,45 @@ class BatchStream:
     def _produce_prepared(self) -> tuple[Batch, int]:
         """`produce` on prepared data: the same batches, cut from the token files. Documents of another kind (in the
         buffer of a run resumed from its json shards) go through `_tokenize` one by one."""
-        tokenize, length = self.tokenize, self.tokenize.max_length
-        if not self.pack:
-            input_ids = np.full((self.batch_size, length), tokenize.pad_id, dtype=np.int64)
-            lengths = np.empty(self.batch_size, dtype=np.int64)
-            for row in range(self.batch_size):
-                at = 0
-                for piece in self._pieces(self._next_document(), truncate=True):
-                    input_ids[row, at : at + len(piece)] = piece
-                    at += len(piece)
-                lengths[row] = at
-            return tokenize.batch(input_ids, lengths), tokenize.remap(input_ids, lengths)
-        needed = self.batch_size * length
+        return self._packed_prepared() if self.pack else self._padded_prepared()
+
+    def _padded_prepared(self) -> tuple[Batch, int]:
+        tokenize = self.tokenize
+        documents = [self._next_document() for _ in range(self.batch_size)]
+        prepared = [row for row, document in enumerate(documents) if isinstance(document, int)]
+        input_ids = np.full((self.batch_size, tokenize.max_length), tokenize.pad_id, dtype=np.int64)
+        lengths = np.empty(self.batch_size, dtype=np.int64)
+        if prepared:  # `Tokenize.from_ids` on all rows at once: special tokens, the kept content, special tokens
+            (before, after), width = self._specials, tokenize.content_length
+            kept, counts = self.prepared.kept([documents[row] for row in prepared], width, tokenize.pad_id)
+            rows = np.asarray(prepared)
+            input_ids[rows, len(before) : len(before) + width] = kept
+            input_ids[rows, : len(before)] = before
+            ends = len(before) + counts
+            input_ids[rows[:, None], ends[:, None] + np.arange(len(after))] = after
+            lengths[rows] = ends + len(after)
+        for row in set(range(self.batch_size)) - set(prepared):
+            (ids,) = self._pieces(documents[row], truncate=True)
+            input_ids[row, : len(ids)], lengths[row] = ids, len(ids)
+        remapped = tokenize.remap(input_ids, lengths)  # before `batch` copies the labels
+        return tokenize.batch(input_ids, lengths), remapped
+
+    def _packed_prepared(self) -> tuple[Batch, int]:
+        needed = self.batch_size * self.tokenize.max_length
         pieces, size = [np.asarray(self.leftover, dtype=np.int64)], len(self.leftover)
-        while size < needed:
+        while size < needed:  # documents one at a time: their lengths are known, so the leftover stays short
             more = self._pieces(self._next_document(), truncate=False)
             pieces += more
             size += sum(map(len, more))
         tokens = np.concatenate(pieces).astype(np.int64, copy=False)
-        remapped = tokenize.remap(tokens[len(pieces[0]) :])  # the leftover was counted when it was read
+        remapped = self.tokenize.remap(tokens[len(pieces[0]) :])  # the leftover was counted when it was read
         self.leftover = tokens[needed:]
-        rows = tokens[:needed].reshape(self.batch_size, length).copy()
-        return tokenize.batch(rows, np.full(self.batch_size, length)), remapped
+        rows = tokens[:needed].reshape(self.batch_size, -1).copy()
+        return self.tokenize.batch(rows, np.full(self.batch_size, rows.shape[1])), remapped
 
     def _pieces(self, document: Document, truncate: bool) -> list[np.ndarray]:
-        """The document's ids in pieces (special tokens, content), as `Tokenize.from_ids` makes them."""
+        """The document's ids in pieces (special tokens, content, special tokens: `Tokenize.from_ids`; or one piece
+        for a document of another kind)."""
         before, after = self._specials
         if isinstance(document, int):
             content = self.prepared.ids(document)
