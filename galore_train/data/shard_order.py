@@ -93,13 +93,13 @@ class ShardOrder:
         while round_ < end:
             rounds = np.arange(round_, min(round_ + CHUNK_ROUNDS, end))
             which, groups = np.nonzero(self.lengths[None, :] > rounds[:, None])
-            documents = self._global(groups, rounds[which])
-            for index in range(skip, len(documents)):
-                if (position + index) % self.step == self.offset:
-                    # the rank's step reads its whole group of `step` documents (to the end, if fewer are left)
-                    read = position + index - self.offset + self.step
-                    self.position, self.finished = min(read, self.total), read > self.total
-                    yield int(documents[index])
+            documents = self._global(groups, rounds[which]).tolist()
+            first = skip + (self.offset - position - skip) % self.step  # this rank's first document from `skip` on
+            for index in range(first, len(documents), self.step):
+                # the rank's step reads its whole group of `step` documents (to the end, if fewer are left)
+                read = position + index - self.offset + self.step
+                self.position, self.finished = (read, False) if read <= self.total else (self.total, True)
+                yield documents[index]
             position += len(documents)
             round_, skip = int(rounds[-1]) + 1, 0
         self.position, self.finished = self.total, True
