@@ -458,6 +458,8 @@ def test_prepared_order_and_position_are_those_of_datasets(counts):
             for state in states:
                 expected = [record["i"] for record in source(epoch, rank, world_size, state)]
                 assert list(ShardOrder(counts, 7, epoch, rank, world_size, state)) == expected
+    with pytest.raises(UserError, match="saved data position does not fit this data"):
+        ShardOrder(counts, 7, 0, 0, 1, {"examples_iterable": {"previous_states": []}, "epoch": 0})
 
 
 @pytest.mark.parametrize("pack", [False, True])

@@ -70,7 +70,7 @@ class ShardOrder:
         self.total = int(self.lengths.sum())
         self.position = 0  # documents of the round-robin read so far (before the rank's step)
         self.finished = False
-        if state is not None:
+        if state is not None and state.get("epoch") == self.epoch:  # datasets ignores another epoch's position
             self._load(state)
         self._documents = self._read()
 
@@ -172,16 +172,14 @@ class ShardOrder:
         return (group + 1) % count
 
     def _load(self, state: dict[str, Any]) -> None:
-        cycling = state["examples_iterable"]
-        if self.step > 1:
-            cycling = cycling["examples_iterable"]
-        previous = cycling["previous_states"]
-        if len(previous) != len(self.groups):
-            raise UserError(
-                f"the saved data position reads {len(previous)} groups of shards, this data {len(self.groups)}: "
-                "it was saved on other data"
+        try:
+            cycling = state["examples_iterable"]
+            previous = (cycling["examples_iterable"] if self.step > 1 else cycling)["previous_states"]
+            if len(previous) != len(self.groups):
+                raise ValueError(f"{len(previous)} groups of shards, this data has {len(self.groups)}")
+            self.position = sum(
+                0 if reader is None else int(bounds[reader["shard_idx"]]) + reader["shard_example_idx"]
+                for reader, bounds in zip(previous, self.bounds)
             )
-        self.position = sum(
-            0 if reader is None else int(bounds[reader["shard_idx"]]) + reader["shard_example_idx"]
-            for reader, bounds in zip(previous, self.bounds)
-        )
+        except (KeyError, TypeError, IndexError, ValueError) as err:
+            raise UserError(f"the saved data position does not fit this data or process count ({err})") from None
