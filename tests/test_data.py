@@ -462,6 +462,15 @@ def test_prepared_order_and_position_are_those_of_datasets(counts):
         ShardOrder(counts, 7, 0, 0, 1, {"examples_iterable": {"previous_states": []}, "epoch": 0})
 
 
+def test_the_prepared_reader_keeps_few_shards_open(tokenize, prepared_dir, monkeypatch):
+    import galore_train.data.prepared
+
+    monkeypatch.setattr(galore_train.data.prepared, "MAX_OPEN", 1)  # every map holds a file descriptor
+    streamed, prepared = train_stream(tokenize, batch_size=32), prepared_stream(tokenize, prepared_dir, batch_size=32)
+    assert all(torch.equal(a, b) for a, b in zip(consumed(streamed, 60), consumed(prepared, 60)))  # both shards
+    assert len(prepared.stream.prepared._open) == 1
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_prepared_ids_the_model_cannot_embed_become_unk_and_are_counted(tokenize, tmp_path, pack):
     from galore_train.data.prepared import prepare_data

@@ -15,6 +15,8 @@ import bisect
 import itertools
 import json
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from galore_train.errors import UserError
 MANIFEST = "manifest.json"
 FORMAT = 1
 CHUNK_DOCUMENTS = 1000
+MAX_OPEN = 32  # shards whose maps stay open
 
 
 def is_prepared(path: str | None) -> bool:
@@ -95,14 +98,28 @@ class PreparedDocuments:
     global indices (shard by shard, in manifest order); `order` reads them as streaming the json shards would."""
 
     def __init__(self, path: Path, shards: list[dict[str, Any]]) -> None:
-        # plain ndarray views of the maps: slicing a np.memmap costs more than copying a document's ids
-        self.tokens = [
-            np.memmap(path / f"{s['stem']}.tokens", dtype=np.uint16, mode="r").view(np.ndarray) for s in shards
-        ]
-        self.offsets = [np.load(path / f"{s['stem']}.offsets.npy", mmap_mode="r").view(np.ndarray) for s in shards]
+        self.path = path
+        self.stems = [s["stem"] for s in shards]
         self.counts = [s["documents"] for s in shards]
         self.first = [0, *itertools.accumulate(self.counts)]
         self.first_array = np.asarray(self.first, dtype=np.int64)
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()  # the producer reads batches while a checkpoint writes the buffer out
+
+    def _maps(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's (tokens, offsets) maps. Each map holds a file descriptor, so only the MAX_OPEN last used
+        stay open (C4 has 1,024 shards; a rank reads at most 10 at a time). Plain ndarray views: slicing a
+        np.memmap costs more than copying a document's ids."""
+        with self._lock:
+            if shard in self._open:
+                self._open.move_to_end(shard)
+                return self._open[shard]
+            stem = self.path / self.stems[shard]
+            tokens = np.memmap(f"{stem}.tokens", dtype=np.uint16, mode="r").view(np.ndarray)
+            maps = self._open[shard] = tokens, np.load(f"{stem}.offsets.npy", mmap_mode="r").view(np.ndarray)
+            if len(self._open) > MAX_OPEN:
+                self._open.popitem(last=False)
+            return maps
 
     def order(self, seed: int, epoch: int, rank: int, world_size: int, state: dict | None) -> ShardOrder:
         return ShardOrder(self.counts, seed, epoch, rank, world_size, state)
@@ -117,18 +134,20 @@ class PreparedDocuments:
         for shard in np.unique(shards):
             rows = np.flatnonzero(shards == shard)
             local = documents[rows] - self.first[shard]
-            starts, ends = self.offsets[shard][local], self.offsets[shard][local + 1]
+            tokens, offsets = self._maps(shard)
+            starts, ends = offsets[local], offsets[local + 1]
             lengths[rows] = np.minimum(ends - starts, width)
             valid = np.arange(width) < lengths[rows, None]
-            block = self.tokens[shard][np.where(valid, starts[:, None] + np.arange(width), 0)]
+            block = tokens[np.where(valid, starts[:, None] + np.arange(width), 0)]
             kept[rows] = np.where(valid, block, fill)
         return kept, lengths
 
     def ids(self, document: int) -> np.ndarray:
         """The document's content ids (uint16, no special tokens)."""
         shard = bisect.bisect_right(self.first, document) - 1
-        start, end = self.offsets[shard][document - self.first[shard] : document - self.first[shard] + 2]
-        return self.tokens[shard][start:end]
+        tokens, offsets = self._maps(shard)
+        start, end = offsets[document - self.first[shard] : document - self.first[shard] + 2]
+        return tokens[start:end]
 
 
 def prepared_documents(directory: str, tokenize: Tokenize) -> PreparedDocuments:
