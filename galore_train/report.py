@@ -147,6 +147,7 @@ def _runs_table(runs: list[Run]) -> str:
             _ppl(r.val_perplexity),
             *(_gib(r.peaks.get(p)) for p in ("memory", *COMPONENTS)),
             _count(r.tokens_per_second),
+            f"{r.data_wait_share:.2%}" if r.data_wait_share is not None else "—",
         ]
 
     header = [
@@ -167,6 +168,7 @@ def _runs_table(runs: list[Run]) -> str:
         "Opt. state",
         "Other",
         "Tokens/s",
+        "Data wait",
     ]
     return _markdown_table(header, [row(r) for r in runs])
 
@@ -242,6 +244,7 @@ CSV_FIELDS = (
     "est_weights_and_states_gb",
     "est_total_gb",
     "tokens_per_second",
+    "data_wait_share",
 )
 
 
@@ -273,6 +276,7 @@ def csv_report(runs: list[Run]) -> str:
                 "est_weights_and_states_gb": run.estimated("weights_and_states") or "",
                 "est_total_gb": run.estimated("total") or "",
                 "tokens_per_second": run.tokens_per_second or "",
+                "data_wait_share": "" if run.data_wait_share is None else run.data_wait_share,
             }
         )
     return out.getvalue()

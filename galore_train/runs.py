@@ -79,6 +79,7 @@ class Run:
     evals: list[tuple[int, float]] = field(default_factory=list)  # (tokens seen, val perplexity)
     peaks: dict[str, float] = field(default_factory=dict)  # GiB: "memory" and each of COMPONENTS
     tokens_per_second: Optional[float] = None
+    data_wait_share: Optional[float] = None  # of the logged steps' time, the part spent waiting for batches
     model_config_path: Optional[Path] = None  # the checkpoint's config.json, for the estimator
     estimate: Optional[dict[str, float]] = None  # GiB from galore_train.memory, filled by report()
 
@@ -228,8 +229,21 @@ def load_run(run_dir: Path) -> Run:
         evals=[(int(r.get("tokens_seen", 0)), float(r["val_perplexity"])) for _, r in sorted(evals.items())],
         peaks=_peaks(steps),
         tokens_per_second=statistics.median(speeds) if speeds else None,
+        data_wait_share=_data_wait_share(steps),
         model_config_path=model_config,
     )
+
+
+def _data_wait_share(step_records: list[dict[str, Any]]) -> Optional[float]:
+    """Waited / step time over the logged steps (a logged step's time is its tokens over its window's speed)."""
+    waited, took = 0.0, 0.0
+    for record in step_records:
+        wait, tokens, speed = (
+            _number(record.get(k)) for k in ("data_wait_seconds", "step_tokens", "tokens_per_second")
+        )
+        if wait is not None and tokens and speed:
+            waited, took = waited + wait, took + tokens / speed
+    return waited / took if took else None
 
 
 def _peaks(step_records: list[dict[str, Any]]) -> dict[str, float]:

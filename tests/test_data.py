@@ -2,8 +2,10 @@
 
 import glob
 import gzip
+import itertools
 import json
 
+import datasets
 import pytest
 import torch
 from conftest import EVAL_FILES, TOKENIZER, TRAIN_FILES
@@ -399,19 +401,89 @@ def prepared_stream(tokenize, directory, **kwargs):
 
 
 @pytest.mark.parametrize("pack", [False, True])
-@pytest.mark.parametrize("rank", [0, 1])
-def test_prepared_data_gives_the_streamed_batches_and_resumes(tokenize, prepared_dir, pack, rank):
-    split = dict(pack=pack, rank=rank, world_size=2, shuffle_buffer=8, batch_size=32)
+@pytest.mark.parametrize(("rank", "world_size"), [(0, 2), (1, 2), (2, 3)])  # whole shards; every third document
+def test_prepared_data_gives_the_streamed_batches_and_resumes(tokenize, prepared_dir, pack, rank, world_size):
+    split = dict(pack=pack, rank=rank, world_size=world_size, shuffle_buffer=8, batch_size=32)
     streamed, prepared = train_stream(tokenize, **split), prepared_stream(tokenize, prepared_dir, prefetch=2, **split)
-    count = 250 if pack else 40  # into the second epoch of this rank's shard
+    count = 250 if pack else 40  # into the second epoch of this rank's share
     with prepared:
-        assert all(torch.equal(a, b) for a, b in zip(consumed(streamed, count), consumed(prepared, count)))
+        for _ in range(count):
+            a, b = streamed.next_batch(), prepared.next_batch()
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
         assert prepared.epoch == streamed.epoch >= 1
         state = json.loads(json.dumps(prepared.state_dict()))
+        if not pack:  # both read the same documents per batch: the same position, in the same format
+            assert {**state, "buffer": None} == {**streamed.state_dict(), "buffer": None}
         expected = consumed(prepared, 3)
     resumed = prepared_stream(tokenize, prepared_dir, **split)
     resumed.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(expected, consumed(resumed, 3)))
+
+
+# an empty shard; more than 10 shards (read in groups)
+@pytest.mark.parametrize("counts", [[3, 2, 4], [5, 0, 3, 1], [4, 4], [1], [2, 7, 1, 0, 3, 4, 2, 2, 5, 1, 3, 6, 2]])
+def test_prepared_order_and_position_are_those_of_datasets(counts):
+    """ShardOrder against `datasets` itself, as BatchStream uses it: every document, every state, and resuming
+    from every state, for each rank of 1-3 and three epochs (the generator yields global document indices)."""
+    from datasets.distributed import split_dataset_by_node
+
+    from galore_train.data.shard_order import ShardOrder
+
+    def documents(shards):
+        for first, count in shards:
+            yield from ({"i": first + j} for j in range(count))
+
+    def source(epoch, rank, world_size, state=None):
+        shards = list(zip(itertools.accumulate([0, *counts[:-1]]), counts))
+        dataset = datasets.IterableDataset.from_generator(documents, gen_kwargs={"shards": shards})
+        dataset = dataset.shuffle(seed=7, buffer_size=1)
+        dataset.set_epoch(epoch)
+        if world_size > 1:
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        if state is not None:
+            dataset.load_state_dict(state)
+        return dataset
+
+    for world_size, epoch in itertools.product((1, 2, 3), (0, 1, 2)):
+        for rank in range(world_size):
+            theirs, ours = source(epoch, rank, world_size), ShardOrder(counts, 7, epoch, rank, world_size)
+            states, their_documents, our_documents = [], iter(theirs), iter(ours)
+            while True:  # to the state after the end
+                record = next(their_documents, None)
+                assert (record and record["i"]) == next(our_documents, None)
+                assert ours.state_dict() == theirs.state_dict()
+                if record is None:
+                    break
+                states.append(theirs.state_dict())
+            for state in states:
+                expected = [record["i"] for record in source(epoch, rank, world_size, state)]
+                assert list(ShardOrder(counts, 7, epoch, rank, world_size, state)) == expected
+    with pytest.raises(UserError, match="saved data position does not fit this data"):
+        ShardOrder(counts, 7, 0, 0, 1, {"examples_iterable": {"previous_states": []}, "epoch": 0})
+
+
+def test_the_prepared_reader_keeps_few_shards_open(tokenize, prepared_dir, monkeypatch):
+    import galore_train.data.prepared
+
+    monkeypatch.setattr(galore_train.data.prepared, "MAX_OPEN", 1)  # every map holds a file descriptor
+    streamed, prepared = train_stream(tokenize, batch_size=32), prepared_stream(tokenize, prepared_dir, batch_size=32)
+    assert all(torch.equal(a, b) for a, b in zip(consumed(streamed, 60), consumed(prepared, 60)))  # both shards
+    assert len(prepared.stream.prepared._open) == 1
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_prepared_ids_the_model_cannot_embed_become_unk_and_are_counted(tokenize, tmp_path, pack):
+    from galore_train.data.prepared import prepare_data
+
+    write_shard(tmp_path / "a.json.gz", [json.dumps({"text": f"<extra_id_{i}> word {i} " * 9}) for i in range(30)])
+    files = str(tmp_path / "*.json.gz")
+    prepare_data(files, TOKENIZER, tmp_path / "prepared")
+    start = tokenize.remapped_ids
+    streamed = [train_stream(tokenize, files=files, pack=pack).next_batch() for _ in range(3)]
+    counted = tokenize.remapped_ids - start
+    prepared = [prepared_stream(tokenize, tmp_path / "prepared", pack=pack).next_batch() for _ in range(3)]
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(streamed, prepared) for key in a)
+    assert tokenize.remapped_ids - start == 2 * counted > 0
 
 
 @pytest.mark.parametrize("pack", [False, True])

@@ -35,6 +35,7 @@ def write_run(
     rank: int = 64,
     weights_gb: float = 0.034,
     optimizer_gb: float = 0.067,
+    data_wait: float | None = None,
     **settings,
 ) -> Path:
     """A run directory of `done` of `steps` steps (finished when done == steps): step records every
@@ -77,6 +78,7 @@ def write_run(
                 "peak_grads_gb": 0.05 * wobble,
                 "peak_optimizer_state_gb": optimizer_gb * wobble,
                 "peak_other_gb": 0.3 * wobble,
+                **({} if data_wait is None else {"data_wait_seconds": data_wait * (2 if step % 2 else 0)}),
             }
         )
         if step % 50 == 0:
@@ -272,6 +274,17 @@ def test_csv_beside_the_markdown_and_on_its_own(tmp_path: Path) -> None:
     assert float(rows[0]["val_perplexity"]) == 610.0 and rows[0]["method"] == "Full-Rank" and rows[0]["steps"] == "100"
     assert float(rows[0]["tokens_per_second"]) == pytest.approx(1050.5)  # median of the step windows
     assert report(runs, csv=True).splitlines()[0].startswith("source,status,model,method")
+
+
+def test_the_data_wait_is_shown_as_a_share_of_the_step_time(tmp_path: Path) -> None:
+    waiting, older = write_run(tmp_path, "waiting", data_wait=0.01), write_run(tmp_path, "older")  # older: no field
+    steps = sum(1024 / (1000.0 + step) for step in range(1, 101))  # seconds: step tokens / tokens per second
+    share = 100 * 0.01 / steps  # 0.02 s every second step
+    markdown = report([waiting, older], csv=False)
+    assert table_row(markdown, "Runs", str(waiting))[-1] == f"{share:.2%}" != "0.00%"
+    assert table_row(markdown, "Runs", str(older))[-1] == "—"
+    rows = list(csv.DictReader(io.StringIO(report([waiting, older], csv=True))))
+    assert float(rows[0]["data_wait_share"]) == pytest.approx(share) and rows[1]["data_wait_share"] == ""
 
 
 def test_plots_are_valid_pngs(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """Batches made ahead of the training step on a producer thread, without moving the saved position.
 
-The producer owns the `BatchStream` once started: it makes a batch, snapshots the stream's state right after
-it, and queues both (bounded queue, so it runs at most `prefetch` batches ahead). The consumer takes a batch
-and keeps the state that came with it, so `state_dict()` is the position after the last *consumed* batch and a
-checkpoint never includes the read-ahead: a resumed run continues with the batch the interrupted one would have
-trained on next. Tokenization (Rust) and `pin_memory` release the GIL, so the producer overlaps the step.
+The producer owns the `BatchStream` once started: it makes a batch, snapshots the stream's position right after
+it (`BatchStream.snapshot`, made plain only when a checkpoint asks), and queues both (bounded queue, so it runs
+at most `prefetch` batches ahead). The consumer takes a batch and keeps the position that came with it, so
+`state_dict()` is the position after the last *consumed* batch and a checkpoint never includes the read-ahead: a
+resumed run continues with the batch the interrupted one would have trained on next. Tokenization (Rust) and
+`pin_memory` release the GIL, so the producer overlaps the step.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class PretrainingStream:
         return waited
 
     def state_dict(self) -> dict[str, Any]:
-        return self._state if self._state is not None else self.stream.state_dict()
+        return self.stream.plain(self._state) if self._state is not None else self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.close()
@@ -139,7 +140,7 @@ class PretrainingStream:
             self.stream.load_state_dict(self._state)
             self._behind = False
         if self._state is None:
-            self._state = self.stream.state_dict()  # the position before the first queued batch
+            self._state = self.stream.snapshot()  # the position before the first queued batch
         self._stopping.clear()
         self._thread = threading.Thread(target=self._produce, name="galore-train-data", daemon=True)
         self._thread.start()
@@ -154,7 +155,7 @@ class PretrainingStream:
         try:
             while not self._stopping.is_set():
                 batch, remapped = self._make()
-                self._put((batch, remapped, self.stream.state_dict()))
+                self._put((batch, remapped, self.stream.snapshot()))
         except BaseException as error:  # re-raised on the consumer's thread
             self._put(_Stop(error))
 

@@ -3,23 +3,28 @@
 Each source shard becomes `NNNNN.tokens` (the documents' content ids, no special tokens, uint16, back to back) and
 `NNNNN.offsets.npy` (int64 document boundaries, one more than the documents), memory-mapped when read.
 `manifest.json` records the tokenizer (name and a hash of its full definition), each source file with its
-document and token counts, and the totals. Reading yields one `datasets` shard per source shard, in the same
-order, with the same documents as streaming the json shards (bad lines are skipped the same way), so shard
-shuffle, rank split, shuffle buffer and resume behave as when streaming, and the same seed gives the same
-batches: the special tokens and truncation are applied when the batch is made (`Tokenize.from_ids`).
+document and token counts, and the totals. A prepared shard holds the same documents as its json shard (bad
+lines are skipped the same way), and they are read in the order `datasets` streams the json shards in
+(shard_order.py), so shard shuffle, rank split, shuffle buffer and resume behave as when streaming, and the same
+seed gives the same batches: the special tokens and truncation are applied when the batch is made (stream.py).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import datasets
 import numpy as np
+import tokenizers
 
+from galore_train.data.shard_order import ShardOrder
 from galore_train.data.sources import expand_data_files, read_c4_lines
 from galore_train.data.tokens import Tokenize, load_tokenizer, tokenizer_fingerprint
 from galore_train.errors import UserError
@@ -27,20 +32,22 @@ from galore_train.errors import UserError
 MANIFEST = "manifest.json"
 FORMAT = 1
 CHUNK_DOCUMENTS = 1000
+MAX_OPEN = 32  # shards whose maps stay open
 
 
 def is_prepared(path: str | None) -> bool:
     return bool(path) and (Path(path) / MANIFEST).is_file()
 
 
-def _prepare_file(index: int, source: str, tokenizer_name: str, output: str) -> dict[str, Any]:
-    """Tokenize one source shard into its token and offset files (runs in a worker process)."""
-    backend = Tokenize.private_backend(load_tokenizer(tokenizer_name))
+def _prepare_file(index: int, source: str, definition: str, output: str) -> dict[str, Any]:
+    """Tokenize one source shard into its token and offset files (runs in a worker process). `definition` is the
+    Rust tokenizer's JSON (loading it is instant; loading by name converts the SentencePiece model again)."""
+    backend = tokenizers.Tokenizer.from_str(definition)
     stem = Path(output) / f"{index:05d}"
     offsets = [0]
     with open(f"{stem}.tokens", "wb") as handle:
         texts: list[str] = []
-        for record in [*read_c4_lines([source]), None]:
+        for record in itertools.chain(read_c4_lines([source]), [None]):
             if record is not None:
                 texts.append(record["text"])
             if texts and (record is None or len(texts) == CHUNK_DOCUMENTS):
@@ -65,11 +72,12 @@ def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: i
     tokenizer = load_tokenizer(tokenizer_name)
     if len(tokenizer) > np.iinfo(np.uint16).max + 1:
         raise UserError(f"the tokenizer has {len(tokenizer)} ids: more than prepared data's uint16 tokens hold")
-    if Tokenize.private_backend(tokenizer) is None:
+    backend = Tokenize.private_backend(tokenizer)
+    if backend is None:
         raise UserError(f"tokenizer {tokenizer_name!r} has no fast (Rust) version, which prepare-data needs")
     output.mkdir(parents=True, exist_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)  # no manifest until every file is complete
-    arguments = [(index, file, tokenizer_name, str(output)) for index, file in enumerate(files)]
+    arguments = [(index, file, backend.to_str(), str(output)) for index, file in enumerate(files)]
     with ProcessPoolExecutor(max_workers=max(1, num_proc)) as pool:
         shards = list(pool.map(_prepare_file, *zip(*arguments)))
     manifest = {
@@ -85,17 +93,65 @@ def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: i
     return manifest
 
 
-def _read_shards(directory: str, stems: list[str]) -> Iterator[dict[str, list[int]]]:
-    for stem in stems:
-        offsets = np.load(Path(directory) / f"{stem}.offsets.npy")
-        tokens = np.memmap(Path(directory) / f"{stem}.tokens", dtype=np.uint16, mode="r")
-        for start, end in zip(offsets[:-1], offsets[1:]):
-            yield {"ids": tokens[start:end].tolist()}
+class PreparedDocuments:
+    """A checked prepared directory: per shard its memory-mapped tokens and document offsets. Documents are
+    global indices (shard by shard, in manifest order); `order` reads them as streaming the json shards would."""
+
+    def __init__(self, path: Path, shards: list[dict[str, Any]]) -> None:
+        self.path = path
+        self.stems = [s["stem"] for s in shards]
+        self.counts = [s["documents"] for s in shards]
+        self.first = [0, *itertools.accumulate(self.counts)]
+        self.first_array = np.asarray(self.first, dtype=np.int64)
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()  # the producer reads batches while a checkpoint writes the buffer out
+
+    def _maps(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's (tokens, offsets) maps. Each map holds a file descriptor, so only the MAX_OPEN last used
+        stay open (C4 has 1,024 shards; a rank reads at most 10 at a time). Plain ndarray views: slicing a
+        np.memmap costs more than copying a document's ids."""
+        with self._lock:
+            if shard in self._open:
+                self._open.move_to_end(shard)
+                return self._open[shard]
+            stem = self.path / self.stems[shard]
+            tokens = np.memmap(f"{stem}.tokens", dtype=np.uint16, mode="r").view(np.ndarray)
+            maps = self._open[shard] = tokens, np.load(f"{stem}.offsets.npy", mmap_mode="r").view(np.ndarray)
+            if len(self._open) > MAX_OPEN:
+                self._open.popitem(last=False)
+            return maps
+
+    def order(self, seed: int, epoch: int, rank: int, world_size: int, state: dict | None) -> ShardOrder:
+        return ShardOrder(self.counts, seed, epoch, rank, world_size, state)
+
+    def kept(self, documents: list[int], width: int, fill: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `width` content ids of each document (then `fill`) and how many there are: one gather per
+        shard."""
+        documents = np.asarray(documents, dtype=np.int64)
+        shards = np.searchsorted(self.first_array, documents, side="right") - 1
+        kept = np.empty((len(documents), width), dtype=np.int64)
+        lengths = np.empty(len(documents), dtype=np.int64)
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            local = documents[rows] - self.first[shard]
+            tokens, offsets = self._maps(shard)
+            starts, ends = offsets[local], offsets[local + 1]
+            lengths[rows] = np.minimum(ends - starts, width)
+            valid = np.arange(width) < lengths[rows, None]
+            block = tokens[np.where(valid, starts[:, None] + np.arange(width), 0)]
+            kept[rows] = np.where(valid, block, fill)
+        return kept, lengths
+
+    def ids(self, document: int) -> np.ndarray:
+        """The document's content ids (uint16, no special tokens)."""
+        shard = bisect.bisect_right(self.first, document) - 1
+        tokens, offsets = self._maps(shard)
+        start, end = offsets[document - self.first[shard] : document - self.first[shard] + 2]
+        return tokens[start:end]
 
 
-def prepared_documents(directory: str, tokenize: Tokenize) -> datasets.IterableDataset:
-    """The prepared documents as a `datasets` source (one shard per source shard), after checking the directory
-    against its manifest and the run's tokenizer."""
+def prepared_documents(directory: str, tokenize: Tokenize) -> PreparedDocuments:
+    """The prepared documents, after checking the directory against its manifest and the run's tokenizer."""
     path = Path(directory)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -126,6 +182,4 @@ def prepared_documents(directory: str, tokenize: Tokenize) -> datasets.IterableD
             raise UserError(f"cannot read prepared data file {offsets}: {err}") from None
         if len(bounds) != shard["documents"] + 1 or int(bounds[-1]) != shard["tokens"]:
             raise UserError(f"prepared data file {offsets} does not match its manifest (prepare the data again)")
-    return datasets.IterableDataset.from_generator(
-        _read_shards, gen_kwargs={"directory": str(path), "stems": [s["stem"] for s in shards]}
-    )
+    return PreparedDocuments(path, shards)

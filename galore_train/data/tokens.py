@@ -25,6 +25,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from galore_train.errors import UserError
@@ -210,11 +211,25 @@ class Tokenize:
         return len(words) > self.content_length and words[self.content_length - 1] < words[-1]
 
     def pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Right-pad to max_length; labels ignore the padding so it is neither learned nor counted."""
-        input_ids = torch.full((len(sequences), self.max_length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
+        """Right-pad to max_length (see `batch`)."""
+        input_ids = np.full((len(sequences), self.max_length), self.pad_id, dtype=np.int64)
         for row, ids in enumerate(sequences):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
+            input_ids[row, : len(ids)] = ids
+        return self.batch(input_ids, np.array([len(ids) for ids in sequences], dtype=np.int64))
+
+    @staticmethod
+    def batch(input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, torch.Tensor]:
+        """A batch of rows holding `lengths` real ids each (then padding); labels ignore the padding so it is
+        neither learned nor counted."""
+        attention_mask = torch.from_numpy((np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64))
+        input_ids = torch.from_numpy(input_ids)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def remap(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> int:
+        """`_in_vocab` in place on an array (of rows holding `lengths` real ids each): how many ids it mapped."""
+        unembeddable = ids >= self.vocab_size
+        if lengths is not None:
+            unembeddable &= np.arange(ids.shape[1]) < lengths[:, None]
+        ids[unembeddable] = self.unk_id
+        return int(unembeddable.sum())
