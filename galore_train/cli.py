@@ -145,10 +145,10 @@ def prepare_data_command(
     """Tokenize training shards ahead into memory-mapped uint16 token files that `pretrain --data-files DIR` reads."""
     from galore_train.data.prepared import prepare_data
 
-    manifest = prepare_data(data_files, tokenizer, output, num_proc)
+    manifest, kept = prepare_data(data_files, tokenizer, output, num_proc)
     console.print(
         f"wrote {manifest['documents']:,} documents, {manifest['tokens']:,} tokens from "
-        f"{len(manifest['shards'])} shard(s) to {output}"
+        f"{len(manifest['shards'])} shard(s) to {output}" + (f" ({kept} kept from an earlier run)" if kept else "")
     )
 
 

@@ -118,7 +118,8 @@ def prepare(args: argparse.Namespace, procs: int) -> int:
     from galore_train.data.prepared import prepare_data
 
     with tempfile.TemporaryDirectory() as output:
-        return prepare_data(args.data_files, args.tokenizer, Path(output), num_proc=procs)["tokens"]
+        manifest, _ = prepare_data(args.data_files, args.tokenizer, Path(output), num_proc=procs)
+        return manifest["tokens"]
 
 
 def measure_elsewhere(args: argparse.Namespace) -> dict[str, float]:

@@ -387,7 +387,8 @@ def prepared_dir(shared_data, tmp_path_factory):
     from galore_train.data.prepared import prepare_data
 
     output = tmp_path_factory.mktemp("prepared")
-    manifest = prepare_data(TRAIN_FILES, TOKENIZER, output, num_proc=2)
+    manifest, kept = prepare_data(TRAIN_FILES, TOKENIZER, output, num_proc=2)
+    assert kept == 0
     assert manifest["documents"] == sum(1 for _ in read_c4_lines(sorted(glob.glob(TRAIN_FILES))))
     return output
 
@@ -519,3 +520,44 @@ def test_prepared_data_refuses_another_tokenizer_and_damaged_files(tokenize, pre
     (copy / "manifest.json").write_text("{")
     with pytest.raises(UserError, match="cannot read prepared data manifest"):
         document_source(str(copy), "--data-files", "", "", "train", tokenize)
+
+
+def test_an_interrupted_prepare_data_keeps_its_finished_shards(prepared_dir, tmp_path, monkeypatch):
+    """A rerun tokenizes only the shards without a matching done record (missing, half-written, source changed)
+    and writes the same files as one uninterrupted run."""
+    import shutil
+
+    from galore_train.data import prepared
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared_dir, copy)
+    (copy / "manifest.json").unlink()  # interrupted: no manifest yet
+    (copy / "00001.done.json").unlink()  # shard 1 never finished: its token file is half-written
+    (copy / "00001.tokens").write_bytes((prepared_dir / "00001.tokens").read_bytes()[:100])
+    tokenized = []
+    real = prepared._prepare_file
+    monkeypatch.setattr(prepared, "_prepare_file", lambda index, *rest: tokenized.append(index) or real(index, *rest))
+    monkeypatch.setattr(prepared, "ProcessPoolExecutor", lambda max_workers: _InProcessPool())
+    manifest, kept = prepared.prepare_data(TRAIN_FILES, TOKENIZER, copy)
+    shards = len(manifest["shards"])
+    assert tokenized == [1] and kept == shards - 1
+    for name in sorted(p.name for p in prepared_dir.iterdir()):
+        assert (copy / name).read_bytes() == (prepared_dir / name).read_bytes(), name
+    done = json.loads((copy / "00000.done.json").read_text())
+    done["identity"]["mtime_ns"] += 1  # the source changed since: shard 0 is tokenized again
+    (copy / "00000.done.json").write_text(json.dumps(done))
+    tokenized.clear()
+    assert prepared.prepare_data(TRAIN_FILES, TOKENIZER, copy)[1] == shards - 1 and tokenized == [0]
+
+
+class _InProcessPool:
+    """ProcessPoolExecutor's map in this process (so the test can see which shards are tokenized)."""
+
+    def __enter__(self) -> "_InProcessPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, fn, *iterables):
+        return map(fn, *iterables)

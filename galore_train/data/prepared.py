@@ -3,10 +3,13 @@
 Each source shard becomes `NNNNN.tokens` (the documents' content ids, no special tokens, uint16, back to back) and
 `NNNNN.offsets.npy` (int64 document boundaries, one more than the documents), memory-mapped when read.
 `manifest.json` records the tokenizer (name and a hash of its full definition), each source file with its
-document and token counts, and the totals. A prepared shard holds the same documents as its json shard (bad
-lines are skipped the same way), and they are read in the order `datasets` streams the json shards in
-(shard_order.py), so shard shuffle, rank split, shuffle buffer and resume behave as when streaming, and the same
-seed gives the same batches: the special tokens and truncation are applied when the batch is made (stream.py).
+document and token counts, and the totals. A finished shard also leaves `NNNNN.done.json` (its source's size and
+modification time, the tokenizer's hash): an interrupted `prepare-data` run again keeps those shards and
+tokenizes only the rest (the token files are written under temporary names and renamed when complete).
+A prepared shard holds the same documents as its json shard (bad lines are skipped the same way), and they are read
+in the order `datasets` streams the json shards in (shard_order.py), so shard shuffle, rank split, shuffle buffer
+and resume behave as when streaming, and the same seed gives the same batches: the special tokens and truncation
+are applied when the batch is made (stream.py).
 """
 
 from __future__ import annotations
@@ -39,13 +42,32 @@ def is_prepared(path: str | None) -> bool:
     return bool(path) and (Path(path) / MANIFEST).is_file()
 
 
-def _prepare_file(index: int, source: str, definition: str, output: str) -> dict[str, Any]:
+def _source_identity(source: str, fingerprint: str) -> dict[str, Any]:
+    """What a finished shard must still match to be kept by a rerun: the same file, unchanged, same tokenizer."""
+    stat = os.stat(source)
+    return {"source": source, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "tokenizer": fingerprint}
+
+
+def _finished_shard(index: int, source: str, fingerprint: str, output: Path) -> dict[str, Any] | None:
+    """The manifest entry of shard `index` if an earlier run completed it from this very source, else None."""
+    stem = output / f"{index:05d}"
+    try:
+        done = json.loads(Path(f"{stem}.done.json").read_text())
+        complete = Path(f"{stem}.tokens").stat().st_size == 2 * done["shard"]["tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same = done.get("identity") == _source_identity(source, fingerprint) and Path(f"{stem}.offsets.npy").is_file()
+    return done["shard"] if same and complete else None
+
+
+def _prepare_file(index: int, source: str, definition: str, fingerprint: str, output: str) -> dict[str, Any]:
     """Tokenize one source shard into its token and offset files (runs in a worker process). `definition` is the
     Rust tokenizer's JSON (loading it is instant; loading by name converts the SentencePiece model again)."""
     backend = tokenizers.Tokenizer.from_str(definition)
     stem = Path(output) / f"{index:05d}"
+    identity = _source_identity(source, fingerprint)  # before reading: a file changed meanwhile is not kept
     offsets = [0]
-    with open(f"{stem}.tokens", "wb") as handle:
+    with open(f"{stem}.tokens.tmp", "wb") as handle:
         texts: list[str] = []
         for record in itertools.chain(read_c4_lines([source]), [None]):
             if record is not None:
@@ -55,19 +77,25 @@ def _prepare_file(index: int, source: str, definition: str, output: str) -> dict
                     np.asarray(encoding.ids, dtype=np.uint16).tofile(handle)
                     offsets.append(offsets[-1] + len(encoding.ids))
                 texts = []
-    np.save(f"{stem}.offsets.npy", np.asarray(offsets, dtype=np.int64))
-    stat = os.stat(source)
-    return {
-        "source": source,
-        "size": stat.st_size,
-        "stem": stem.name,
-        "documents": len(offsets) - 1,
-        "tokens": offsets[-1],
-    }
+    with open(f"{stem}.offsets.tmp", "wb") as handle:
+        np.save(handle, np.asarray(offsets, dtype=np.int64))
+    os.replace(f"{stem}.tokens.tmp", f"{stem}.tokens")
+    os.replace(f"{stem}.offsets.tmp", f"{stem}.offsets.npy")
+    shard = {"source": source, "size": identity["size"], "stem": stem.name, "documents": len(offsets) - 1}
+    shard["tokens"] = offsets[-1]
+    _write_atomically(Path(f"{stem}.done.json"), {"shard": shard, "identity": identity})
+    return shard
 
 
-def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: int = 1) -> dict[str, Any]:
-    """Tokenize every shard matching `data_files` into `output`; returns the manifest."""
+def _write_atomically(path: Path, value: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
+
+
+def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: int = 1) -> tuple[dict[str, Any], int]:
+    """Tokenize every shard matching `data_files` into `output`, keeping the shards an interrupted earlier run
+    finished; returns the manifest and how many shards were kept."""
     files = expand_data_files(data_files, "--data-files")
     tokenizer = load_tokenizer(tokenizer_name)
     if len(tokenizer) > np.iinfo(np.uint16).max + 1:
@@ -77,20 +105,23 @@ def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: i
         raise UserError(f"tokenizer {tokenizer_name!r} has no fast (Rust) version, which prepare-data needs")
     output.mkdir(parents=True, exist_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)  # no manifest until every file is complete
-    arguments = [(index, file, backend.to_str(), str(output)) for index, file in enumerate(files)]
-    with ProcessPoolExecutor(max_workers=max(1, num_proc)) as pool:
-        shards = list(pool.map(_prepare_file, *zip(*arguments)))
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    shards = [_finished_shard(index, file, fingerprint, output) for index, file in enumerate(files)]
+    missing = [index for index, shard in enumerate(shards) if shard is None]
+    arguments = [(index, files[index], backend.to_str(), fingerprint, str(output)) for index in missing]
+    if arguments:
+        with ProcessPoolExecutor(max_workers=max(1, num_proc)) as pool:
+            for index, shard in zip(missing, pool.map(_prepare_file, *zip(*arguments))):
+                shards[index] = shard
     manifest = {
         "format": FORMAT,
-        "tokenizer": {"name": tokenizer_name, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "tokenizer": {"name": tokenizer_name, "fingerprint": fingerprint},
         "documents": sum(s["documents"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
     }
-    temporary = output / f"{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1))
-    os.replace(temporary, output / MANIFEST)
-    return manifest
+    _write_atomically(output / MANIFEST, manifest)
+    return manifest, len(files) - len(missing)
 
 
 class PreparedDocuments:
