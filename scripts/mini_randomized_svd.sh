@@ -13,8 +13,8 @@
 # Expected: within 1% held-out perplexity per seed. The range finder captures nearly all of the top-128
 # subspace of a gradient whose spectrum decays (Halko et al. 2011, Thm. 10.6: the error shrinks with the
 # power iterations as (sigma_{r+1} / sigma_r)^(2q+1)), and GaLore re-derives the subspace every gap anyway.
-# Measured (2026-12-01): +3.94% / +2.31% (seeds 0 / 1), not within 1%: the randomized columns' signs are
-# arbitrary at each refresh and GaLore's carried-over moments follow them (results/mini_randomized_svd.md).
+# Measured (2026-12-01): +3.94% / +2.31% (seeds 0 / 1), not within 1%, although the randomized basis keeps
+# >= 99.98% of the exact basis's gradient energy; the cause is open (results/mini_randomized_svd.md).
 #
 # Usage: scripts/mini_randomized_svd.sh      DRY_RUN=1 scripts/mini_randomized_svd.sh
 #        STEPS=200 scripts/mini_randomized_svd.sh   (longer runs)
