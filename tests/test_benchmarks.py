@@ -1,5 +1,6 @@
-"""The scripts behind the README's measured numbers (bench_loop.py, bench_memory.py) still run: each once,
-at a tiny size, exiting 0 and printing its table. Their numbers are not checked (CPU timing is noise)."""
+"""The scripts behind the measured numbers in the docs (bench_loop.py, bench_memory.py, bench_svd.py) still
+run: each once, at a tiny size, exiting 0 and printing its table. Their timings are not checked (CPU timing is
+noise)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def test_bench_memory_prints_its_table() -> None:
     assert [row.split(" | ")[2] for row in rows] == ["no", "yes"]  # without and with --layerwise
     assert all(row.count(" / ") == 5 for row in rows)  # measured / estimated for every part
     assert "Tracking cost (llama_9m, adamw" in out
+
+
+@pytest.mark.slow
+def test_bench_svd_prints_its_table() -> None:
+    out = bench("bench_svd.py", "--rank", "16", "--shapes", "64x64", "64x160", "160x64")
+    rows = [line for line in out.splitlines() if line[:1].isdigit()]
+    assert [row.split()[:3] for row in rows] == [
+        ["64", "x", "64"],
+        ["64", "x", "64"],
+        ["64", "x", "160"],
+        ["160", "x", "64"],
+    ]
+    for row in rows:  # columns from the end: similarity, rand/exact, rand energy, exact energy
+        exact, randomized = float(row.split()[-4]), float(row.split()[-3])
+        assert 0 < randomized <= exact + 1e-5 <= 1 + 1e-5, row

@@ -245,6 +245,23 @@ def test_mini_beyond_sweeps_the_new_optimizers_and_meets_on_a_bigger_model(tmp_p
     assert all("steps100" in Path(c.output_dir).name for c in big), "a shorter head-to-head never reuses 200-step runs"
 
 
+def test_mini_randomized_svd_pairs_exact_and_randomized_runs(tmp_path: Path) -> None:
+    """Each seed's two runs differ in --svd only, at the llama_20m head-to-head settings of mini_beyond.sh."""
+    configs = [cfg for cfg, _ in pretrain_configs(ROOT / "scripts/mini_randomized_svd.sh", tmp_path)]
+    assert sorted((c.seed, c.svd) for c in configs) == [(s, m) for s in (0, 1) for m in ("full", "randomized")]
+    settings = {
+        (c.model, c.optimizer, c.rank, c.gap, c.scale, c.lr, c.num_training_steps, c.total_batch_size, c.max_length)
+        for c in configs
+    }
+    assert settings == {("llama_20m", "galore_adamw", 128, 10, 0.25, 0.003, 100, 4, 256)}
+    for seed in (0, 1):
+        full, randomized = (
+            {k: v for k, v in vars(c).items() if k not in ("svd", "output_dir", "run_name")}
+            for c in sorted((c for c in configs if c.seed == seed), key=lambda c: c.svd)
+        )
+        assert full == randomized
+
+
 @pytest.mark.slow
 def test_mini_table2_really_runs_reports_and_reuses_finished_runs(tmp_path: Path, shared_data) -> None:
     """The mini script end to end at 2 steps a run: trains, picks the lr, reports; a rerun trains nothing."""
