@@ -152,20 +152,21 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             self._step_row_shard(p, group, projector, name)
             return
         if projector is not None:
-            out = self._scratch_buffer(projector.low_rank_shape(p.shape), grad)
-            grad = projector.project(
-                grad,
-                state,
-                state.get("step", 0),
-                self.refresh_stats,
-                name,
-                out=out,
-                refreshed=self._refreshed.pop(p, None),
-            )
+            grad = self._project(p, grad, state, projector, name)
             if grad is None:  # non-finite gradient at a refresh: skip this parameter's update
                 return
         state["step"] = state.get("step", 0) + 1
         self._update(p, grad, group, state)
+
+    def _project(
+        self, p: Tensor, grad: Tensor, state: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
+    ) -> Optional[Tensor]:
+        """The low-rank gradient (None: non-finite at a refresh), in a scratch buffer reused across parameters."""
+        out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
+        refreshed = self._refreshed.pop(p, None)
+        return projector.project(
+            grad, state, state.get("step", 0), self.refresh_stats, name, out=out, refreshed=refreshed
+        )
 
     def _step_row_shard(
         self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector], name: Optional[str]
@@ -180,16 +181,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         grad = p.grad.to_local()
         if projector is not None:
-            out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
-            grad = projector.project(
-                grad,
-                state,
-                state.get("step", 0),
-                self.refresh_stats,
-                name,
-                out=out,
-                refreshed=self._refreshed.pop(p, None),
-            )
+            grad = self._project(p, grad, state, projector, name)
             if grad is None:
                 return
         local = local_state(state)
