@@ -108,7 +108,8 @@ def prepare_data(data_files: str, tokenizer_name: str, output: Path, num_proc: i
     fingerprint = tokenizer_fingerprint(tokenizer)
     shards = [_finished_shard(index, file, fingerprint, output) for index, file in enumerate(files)]
     missing = [index for index, shard in enumerate(shards) if shard is None]
-    arguments = [(index, files[index], backend.to_str(), fingerprint, str(output)) for index in missing]
+    definition = backend.to_str()  # serialised once, not per shard (a C4 run has ~1,000 shards)
+    arguments = [(index, files[index], definition, fingerprint, str(output)) for index in missing]
     if arguments:
         with ProcessPoolExecutor(max_workers=max(1, num_proc)) as pool:
             for index, shard in zip(missing, pool.map(_prepare_file, *zip(*arguments))):
