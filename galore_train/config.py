@@ -48,8 +48,11 @@ ABSENT_MEANS = {"moments_dtype": "param"}
 RESUME_FREE = frozenset(
     "eval_every eval_batch_size eval_tokens eval_data_files save_every keep_last output_dir resume"
     " resume_from log_every wandb_project run_name tags wandb_mode skip_nonfinite spike_threshold"
-    " max_spikes recipe compile activation_checkpointing distributed dist_timeout".split()
+    " max_spikes recipe compile activation_checkpointing distributed dist_timeout allow_data_change".split()
 )
+# Settings that define the training stream: a checkpoint's data position is a position in this data, read
+# this way; a resume that changes one is refused unless --allow-data-change (resume.check_compatible).
+RESUME_DATA = ("data_files", "dataset", "dataset_config", "tokenizer", "max_length", "pack")
 
 
 # ReLoRA's scripts re-warm for 100 steps after each restart, with restarts every 1000 or more steps.
@@ -272,6 +275,12 @@ class TrainConfig:
     output_dir: Optional[str] = option(None, "Run directory (default: runs/<run name>).", section="Run control")
     resume: bool = option(False, "Continue the run in --output-dir from its latest checkpoint.", section="Run control")
     resume_from: Optional[str] = option(None, "Continue from this checkpoint directory.", section="Run control")
+    allow_data_change: bool = option(
+        False,
+        "Resume with other training data, tokenizer, --max-length or --pack (continued pretraining): the"
+        " weights, optimizer and schedule continue, the new data is read from its beginning.",
+        section="Run control",
+    )
     skip_nonfinite: bool = option(
         False, "Skip optimizer steps whose loss or gradient norm is NaN/inf instead of stopping.", section="Run control"
     )

@@ -25,6 +25,49 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def cut_back(path: Path, step: int) -> None:
+    """Before a resumed run appends: keep the records up to the checkpoint's `step`, drop the rest.
+
+    Records after the checkpoint were made by training that the resume repeats (they would appear twice),
+    and a crash may have left a line half-written (the resumed run's first record would be glued to it).
+    The file is replaced atomically; one line says what was dropped."""
+    if not path.is_file():
+        return
+    kept, later, unreadable = [], 0, 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        record = parse_record(line) if line.endswith(b"\n") else None
+        if record is None:
+            unreadable += 1
+        elif record["step"] > step:
+            later += 1
+        else:
+            kept.append(line)
+    if later or unreadable:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(kept))
+        os.replace(tmp, path)
+        log.warning(
+            "%s: dropped %d record(s) after step %d (the resumed run writes them again) and %d partial or"
+            " unreadable line(s)",
+            path,
+            later,
+            step,
+            unreadable,
+        )
+
+
+def parse_record(line: bytes) -> Optional[dict[str, Any]]:
+    """A metrics record with a numeric step, or None for a partial or damaged line."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # also UnicodeDecodeError: bytes changed on disk
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(step, (int, float)) or not math.isfinite(step):
+        return None
+    return record
+
+
 class MetricsSink:
     def __init__(
         self,
@@ -37,8 +80,10 @@ class MetricsSink:
         project: str,
         run_name: str,
         tags: list[str],
-        resume: bool,
+        resume_step: Optional[int],
     ) -> None:
+        """`resume_step`: the step of the checkpoint a resumed run continues (None: a fresh run)."""
+        resume = resume_step is not None
         self.enabled = enabled
         self.output_dir = output_dir
         self.console = Console(stderr=True)
@@ -52,6 +97,8 @@ class MetricsSink:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            cut_back(output_dir / "metrics.jsonl", resume_step)
         self._file = open(output_dir / "metrics.jsonl", "a" if resume else "w")
         self._start_wandb(
             wandb_mode or os.environ.get("WANDB_MODE") or "online", project, run_name, tags, config, resume

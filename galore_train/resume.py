@@ -19,8 +19,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaConfig
 
-from galore_train import checkpoint, distributed, fsdp
-from galore_train.config import TrainConfig
+from galore_train import checkpoint, distributed, fsdp, manifest
+from galore_train.config import RESUME_DATA, TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import architecture_differences, dtype_name
 from galore_train.registry import resolve_optimizer_name
@@ -31,20 +31,56 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained splits large models (transformers 4: > 5 GB)
 
 
-def find_checkpoint(cfg: TrainConfig, output_dir: Path) -> Optional[Path]:
-    """The checkpoint to continue (--resume-from, or the run's latest with --resume), or None to start fresh."""
+def find_checkpoint(cfg: TrainConfig, output_dir: Path, env: distributed.DistEnv) -> Optional[Path]:
+    """The checkpoint to continue (--resume-from, or the run's newest intact one with --resume), or None to
+    start fresh. Collective: every rank verifies, and all take the same decision (see `_agreed_problem`)."""
     if cfg.resume_from:
         path = Path(cfg.resume_from)
-        if not (path / "trainer_state.pt").is_file():
+        if not (path / "trainer_state.pt").is_file() and not manifest.has_manifest(path):
             raise UserError(f"--resume-from {path} is not a galore-train checkpoint")
+        if (why := _agreed_problem(path, env)) is not None:
+            raise UserError(f"--resume-from {path} is damaged: {why}")
+        checkpoint.report_skipped([], path)
         return path
     root = output_dir / "checkpoints"
     if cfg.resume:
-        return checkpoint.latest_checkpoint(root)  # None: nothing saved yet, start fresh
+        return _newest_intact_everywhere(root, env)
     if (output_dir / "metrics.jsonl").exists() or checkpoint.list_checkpoints(root):
         raise UserError(
             f"{output_dir} already holds a run: pass --resume to continue it, or choose another --output-dir"
         )
+    return None
+
+
+def _agreed_problem(path: Path, env: distributed.DistEnv) -> Optional[str]:
+    """What is wrong with `path` on any rank (the same answer on every rank), or None if all find it intact.
+    Each rank checks what it sees: with a node-local output folder one node's copy may be damaged alone."""
+    seen = distributed.gather_objects(manifest.problem(path) if path.is_dir() else "missing", env)
+    problems = [f"rank {rank}: {why}" if env.enabled else why for rank, why in enumerate(seen) if why is not None]
+    return "; ".join(problems) or None
+
+
+def _newest_intact_everywhere(root: Path, env: distributed.DistEnv) -> Optional[Path]:
+    """Newest first, the first checkpoint every rank verifies; None when there is none at all (a fresh
+    start), UserError when every one is damaged. Passed-over ones are set aside by rank 0."""
+    names = {
+        name
+        for listing in distributed.gather_objects([p.name for p in checkpoint.list_checkpoints(root)], env)
+        for name in listing
+    }
+    candidates = sorted(names, key=lambda name: int(checkpoint.STEP_DIR.match(name).group(1)), reverse=True)
+    skipped: list[str] = []
+    for index, name in enumerate(candidates):
+        why = _agreed_problem(root / name, env)
+        if why is None:
+            checkpoint.report_skipped(skipped, root / name)
+            if env.is_main:
+                for damaged in candidates[:index]:
+                    checkpoint.set_aside(root / damaged)
+            return root / name
+        skipped.append(f"{name}: {why}")
+    if skipped:
+        raise UserError(f"no intact checkpoint to resume in {root} ({'; '.join(skipped)})")
     return None
 
 
@@ -93,11 +129,12 @@ def _built_differently(path: Path, model_config: LlamaConfig, dtype: torch.dtype
     return differences
 
 
-def check_compatible(path: Path, cfg: TrainConfig, model_config: LlamaConfig, dtype: torch.dtype) -> None:
-    """Refuse settings the checkpoint's state cannot be loaded with; warn about ones that change the run."""
+def check_compatible(path: Path, cfg: TrainConfig, model_config: LlamaConfig, dtype: torch.dtype) -> bool:
+    """Refuse settings the checkpoint's state cannot be loaded with; warn about ones that change the run.
+    True when the training data changed by request (--allow-data-change): its saved position is then void."""
     saved_file = path / "train_config.json"
     if not saved_file.is_file():
-        return
+        return False
     saved = json.loads(saved_file.read_text())
     if _built_optimizer(saved["optimizer"], saved["eightbit"]) == _built_optimizer(cfg.optimizer, cfg.eightbit):
         saved.update(optimizer=cfg.optimizer, eightbit=cfg.eightbit)  # e.g. adamw --8bit == adam8bit
@@ -117,11 +154,20 @@ def check_compatible(path: Path, cfg: TrainConfig, model_config: LlamaConfig, dt
             f"(its saved state was built for the old value{recipe}; or start a new run, with --init-from for the"
             " weights)"
         )
+    data_changes = [entry for entry in changed if entry.split(":")[0] in RESUME_DATA]
+    if data_changes and not cfg.allow_data_change:
+        raise UserError(
+            f"cannot resume {path} with different training data ({'; '.join(data_changes)}): its saved position is"
+            " one in the old data; pass --allow-data-change to continue on the new data from its beginning"
+        )
     if changed:
         log.warning(
             "resuming with settings changed since the checkpoint, so the run will differ from an uninterrupted one: %s",
             "; ".join(changed),
         )
+    if data_changes:
+        log.warning("--allow-data-change: the training data is read from its beginning (seed %d)", cfg.seed)
+    return bool(data_changes)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -187,6 +233,18 @@ def restore_optimizer(
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # what LambdaLR.step() computes
+
+
+def restore_data_position(stream: Any, state: dict[str, Any], path: Path) -> None:
+    """Put the training stream back where the checkpoint left it. A position that does not fit the data (the
+    files behind an unchanged --data-files glob changed) is a one-line error, not an IndexError."""
+    try:
+        stream.load_state_dict(state)
+    except (IndexError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"the data position saved in {path} does not fit the training data ({type(err).__name__}: {err}); if the"
+            " data changed on purpose, resume with --allow-data-change"
+        ) from None
 
 
 def rng_state() -> dict[str, Any]:

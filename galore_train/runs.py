@@ -20,6 +20,7 @@ from typing import Any, Optional
 from galore_train.checkpoint import latest_checkpoint
 from galore_train.config import ABSENT_MEANS, TrainConfig
 from galore_train.errors import UserError
+from galore_train.metrics import parse_record
 from galore_train.plan import plan_steps
 from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 
@@ -169,20 +170,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of metrics.jsonl; a line being written right now (or damaged) is skipped."""
+    """Records of metrics.jsonl; a line being written right now, or damaged (bad JSON, changed bytes, no
+    numeric step), is skipped: one bad line never costs the report."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().splitlines()
     except OSError:
         return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return [record for line in lines if (record := parse_record(line)) is not None]
 
 
 def planned_steps(config: dict[str, Any]) -> Optional[int]:
@@ -226,7 +220,7 @@ def load_run(run_dir: Path) -> Run:
         steps_done=steps_done,
         total_steps=total,
         tokens_done=max(tokens) if tokens else None,
-        evals=[(int(r.get("tokens_seen", 0)), float(r["val_perplexity"])) for _, r in sorted(evals.items())],
+        evals=[(int(_number(r.get("tokens_seen")) or 0), float(r["val_perplexity"])) for _, r in sorted(evals.items())],
         peaks=_peaks(steps),
         tokens_per_second=statistics.median(speeds) if speeds else None,
         data_wait_share=_data_wait_share(steps),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from galore_train import checkpoint, distributed, fsdp, resume
+from galore_train import checkpoint, distributed, fsdp, resume, storage
 from galore_train.config import TrainConfig
 from galore_train.data import (
     BAD_LINES,
@@ -66,10 +66,11 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir or Path("runs") / self.run_name)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.model_config = load_model_config(cfg.model)
-        self.resume_dir = resume.find_checkpoint(cfg, self.output_dir)
+        self.resume_dir = resume.find_checkpoint(cfg, self.output_dir, self.env)
         resume.check_ranks_agree(self.resume_dir, self.env)
+        self.data_restarts = False  # --allow-data-change: the saved stream position is not restored
         if self.resume_dir is not None:
-            resume.check_compatible(self.resume_dir, cfg, self.model_config, self.dtype)
+            self.data_restarts = resume.check_compatible(self.resume_dir, cfg, self.model_config, self.dtype)
             saved_state, data_states = checkpoint.load_trainer_state(self.resume_dir)
 
         self.tokenize = Tokenize(load_tokenizer(cfg.tokenizer), cfg.max_length, self.model_config.vocab_size)
@@ -113,6 +114,8 @@ class Trainer:
         if self.resume_dir is not None:
             self._restore(saved_state, data_states)
         self.memory = MemoryMeter(self.model, self.optimizer, self.device)
+        if self.env.is_main:
+            storage.warn_if_too_small(self.checkpoint_root, cfg, self.model_config, self.model, self.dtype)
 
     # --- construction --------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
@@ -182,17 +185,14 @@ class Trainer:
         if self.method.changes_model:
             trainer_state["method"] = self.method.state_dict()
             trainer_state["model"] = self.model.state_dict()  # wrapped weights (adapters); the folder holds merged ones
-        if not self.env.is_main:
-            return self.checkpoint_root
-        data_states = [data for data, _ in per_rank]
-        trainer_state["rng"] = {"by_rank": [rng for _, rng in per_rank]}
 
-        def write(directory: Path) -> None:
+        def write(directory: Path) -> None:  # rank 0 only
+            trainer_state["rng"] = {"by_rank": [rng for _, rng in per_rank]}
             self.method.merged_model(self.model).save_pretrained(directory, state_dict=weights)
             self.cfg.save(str(directory / "train_config.json"))
-            checkpoint.save_trainer_state(directory, trainer_state, data_states)
+            checkpoint.save_trainer_state(directory, trainer_state, [data for data, _ in per_rank])
 
-        return checkpoint.save_checkpoint(self.checkpoint_root, self.step, write, self.cfg.keep_last)
+        return storage.save_or_stop(self.checkpoint_root, self.step, write, self.cfg.keep_last, self.env)
 
     def _restore(self, state: dict[str, Any], data_states: list[dict[str, Any]]) -> None:
         if len(data_states) != self.env.world_size:
@@ -209,7 +209,8 @@ class Trainer:
         resume.restore_rng(state["rng"], self.env.rank)
         self.tokens_seen = state["tokens_seen"]
         self.guard.load_state_dict(state["guard"])
-        self.train_stream.load_state_dict(data_states[self.env.rank])
+        if not self.data_restarts:
+            resume.restore_data_position(self.train_stream, data_states[self.env.rank], self.resume_dir)
 
     def _stop_without_saving(self, reason: str) -> None:
         latest = checkpoint.latest_checkpoint(self.checkpoint_root)
@@ -293,7 +294,7 @@ class Trainer:
             project=cfg.wandb_project,
             run_name=self.run_name,
             tags=cfg.tags,
-            resume=self.resume_dir is not None,
+            resume_step=self.step if self.resume_dir is not None else None,
         )
         try:
             with StopRequest() as stop:
