@@ -124,7 +124,7 @@ def resolve_checkpoint(path: Path) -> Path:
     """What users type for a checkpoint: the checkpoint folder itself (verified), or a run folder or its
     checkpoints/ folder, which mean their newest intact checkpoint. `path` unchanged when it is none of
     these (a hub id)."""
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() or manifest.has_manifest(path):
         if (why := manifest.problem(path)) is not None:
             raise UserError(f"checkpoint {path} is damaged: {why}")
         return path

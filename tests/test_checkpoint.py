@@ -39,8 +39,9 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path):
         (directory / "trainer_state.pt").write_bytes(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpoint.SaveFailed, match="disk full"):
         checkpoint.save_checkpoint(tmp_path, 2, broken, keep_last=2)
+    assert not list(tmp_path.glob(".tmp-*"))
     latest = checkpoint.latest_checkpoint(tmp_path)
     assert latest.name == "step_00000001"
     assert checkpoint.load_trainer_state(latest)[0]["step"] == 1
