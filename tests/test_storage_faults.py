@@ -312,26 +312,29 @@ def test_report_survives_bad_lines(copy):
 # --- several processes reach one decision ----------------------------------------------------------
 
 WORKER = """
-import json, os, sys
+import json, sys
 from pathlib import Path
 from galore_train import distributed, resume
 from galore_train.errors import UserError
 env = distributed.setup(1.0)
-root = Path(sys.argv[1]) / f"rank{env.rank}"
-try:
-    print(json.dumps(resume._newest_intact_everywhere(root, env).name))
-except UserError as err:
-    print(json.dumps(f"error: {err}"))
+decisions = []
+for folder in sys.argv[1:]:
+    try:
+        decisions.append(resume._newest_intact_everywhere(Path(folder) / f"rank{env.rank}", env).name)
+    except UserError as err:
+        decisions.append(f"error: {err}")
+print(json.dumps(decisions))
 distributed.teardown()
 """
 
 
-def two_ranks(folder: Path) -> list[str]:
+def two_ranks(*folders: Path) -> list[list[str]]:
+    """What each of two gloo processes decides for each folder (one launch: each costs ~1 min here)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
     env["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(folder)],
+            [sys.executable, "-c", WORKER, *map(str, folders)],
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -344,15 +347,27 @@ def two_ranks(folder: Path) -> list[str]:
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
 
-def test_every_rank_takes_the_same_checkpoint_when_one_rank_sees_damage(tmp_path):
-    """Node-local output folders: rank 1's copy of the newest checkpoint is cut short, rank 0's is intact."""
+def node_local_checkpoints(folder: Path) -> Path:
+    """Checkpoints 3 and 6 in a folder per rank, as node-local output folders would hold them."""
     for rank in (0, 1):
         for step in (3, 6):
+            state = {"step": step}
             checkpoint.save_checkpoint(
-                tmp_path / f"rank{rank}", step, lambda d, s=step: checkpoint.save_trainer_state(d, {"step": s}, [{}]), 2
+                folder / f"rank{rank}", step, lambda d, s=state: checkpoint.save_trainer_state(d, s, [{}]), 2
             )
-    truncate(tmp_path / "rank1" / STEP_6 / "trainer_state.pt")
-    assert two_ranks(tmp_path) == [STEP_3, STEP_3]
-    truncate(tmp_path / "rank0" / STEP_3 / "data_state.json")
-    decisions = two_ranks(tmp_path)
-    assert all(d.startswith("error: no intact checkpoint") and "rank 0: data_state.json" in d for d in decisions)
+    return folder
+
+
+@pytest.mark.slow
+def test_every_rank_takes_the_same_checkpoint_when_one_rank_sees_damage(tmp_path):
+    """Rank 1's copy of the newest checkpoint is cut short, rank 0's is intact: both take the older one.
+    When the older one is damaged on rank 0 as well, both stop with the same one-line error."""
+    one_damaged = node_local_checkpoints(tmp_path / "one")
+    truncate(one_damaged / "rank1" / STEP_6 / "trainer_state.pt")
+    all_damaged = node_local_checkpoints(tmp_path / "all")
+    truncate(all_damaged / "rank1" / STEP_6 / "trainer_state.pt")
+    truncate(all_damaged / "rank0" / STEP_3 / "data_state.json")
+    rank0, rank1 = two_ranks(one_damaged, all_damaged)
+    assert rank0 == rank1
+    assert rank0[0] == STEP_3
+    assert rank0[1].startswith("error: no intact checkpoint") and "rank 0: data_state.json" in rank0[1]
