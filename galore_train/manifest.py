@@ -24,8 +24,9 @@ from typing import Optional
 MANIFEST = "manifest.json"
 FORMAT = 1
 CHUNK_BYTES = 64 << 20  # read in 64 MiB pieces: large enough for full-speed CRC, small next to any host's RAM
-# Files without which a checkpoint cannot be resumed (weights are checked by name in resume.weight_files).
-REQUIRED = ("train_config.json", "trainer_state.pt", "data_state.json")
+# Files without which a checkpoint cannot be resumed (weights are checked by name in resume.weight_files);
+# eval and --init-from need only the weights, which a folder without a manifest cannot vouch for anyway.
+RESUME_FILES = ("train_config.json", "trainer_state.pt", "data_state.json")
 
 
 def file_crc32(path: Path) -> int:
@@ -53,14 +54,15 @@ def write_manifest(directory: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def problem(directory: Path, *, checksums: bool = True) -> Optional[str]:
+def problem(directory: Path, *, required: tuple[str, ...] = (), checksums: bool = True) -> Optional[str]:
     """Why `directory` is not an intact checkpoint (one short phrase), or None if it is.
 
     Sizes are compared first for every file (cheap), then checksums (a full read) unless `checksums` is
-    False. Without a manifest (an older checkpoint), only the presence of the required files is checked."""
+    False. Without a manifest (an older checkpoint, or a folder another tool wrote), only the presence of the
+    `required` files is checked."""
     manifest_file = directory / MANIFEST
     if not manifest_file.is_file():
-        missing = [name for name in REQUIRED if not (directory / name).is_file()]
+        missing = [name for name in required if not (directory / name).is_file()]
         return f"{missing[0]} is missing" if missing else None
     try:
         files = json.loads(manifest_file.read_text())["files"]

@@ -55,7 +55,8 @@ def find_checkpoint(cfg: TrainConfig, output_dir: Path, env: distributed.DistEnv
 def _agreed_problem(path: Path, env: distributed.DistEnv) -> Optional[str]:
     """What is wrong with `path` on any rank (the same answer on every rank), or None if all find it intact.
     Each rank checks what it sees: with a node-local output folder one node's copy may be damaged alone."""
-    seen = distributed.gather_objects(manifest.problem(path) if path.is_dir() else "missing", env)
+    why = manifest.problem(path, required=manifest.RESUME_FILES) if path.is_dir() else "missing"
+    seen = distributed.gather_objects(why, env)
     problems = [f"rank {rank}: {why}" if env.enabled else why for rank, why in enumerate(seen) if why is not None]
     return "; ".join(problems) or None
 

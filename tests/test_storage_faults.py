@@ -21,7 +21,8 @@ import torch
 from conftest import EVAL_FILES, TINY_LLAMA, tiny_run_args
 from safetensors.torch import load_file
 
-from galore_train import checkpoint, cli, manifest
+from galore_train import checkpoint, cli, manifest, resume
+from galore_train.distributed import DistEnv
 from galore_train.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,12 +157,15 @@ def test_eval_verifies_the_checkpoint(copy, capsys, caplog):
     assert any(r.getMessage().startswith(f"skipping checkpoint {STEP_6}") for r in caplog.records)
 
 
-def test_checkpoint_without_manifest_is_accepted_with_a_note(copy):
+def test_checkpoint_without_manifest_is_accepted_with_a_note(copy, caplog):
     (copy / "checkpoints" / STEP_6 / manifest.MANIFEST).unlink()  # as written before manifests existed
-    assert manifest.problem(copy / "checkpoints" / STEP_6) is None
     assert checkpoint.newest_intact(copy / "checkpoints").name == STEP_6
-    (copy / "checkpoints" / STEP_6 / "trainer_state.pt").unlink()  # but not without its files
-    assert checkpoint.newest_intact(copy / "checkpoints").name == STEP_3
+    assert resume._newest_intact_everywhere(copy / "checkpoints", DistEnv()).name == STEP_6
+    assert [r.getMessage() for r in caplog.records][-1].endswith(
+        "has no manifest (written before checksums were kept): not verified"
+    )
+    (copy / "checkpoints" / STEP_6 / "trainer_state.pt").unlink()  # a resume needs its files
+    assert resume._newest_intact_everywhere(copy / "checkpoints", DistEnv()).name == STEP_3
 
 
 # --- a failed save ---------------------------------------------------------------------------------
