@@ -1,6 +1,6 @@
-"""The scripts behind the measured numbers in the docs (bench_loop.py, bench_memory.py, bench_svd.py) still
-run: each once, at a tiny size, exiting 0 and printing its table. Their timings are not checked (CPU timing is
-noise)."""
+"""The scripts behind the measured numbers in the docs (bench_loop.py, bench_memory.py, bench_svd.py,
+bench_checkpoint.py) still run: each once, at a tiny size, exiting 0 and printing its table. Their timings are
+not checked (CPU timing is noise)."""
 
 from __future__ import annotations
 
@@ -68,3 +68,11 @@ def test_bench_svd_prints_its_table() -> None:
     for row in rows:  # columns from the end: similarity, rand/exact, rand energy, exact energy
         exact, randomized = float(row.split()[-4]), float(row.split()[-3])
         assert 0 < randomized <= exact + 1e-5 <= 1 + 1e-5, row
+
+
+def test_bench_checkpoint_prints_its_table() -> None:
+    out = bench("bench_checkpoint.py", "--megabytes", "8", "--rounds", "1")
+    assert "CRC-32 (zlib, page cache):" in out and "checksum pass / torch.save" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("llama_1b", "llama_7b"))]
+    assert [row[0] for row in rows] == ["llama_1b", "llama_1b", "llama_7b", "llama_7b"]
+    assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows)  # GB, CPU seconds
