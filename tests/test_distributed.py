@@ -422,7 +422,7 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
 
 @pytest.mark.parametrize(
     "optimizer, eightbit",
-    [("fira_adamw", False), ("apollo_adamw", False), ("muon", False), ("lora", False), ("adamw", True)],
+    [(name, False) for name in ("fira_adamw", "apollo_adamw", "muon", "swan", "sinkgd", "lora")] + [("adamw", True)],
 )
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
