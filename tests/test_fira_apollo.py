@@ -368,7 +368,7 @@ def test_muon_needs_torch_optim_muon(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["swan", "sinkgd"])
 def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, shared_data, capsys):
     from galore_train.train import Trainer
 
@@ -385,7 +385,7 @@ def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, share
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["apollo_adamw", "muon"])
+@pytest.mark.parametrize("name", ["apollo_adamw", "muon", "swan"])
 def test_trainer_resume_is_bit_exact(name, tiny_config_file, tmp_path, monkeypatch, shared_data):
     from test_train import final_weights, interrupt_after, records
 

@@ -2,8 +2,9 @@
 
 One 32 x 64 matrix in float32, their eps placement and eps (1e-6), rank 8, alpha 0.25, refreshes every 50
 steps, gradients whose size swings (so the norm-growth limiter works): the weight displacement W_t - W_0 of
-ours must be within 1e-3 (relative, Frobenius) of theirs after 10, 40 and 300 steps. With the limiter after
-Adam's bias correction (our old placement) the gaps were 25%, 16% and 9%.
+ours must be within 1e-3 (relative, Frobenius) of theirs after 10, 40 and 300 steps (measured: 3e-6, 1.5e-6,
+9e-7). With the limiter after Adam's bias correction and torch's eps placement (our old code) the gaps were
+43%, 31% and 1%.
 """
 
 from __future__ import annotations
