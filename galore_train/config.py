@@ -255,7 +255,8 @@ class TrainConfig:
     apollo_scale: Optional[float] = option(
         None,
         "APOLLO: gradient scale factor (default: 1 for apollo_adamw, "
-        "sqrt(128) for apollo_mini; --scale is GaLore's and Fira's).",
+        "sqrt(128) for apollo_mini; the factor itself: the authors' package square-roots its scale, so their "
+        "128 is sqrt(128) here; --scale is GaLore's and Fira's).",
         section="GaLore and low-rank methods",
     )
     norm_growth_limit: Optional[float] = option(

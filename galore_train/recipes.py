@@ -9,6 +9,7 @@ checkpoint; `galore-train recipes` lists `recipe_rows()`, derived from these tab
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,23 +78,24 @@ PAPER_RECIPES: dict[str, Recipe] = {
 # at 1B and 7B; weight decay 0; warm-up 1K/2K/6K/10K/1K steps = 10% (our default); batch 512 (sequence length:
 # not passed, so their GaLore-derived trainer's 256). 7B: rank 64, lr 0.005, gap 500, clipping 1.0, 10K steps.
 # gamma: the paper's 1.01. Residual "code" (alpha P P^T G subtracted): the authors' code, which produced the
-# published perplexities (docs/beyond_galore.md).
+# published perplexities (docs/beyond_galore.md). eps 1e-6: their optimizer's default (the scripts pass none),
+# added to the uncorrected sqrt(V) as FiraAdamW does (optim/galore_adamw.py, EPS_ON_CORRECTED_V).
 _FIRA_SOURCE = "Fira paper (arXiv 2410.01623: gamma 1.01) and the authors' pre_training_c4/scripts/{model}.sh"
-_FIRA = {"fira_residual": "code", "norm_growth_limit": DEFAULT_LIMIT}
+_FIRA = {"fira_residual": "code", "norm_growth_limit": DEFAULT_LIMIT, "eps": 1e-6}
 
-# APOLLO and APOLLO-Mini (Zhu et al., arXiv 2412.05270), from the paper's statements as the authors' README
-# (github.com/zhuhanqing/APOLLO, docs only: its code is under a non-commercial license and was not read) and
-# project page give them: rank "1/4 of the original dim for APOLLO (same as Galore)", 1 for APOLLO-Mini; random
-# projection; channel-wise (APOLLO) / tensor-wise (Mini); scale 1 for APOLLO and sqrt(128) for APOLLO-Mini (the
-# README's grid "[sqrt(128), sqrt(256), sqrt(384)]" around its "128 for rank=1": the package square-roots its
-# `scale`, ours is the factor); update gap 200 and lr 0.01 (the README's example and its fixed lr); the limiter
-# adopted from Fira (gamma 1.01) instead of clipping. Steps and batch: GaLore's protocol. 7B (project page:
-# 150K steps, 19.7B tokens = 512 x 256 per step): APOLLO rank 256 (README: "256 for APOLLO works well for 1B
-# and 7B"; its 1.6G optimizer memory at 7B is rank 256's moments in BF16). ASSUMED at 7B, not published in the
-# docs read: lr 0.01 and gap 200 as at the smaller sizes, no global clipping (the limiter replaces it).
-_APOLLO_SOURCE = "APOLLO paper (arXiv 2412.05270) via the authors' README and project page"
-_APOLLO = {"lr": 0.01, "gap": 200, "apollo_proj": "random", "norm_growth_limit": DEFAULT_LIMIT}
-_APOLLO_7B_ASSUMED = "lr 0.01 and gap 200 assumed as at 1B"
+# APOLLO and APOLLO-Mini (Zhu et al., arXiv 2412.05270), from the authors' launch scripts
+# (github.com/zhuhanqing/APOLLO, scripts/pretrain_c4/llama_*_apollo*.sh; their code is under a non-commercial
+# license: read for the numbers only), README and project page. APOLLO: rank 128 / 192 / 256 / 256 / 256 at
+# 60M / 130M / 350M / 1B / 7B (130M: "exact 1/4 of llama 130M model dimension", 768 / 4; README: "256 for
+# APOLLO works well for 1B and 7B"), scale 1, channel-wise. APOLLO-Mini: rank 1, tensor-wise, apollo_scale 128
+# (192 at 130M: "exact 1/4 of llama model dimension"), which their package square-roots: our factor sqrt(128),
+# sqrt(192). Both: random projection, lr 0.01, gap 200, weight decay 0, warm-up 10%, GaLore's batch and steps
+# (7B: 150K), the limiter (gamma 1.01) instead of clipping, eps 1e-6 (their optimizer's default, the scripts
+# pass none; on the uncorrected sqrt(V), as ApolloAdamW does).
+_APOLLO_SOURCE = "APOLLO (arXiv 2412.05270): the authors' scripts/pretrain_c4/{model}_apollo{mini}.sh and README"
+_APOLLO = {"lr": 0.01, "gap": 200, "apollo_proj": "random", "norm_growth_limit": DEFAULT_LIMIT, "eps": 1e-6}
+_APOLLO_RANKS = {"llama_60m": 128, "llama_130m": 192, "llama_350m": 256, "llama_1b": 256, "llama_7b": 256}
+_MINI_SCALES = {model: math.sqrt(192) if model == "llama_130m" else MINI_SCALE for model in _APOLLO_RANKS}
 
 # Muon (Jordan et al. 2024) with Moonlight's rule (Liu et al., arXiv 2502.16982): scale each matrix's update to
 # AdamW's RMS (0.2 sqrt(max(m, n)), optim/muon.py) and reuse AdamW's lr and weight decay; their weight decay 0.1,
@@ -108,6 +110,13 @@ _TABLE2_SIZES = ("llama_60m", "llama_130m", "llama_350m", "llama_1b")
 def _galore_protocol(model: str, **values: Any) -> dict[str, Any]:
     """GaLore's setup at a Table 2 size (batch, schedule, steps, GaLore's rank), then `values`."""
     return {**PAPER_RECIPES[model].values, **values}
+
+
+def _apollo_protocol(model: str) -> dict[str, Any]:
+    """GaLore's setup (7B: its batch and schedule, 150K steps, no clipping) with APOLLO's shared values."""
+    if model == "llama_7b":
+        return {**_COMMON, **_APOLLO, "num_training_steps": 150_000}
+    return _galore_protocol(model, **_APOLLO)
 
 
 OPTIMIZER_RECIPES: dict[str, dict[str, Recipe]] = {
@@ -134,34 +143,23 @@ OPTIMIZER_RECIPES: dict[str, dict[str, Recipe]] = {
         ),
     },
     "apollo_adamw": {
-        **{
-            model: Recipe(
-                _galore_protocol(model, **_APOLLO, apollo_scale=APOLLO_SCALE, apollo_scale_type="channel"),
-                _APOLLO_SOURCE + " (rank: GaLore's, 1/4 of d_model)",
-            )
-            for model in _TABLE2_SIZES
-        },
-        "llama_7b": Recipe(
+        model: Recipe(
             {
-                **_COMMON,
-                **_APOLLO,
-                "rank": 256,
+                **_apollo_protocol(model),
+                "rank": _APOLLO_RANKS[model],
                 "apollo_scale": APOLLO_SCALE,
                 "apollo_scale_type": "channel",
-                "num_training_steps": 150_000,
             },
-            f"{_APOLLO_SOURCE}; 7B: 150K steps and rank 256 (README, project page); {_APOLLO_7B_ASSUMED}",
-        ),
+            _APOLLO_SOURCE.format(model=model, mini=""),
+        )
+        for model in _APOLLO_RANKS
     },
     "apollo_mini": {
-        **{
-            model: Recipe(_galore_protocol(model, **_APOLLO, rank=1, apollo_scale=MINI_SCALE), _APOLLO_SOURCE)
-            for model in _TABLE2_SIZES
-        },
-        "llama_7b": Recipe(
-            {**_COMMON, **_APOLLO, "rank": 1, "apollo_scale": MINI_SCALE, "num_training_steps": 150_000},
-            f"{_APOLLO_SOURCE}; 7B: 150K steps (project page); {_APOLLO_7B_ASSUMED}",
-        ),
+        model: Recipe(
+            {**_apollo_protocol(model), "rank": 1, "apollo_scale": _MINI_SCALES[model]},
+            _APOLLO_SOURCE.format(model=model, mini="_mini"),
+        )
+        for model in _APOLLO_RANKS
     },
     "muon": {model: Recipe(_galore_protocol(model, **_MUON), _MUON_SOURCE) for model in _TABLE2_SIZES},
 }

@@ -134,6 +134,7 @@ _TORCH_ADAM = "galore_train.optim.external:torch_adam_state_layout"
 _MOMENTS = ("moments_dtype",)  # float32 Adam moments of the GaLore group (for pure bf16 runs)
 _FIRA = ("fira_residual", "norm_growth_limit", *_MOMENTS)
 _APOLLO = ("apollo_proj", "apollo_scale_type", "apollo_scale", "norm_growth_limit", *_MOMENTS)
+_STATELESS = "none (stateless: the gradient normalized each step); AdamW's moments + a step elsewhere"
 _LORA_STATE = "mn frozen weight + (m+n)r adapters, AdamW moments of the adapters 2(m+n)r"
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -255,6 +256,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "galore_train.optim:MuonAdamW",
             _adam,
             matrix_group=lambda cfg: {"muon": True},
+        ),
+        OptimizerSpec(
+            "swan",
+            "SWAN",
+            _STATELESS,
+            "galore_train.optim:SwanAdamW",
+            _adam,
+            matrix_group=lambda cfg: {"stateless": True},
+        ),
+        OptimizerSpec(
+            "sinkgd",
+            "SinkGD",
+            _STATELESS,
+            "galore_train.optim:SinkGDAdamW",
+            _adam,
+            matrix_group=lambda cfg: {"stateless": True},
         ),
         OptimizerSpec("lora", "LoRA", _LORA_STATE, "galore_train.methods.lora:LoRA", base="adamw"),
         OptimizerSpec(

@@ -50,6 +50,31 @@ mini_run() {
     "projected $(((SECONDS + (total_runs - done_runs) * SECONDS / ran) / 60)) min in all"
 }
 
+# method_flags METHOD: the optimizer and its own settings at the current RANK and GAP (scripts/mini_beyond.sh,
+# scripts/mini_tuned.sh): GaLore and Fira with scale 0.25 (Fira's residual as the authors' code), APOLLO
+# channel-wise with a random projection and scale 1, APOLLO-Mini rank 1 tensor-wise scale sqrt(128), the
+# limiter 1.01 for all three (their default), Muon with torch's defaults and AdamW-matched RMS, SWAN and SinkGD
+# stateless on the attention/MLP matrices; AdamW on everything else in every method.
+method_flags() {
+  case $1 in
+    full)        echo "--optimizer adamw" ;;
+    galore)      echo "--optimizer galore_adamw --rank $RANK --gap $GAP --scale 0.25" ;;
+    fira)        echo "--optimizer fira_adamw --rank $RANK --gap $GAP --scale 0.25" ;;
+    apollo)      echo "--optimizer apollo_adamw --rank $RANK --gap $GAP" ;;
+    apollo_mini) echo "--optimizer apollo_mini --gap $GAP" ;;
+    muon)        echo "--optimizer muon" ;;
+    swan)        echo "--optimizer swan" ;;
+    sinkgd)      echo "--optimizer sinkgd" ;;
+    *)           echo "error: unknown method $1" >&2; return 1 ;;
+  esac
+}
+
+# mini_method_run METHOD LR SEED [PREFIX]: one run of a method, named PREFIXMETHOD-lrLR-sSEED.
+mini_method_run() {
+  # shellcheck disable=SC2046  # method_flags expands to several flags on purpose
+  mini_run "${4:-}$1" "$2" "$3" $(method_flags "$1")
+}
+
 # finished_run DIR: whether DIR holds a finished run.
 finished_run() {
   python -c 'import sys; from pathlib import Path; from galore_train.runs import load_run

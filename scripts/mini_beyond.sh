@@ -44,24 +44,6 @@ H2H_STEPS=${H2H_STEPS:-100}  # half the llama_9m budget: a llama_20m step costs 
 H2H_SEEDS=${H2H_SEEDS:-0 1}
 LR_GRID=${LR_GRID:-0.003 0.01 0.001}  # the centre first: mini Table 2's best lr for AdamW and GaLore
 
-# method_flags METHOD: the optimizer and its own settings at the current RANK and GAP.
-method_flags() {
-  case $1 in
-    full)        echo "--optimizer adamw" ;;
-    galore)      echo "--optimizer galore_adamw --rank $RANK --gap $GAP --scale 0.25" ;;
-    fira)        echo "--optimizer fira_adamw --rank $RANK --gap $GAP --scale 0.25" ;;
-    apollo)      echo "--optimizer apollo_adamw --rank $RANK --gap $GAP" ;;
-    apollo_mini) echo "--optimizer apollo_mini --gap $GAP" ;;
-    muon)        echo "--optimizer muon" ;;
-  esac
-}
-
-# mini_method_run METHOD LR SEED [PREFIX]: one run of a method (scripts/_mini.sh), named PREFIXMETHOD-lr...
-mini_method_run() {
-  # shellcheck disable=SC2046  # method_flags expands to several flags on purpose
-  mini_run "${4:-}$1" "$2" "$3" $(method_flags "$1")
-}
-
 # baseline_dir METHOD SEED: mini Table 2's run of METHOD at its best lr if it finished there, else ours.
 baseline_dir() {
   local name=$1-lr$BASELINE_LR-s$2

@@ -3,6 +3,7 @@ from the papers' equations, the degenerate cases, APOLLO's state sizes, bit-exac
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 
@@ -64,7 +65,8 @@ def _channel_norms(t, side, tensor_wise=False):
 
 
 class _Reference:
-    """Adam moments of a projected gradient and the norm-growth limiter, as in the papers."""
+    """Adam moments of a projected gradient and the norm-growth limiter, as the authors run them: the raw
+    direction M / (sqrt(V) + eps) and the limiter before the bias correction k = sqrt(1 - b2^t) / (1 - b1^t)."""
 
     def __init__(self, gamma):
         self.m = self.v = None
@@ -77,7 +79,11 @@ class _Reference:
             self.m, self.v = torch.zeros_like(r), torch.zeros_like(r)
         self.m = BETAS[0] * self.m + (1 - BETAS[0]) * r
         self.v = BETAS[1] * self.v + (1 - BETAS[1]) * r**2
-        return (self.m / (1 - BETAS[0] ** t)) / ((self.v / (1 - BETAS[1] ** t)).sqrt() + EPS)
+        return self.m / (self.v.sqrt() + EPS)
+
+    @staticmethod
+    def correction(t):
+        return math.sqrt(1 - BETAS[1] ** t) / (1 - BETAS[0] ** t)
 
     def limit(self, u):
         norm = u.norm()
@@ -89,7 +95,7 @@ class _Reference:
 
 
 def fira_reference(w0, grads, rank, gap, scale, residual, side, gamma=GAMMA):
-    """Fira: W <- (1 - lr wd) W - lr (scale P N + limit(phi * (G - c P R))), phi = ||N_j|| / ||R_j||."""
+    """Fira: W <- (1 - lr wd) W - lr k (scale P N + limit(phi * (G - c P R))), phi = ||N_j|| / ||R_j||."""
     w, ref = w0.double(), _Reference(gamma)
     for t, g in enumerate(grads, 1):
         if (t - 1) % gap == 0:
@@ -100,25 +106,34 @@ def fira_reference(w0, grads, rank, gap, scale, residual, side, gamma=GAMMA):
         c = 1.0 if residual == "paper" else scale
         phi = _channel_norms(n, side) / _channel_norms(r, side)
         u = ref.limit(phi * (g - c * _back(r, basis, side)))
-        w = (1 - LR * WD) * w - LR * (scale * _back(n, basis, side) + u)
+        w = (1 - LR * WD) * w - LR * ref.correction(t) * (scale * _back(n, basis, side) + u)
     return w, ref.limited
 
 
+def _gaussian_basis(shape, side, rank, window, seed=0, position=0):
+    """APOLLO's projection for (seed, position, window), as its docstring defines it; oriented like SVD's basis."""
+    digest = hashlib.blake2b(f"{seed}:{position}:{window}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    size = (shape[0], rank) if side == "left" else (rank, shape[1])
+    return (torch.randn(size, generator=generator, dtype=torch.float32) / math.sqrt(rank)).double()
+
+
 def apollo_reference(w0, grads, rank, gap, scale, side, proj, tensor_wise, gamma=GAMMA):
-    """APOLLO: W <- (1 - lr wd) W - lr limit(scale * G diag(s)), s = ||N_j|| / ||R_j|| (or whole-tensor norms)."""
+    """APOLLO: W <- (1 - lr wd) W - lr k limit(scale * G diag(s)), s = ||N_j|| / ||R_j|| (or whole-tensor norms).
+    The random projection is re-derived from apollo.py's documented rule (blake2b seed of "seed:position:window",
+    N(0, 1/r) from a CPU generator), not imported."""
     w, ref = w0.double(), _Reference(gamma)
     for t, g in enumerate(grads, 1):
         if (t - 1) % gap == 0:
             if proj == "svd":
                 basis = _svd_basis(g, rank, side)
             else:  # position 0 in the optimizer, refresh window (t - 1) // gap
-                seed = projection_seed(0, 0, (t - 1) // gap)
-                basis = gaussian_projection(g.shape, side, rank, seed, g.device, torch.float32).double()  # as SVD's
+                basis = _gaussian_basis(g.shape, side, rank, window=(t - 1) // gap)
         g = g.double()
         r = _project(g, basis, side)
         n = ref.direction(r, t)
         s = _channel_norms(n, side, tensor_wise) / _channel_norms(r, side, tensor_wise)
-        w = (1 - LR * WD) * w - LR * ref.limit(scale * g * s)
+        w = (1 - LR * WD) * w - LR * ref.correction(t) * ref.limit(scale * g * s)
     return w, ref.limited
 
 
@@ -207,6 +222,18 @@ def test_norm_growth_limiter():
     assert torch.linalg.vector_norm(limit_norm_growth_(update, state, 1.01)) == pytest.approx(1.01)
     zero: dict = {PREVIOUS_NORM: torch.tensor(0.0)}  # an all-zero update does not freeze the parameter
     assert norm_growth_factor(torch.tensor(3.0), zero, 1.01) == 1.0
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_norm_does_not_turn_the_limiter_off(bad):
+    state: dict = {}
+    norm_growth_factor(torch.tensor(5.0), state, 1.01)
+    assert norm_growth_factor(torch.tensor(bad), state, 1.01) == 1.0  # passed through (the step guard's job)
+    assert state[PREVIOUS_NORM] == 5.0  # not recorded: the history survives
+    assert norm_growth_factor(torch.tensor(10.0), state, 1.01) == pytest.approx(5.05 / 10.0)  # still limiting
+    first: dict = {}
+    norm_growth_factor(torch.tensor(bad), first, 1.01)
+    assert first[PREVIOUS_NORM] == 0.0  # a bad first update leaves "no history"
 
 
 def test_gaussian_projection_is_seeded_by_seed_position_and_window():
@@ -315,6 +342,7 @@ def test_a_layerwise_step_with_one_gradient_updates_only_that_parameter(name):
         ("galore_adamw", {"norm_growth_limit": 1.01}, "--norm-growth-limit applies to fira_adamw"),
         ("muon", {"norm_growth_limit": 1.01}, "not muon"),
         ("apollo_adamw", {"proj_bits": 8}, "regenerated, not stored"),
+        ("apollo_mini", {"svd": "randomized"}, "takes no SVD"),
     ],
 )
 def test_bad_settings_are_user_errors(name, changes, message):
@@ -340,7 +368,7 @@ def test_muon_needs_torch_optim_muon(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["swan", "sinkgd"])
 def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, shared_data, capsys):
     from galore_train.train import Trainer
 
@@ -357,7 +385,7 @@ def test_trainer_runs_each_new_optimizer(name, tiny_config_file, tmp_path, share
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["apollo_adamw", "muon"])
+@pytest.mark.parametrize("name", ["apollo_adamw", "muon", "swan"])
 def test_trainer_resume_is_bit_exact(name, tiny_config_file, tmp_path, monkeypatch, shared_data):
     from test_train import final_weights, interrupt_after, records
 

@@ -24,10 +24,16 @@ SQRT_128 = math.sqrt(128)
 STEPS = {"llama_60m": 10_000, "llama_130m": 20_000, "llama_350m": 60_000, "llama_1b": 100_000}
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512}  # GaLore's: 1/4 of d_model
 FIRA_ALPHA = {"llama_60m": 0.25, "llama_130m": 0.25, "llama_350m": 0.25, "llama_1b": 0.0625}
+# APOLLO's launch scripts (github.com/zhuhanqing/APOLLO scripts/pretrain_c4/llama_*_apollo*.sh, read for the
+# numbers): APOLLO rank 128/192/256/256/256 at 60M/130M/350M/1B/7B (README: "256 works well for 1B and 7B");
+# APOLLO-Mini's apollo_scale 128, 192 at 130M, which their package square-roots.
+APOLLO_RANKS = {"llama_60m": 128, "llama_130m": 192, "llama_350m": 256, "llama_1b": 256}
+MINI_SCALES = {"llama_60m": SQRT_128, "llama_130m": math.sqrt(192), "llama_350m": SQRT_128, "llama_1b": SQRT_128}
 
 
-FIRA = dict(fira_residual="code", norm_growth_limit=1.01)  # the authors' residual, the paper's gamma
-APOLLO = dict(lr=0.01, gap=200, apollo_proj="random", norm_growth_limit=1.01)
+# eps: both reference implementations default to 1e-6 (added to the uncorrected sqrt(V)); launch scripts keep it
+FIRA = dict(fira_residual="code", norm_growth_limit=1.01, eps=1e-6)  # the authors' residual, the paper's gamma
+APOLLO = dict(lr=0.01, gap=200, apollo_proj="random", norm_growth_limit=1.01, eps=1e-6)
 
 
 def expected(optimizer: str, model: str) -> dict:
@@ -41,8 +47,8 @@ def expected(optimizer: str, model: str) -> dict:
         }[optimizer] | {"num_training_steps": 10_000 if optimizer == "fira_adamw" else 150_000}
     return {
         "fira_adamw": dict(FIRA, rank=RANKS[model], lr=0.01, scale=FIRA_ALPHA[model], gap=200),
-        "apollo_adamw": dict(APOLLO, rank=RANKS[model], apollo_scale=1.0, apollo_scale_type="channel"),
-        "apollo_mini": dict(APOLLO, rank=1, apollo_scale=SQRT_128),
+        "apollo_adamw": dict(APOLLO, rank=APOLLO_RANKS[model], apollo_scale=1.0, apollo_scale_type="channel"),
+        "apollo_mini": dict(APOLLO, rank=1, apollo_scale=MINI_SCALES[model]),
         "muon": dict(lr=0.001, weight_decay=0.1),
     }[optimizer] | {"num_training_steps": STEPS[model]}
 
@@ -146,7 +152,8 @@ def test_recipes_lists_every_combination_with_its_source() -> None:
         and "rank=1," in rows["llama_60m", "apollo_mini"][0]
     )
     assert "scale=0.0625" in rows["llama_1b", "fira_adamw"][0] and "llama_1b.sh" in rows["llama_1b", "fira_adamw"][1]
-    assert "assumed" in rows["llama_7b", "apollo_adamw"][1] and "arXiv 2502.16982" in rows["llama_60m", "muon"][1]
+    assert "llama_7b_apollo.sh" in rows["llama_7b", "apollo_adamw"][1]
+    assert "arXiv 2502.16982" in rows["llama_60m", "muon"][1]
     assert ("llama_7b", "muon") not in rows
     assert rows["llama_60m", "galore_adamw"] == rows["llama_60m", "galore_adamw8bit"]  # one row for both
     output = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "300"}).output

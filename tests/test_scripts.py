@@ -245,6 +245,23 @@ def test_mini_beyond_sweeps_the_new_optimizers_and_meets_on_a_bigger_model(tmp_p
     assert all("steps100" in Path(c.output_dir).name for c in big), "a shorter head-to-head never reuses 200-step runs"
 
 
+def test_mini_tuned_gives_every_method_the_same_budget_on_both_models(tmp_path: Path) -> None:
+    """One rule for all: seed 0 at 0.001 / 0.003 / 0.01 (grown at an edge in a real run), seed 1 at the best;
+    all eight methods, llama_9m and llama_20m, 200 steps each, rank d_model / 2, gap 20."""
+    configs = [cfg for cfg, _ in pretrain_configs(ROOT / "scripts/mini_tuned.sh", tmp_path)]
+    optimizers = ["adamw", "galore_adamw", "fira_adamw", "apollo_adamw", "apollo_mini", "muon", "swan", "sinkgd"]
+    for model in ("llama_9m", "llama_20m"):
+        mine = [c for c in configs if c.model == model]
+        assert sorted({c.optimizer for c in mine}) == sorted(optimizers)
+        for optimizer in optimizers:
+            runs = [(c.lr, c.seed) for c in mine if c.optimizer == optimizer]
+            assert sorted(runs) == [(0.001, 0), (0.003, 0), (0.003, 1), (0.01, 0)], (model, optimizer)
+        assert {c.num_training_steps * c.total_batch_size * c.max_length for c in mine} == {204_800}
+        projected = [c for c in mine if c.optimizer in ("galore_adamw", "fira_adamw", "apollo_adamw")]
+        assert {(c.rank, c.gap) for c in projected} == {({"llama_9m": 64, "llama_20m": 128}[model], 20)}
+        assert all(Path(c.output_dir).name.startswith(f"{model}-") for c in mine)
+
+
 def test_mini_randomized_svd_pairs_exact_and_randomized_runs(tmp_path: Path) -> None:
     """Each seed's two runs differ in --svd only, at the llama_20m head-to-head settings of mini_beyond.sh."""
     configs = [cfg for cfg, _ in pretrain_configs(ROOT / "scripts/mini_randomized_svd.sh", tmp_path)]

@@ -14,6 +14,8 @@ from galore_train.optim.layout import StateTensor
 from galore_train.optim.muon import MuonAdamW
 from galore_train.optim.natural_galore import NaturalGaLoreAdamW
 from galore_train.optim.projector import GaLoreProjector
+from galore_train.optim.sinkgd import SinkGDAdamW
+from galore_train.optim.swan import SwanAdamW
 
 __all__ = [
     "ApolloAdamW",
@@ -25,5 +27,7 @@ __all__ = [
     "GaLoreProjector",
     "MuonAdamW",
     "NaturalGaLoreAdamW",
+    "SinkGDAdamW",
     "StateTensor",
+    "SwanAdamW",
 ]

@@ -7,27 +7,40 @@ Per APOLLO parameter (m x n) and step t:
     R_t  = P_t^T G_t  (left)  or  G_t Q_t^T  (right)   projection as in GaLore (projector.py sides), from
                                                      a seeded Gaussian with entries N(0, 1/r) ("random",
                                                      no SVD) or GaLore's SVD projector ("svd")
-    N_t  = bias-corrected Adam direction of R_t      (moments r x n or m x r; galore_adamw.py)
-    s_t  = ||N_t[:, j]|| / ||R_t[:, j]||             per channel j ("channel"; channels as in fira.py)
-           ||N_t|| / ||R_t||                         or one factor ("tensor")
+    N'_t = M_t / (sqrt(V_t) + eps)                   raw Adam direction of R_t, no bias correction
+                                                     (moments r x n or m x r; galore_adamw.py)
+    s_t  = ||N'_t[:, j]|| / ||R_t[:, j]||            per channel j ("channel"; channels as in fira.py)
+           ||N'_t|| / ||R_t||                        or one factor ("tensor")
     U_t  = scale * G_t diag(s_t), limited            the raw full-rank gradient, scaled; norm-growth
-                                                     limiter (norm_growth.py, gamma = 1.01)
-    W_t  = (1 - lr wd) W_{t-1} - lr U_t
+                                                     limiter (norm_growth.py, gamma = 1.01), before the
+                                                     bias correction
+    W_t  = (1 - lr wd) W_{t-1} - lr k_t U_t          k_t = sqrt(1 - b2^t) / (1 - b1^t)
+
+The limiter's place, the bias correction after it and eps on the uncorrected sqrt(V) (default 1e-6) are
+the authors' (read for the numbers only: their code is CC-BY-NC); tests/test_apollo_reference.py re-derives
+the update independently. A constant `scale` before or after the limiter is the same update (the limiter
+compares ratios of norms), so their `--scale_front` needs no counterpart.
 
 Nothing is projected back: the projection only feeds the moments that estimate s. U is applied with one
 broadcasting multiply-accumulate (no m x n temporary); its norm for the limiter follows from the channel
 norms of G: ||G diag(s)||^2 = sum_j s_j^2 ||G[:, j]||^2.
 
-The Gaussian projection is regenerated, never stored: its seed is a hash of (proj_seed, the parameter's
-position in the optimizer, the refresh window (step + refresh_offset) // update_proj_gap), so every
-process and every resume draws the same matrix (on the same device type) and a refresh every
-update_proj_gap steps draws a new one. It is drawn in float32 and cast to the gradient's dtype.
+The Gaussian projection is regenerated, never stored in the optimizer state: its seed is a hash of
+(proj_seed, the parameter's position in the optimizer, the refresh window (step + refresh_offset) //
+update_proj_gap), so a refresh every update_proj_gap steps draws a new one. It is drawn in float32 by a
+seeded CPU generator and then moved to the gradient's device and dtype: CUDA's Philox output depends on the
+card's multiprocessor count once a draw exceeds one wave (pytorch issues #62467, #87992), so a generator on
+the device would give DDP ranks on different GPU models or MIG slices different matrices (silent drift) and
+change P mid-window on a resume elsewhere. The CPU draw is the same on every process and machine. On an
+accelerator the window's matrix is kept in host memory (drawn once per window, copied each step), so the
+device memory and the state stay as stated; on a CPU device it is drawn each step (no copy kept).
 
 Defaults: apollo_adamw scale 1 (the paper's APOLLO); APOLLO-Mini is rank 1, tensor-wise, scale sqrt(128)
 (MINI_SCALE): an Adam direction of r x n entries of size ~1 has norm ~sqrt(r n) where the full-rank one
 has ~sqrt(m n), so a rank-r ratio is ~sqrt(r / m) of AdamW's; the paper compensates rank 1 with this fixed
-gradient scale factor. Public APOLLO-Mini configurations of the authors' package write `scale: 128`
-(apparently square-rooted there; not verified); here `scale` is the factor itself.
+gradient scale factor. The authors' package square-roots its `scale` (it multiplies by sqrt(scale): their
+`scale 128` is our sqrt(128), their 130M APOLLO-Mini script's 192 our sqrt(192)); here `scale` is the
+factor itself.
 
 State per APOLLO parameter: the two moments (r x n or m x r, gradient dtype), the limiter's float32
 scalar and, with proj "svd" only, the projection. APOLLO-Mini: 2 max(m, n) + 1 values (O(m + n)).
@@ -76,10 +89,10 @@ def gaussian_projection(
 ) -> Tensor:
     """P (m x r, side "left") or Q (r x n, "right") with N(0, 1/r) entries: E[P P^T] = I, so ||R|| ~ ||G||."""
     m, n = shape
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # CPU: the same numbers on every machine (module docstring)
     size = (m, rank) if side == "left" else (rank, n)
-    matrix = torch.randn(size, generator=generator, device=device, dtype=torch.float32)
-    return matrix.div_(math.sqrt(rank)).to(dtype)
+    matrix = torch.randn(size, generator=generator, dtype=torch.float32)
+    return matrix.div_(math.sqrt(rank)).to(device=device, dtype=dtype)
 
 
 class ApolloAdamW(GaLoreAdamW):
@@ -92,12 +105,14 @@ class ApolloAdamW(GaLoreAdamW):
                      {"params": matrices, "rank": 1, "scale": MINI_SCALE, "scale_type": "tensor"}], lr=1e-2)
     """
 
+    EPS_ON_CORRECTED_V = False  # the authors': M / (sqrt(V) + eps)
+
     def __init__(
         self,
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
         proj: str = "random",
         scale_type: str = "channel",
@@ -105,6 +120,7 @@ class ApolloAdamW(GaLoreAdamW):
         proj_seed: int = 0,
     ) -> None:
         self._positions: dict[Tensor, int] = {}  # parameter -> position in the optimizer (seeds)
+        self._host_projections: dict[Tensor, tuple[int, Tensor]] = {}  # accelerators: (window, CPU matrix)
         defaults = {
             **adam_defaults(lr, betas, eps, weight_decay),
             "proj": proj,
@@ -129,10 +145,10 @@ class ApolloAdamW(GaLoreAdamW):
         if "rank" not in group:
             return
         check_one_sided(group, "APOLLO")
-        if group["proj"] == "random" and (group["adaptive_gap"] or group["proj_bits"] != 32):
+        if group["proj"] == "random" and (group["adaptive_gap"] or group["proj_bits"] != 32 or group["svd"] != "full"):
             raise ValueError(
-                "APOLLO's random projection is regenerated, not stored: adaptive_gap and proj_bits "
-                "apply to proj 'svd' only"
+                "APOLLO's random projection is regenerated, not stored, and takes no SVD: adaptive_gap, proj_bits "
+                "and svd apply to proj 'svd' only (--apollo-proj svd)"
             )
 
     @classmethod
@@ -159,8 +175,7 @@ class ApolloAdamW(GaLoreAdamW):
         step = state.get("step", 0)
         side = projector.side(p.shape)
         window = (step + state.get("refresh_offset", 0)) // projector.update_proj_gap
-        seed = projection_seed(group["proj_seed"], self._positions[p], window)
-        matrix = gaussian_projection(p.shape, side, projector.rank, seed, p.grad.device, p.grad.dtype)
+        matrix = self._projection(p, side, projector.rank, group["proj_seed"], window)
         out = self._scratch_buffer(projector.low_rank_shape(p.shape), p.grad)
         if side == "left":
             torch.mm(matrix.mT, p.grad, out=out)
@@ -169,14 +184,25 @@ class ApolloAdamW(GaLoreAdamW):
         state["step"] = step + 1
         self._update(p, out, group, state)
 
+    def _projection(self, p: Tensor, side: str, rank: int, proj_seed: int, window: int) -> Tensor:
+        """This window's Gaussian projection of `p`, on p's device in the gradient's dtype (module docstring)."""
+        device, dtype = p.grad.device, p.grad.dtype
+        seed = projection_seed(proj_seed, self._positions[p], window)
+        if device.type == "cpu":
+            return gaussian_projection(p.shape, side, rank, seed, device, dtype)
+        cached = self._host_projections.get(p)
+        if cached is None or cached[0] != window:
+            cached = self._host_projections[p] = (window, gaussian_projection(p.shape, side, rank, seed, "cpu", dtype))
+        return cached[1].to(device)
+
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if "rank" not in group:
             super()._update(p, grad, group, state)
             return
         dim = channel_dim(GaLoreProjector.from_group(group).side(p.shape)) if group["scale_type"] == "channel" else None
         projected_norms = channel_norms(grad, dim)  # before the Adam direction overwrites R's buffer
-        normalized, c1, c2 = self._adam_direction(grad, group, state)
-        factors = norm_ratio(channel_norms(normalized, dim), projected_norms) * (group["scale"] * c2 / c1)
+        normalized, c1, c2 = self._adam_direction(grad, group, state)  # N', before the bias correction
+        factors = norm_ratio(channel_norms(normalized, dim), projected_norms) * group["scale"]
         limit = group["norm_growth_limit"]
         if limit is not None:
             update_norm = torch.linalg.vector_norm(factors * channel_norms(p.grad, dim))
@@ -184,4 +210,4 @@ class ApolloAdamW(GaLoreAdamW):
         decay = 1.0 - group["lr"] * group["weight_decay"]
         if decay != 1.0:
             p.mul_(decay)
-        p.addcmul_(p.grad, factors.to(p.dtype), value=-group["lr"])
+        p.addcmul_(p.grad, factors.to(p.dtype), value=-group["lr"] * c2 / c1)  # bias correction after the limiter

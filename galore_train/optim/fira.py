@@ -1,18 +1,27 @@
 """Fira-AdamW (Chen et al. 2024, arXiv 2410.01623): GaLore-AdamW plus the gradient GaLore throws away.
 
-Per GaLore parameter and step t, with R_t = P_t^T G_t and the GaLore-AdamW direction N_t (galore_adamw.py;
-P, the sides and the refresh in projector.py):
+Per GaLore parameter and step t, with R_t = P_t^T G_t, the raw Adam direction N'_t = M_t / (sqrt(V_t) + eps)
+(moments of R, no bias correction; galore_adamw.py) and the bias correction k_t = sqrt(1 - b2^t) / (1 - b1^t)
+(P, the sides and the refresh in projector.py):
 
     S_t    = G_t - c P_t R_t                     the out-of-subspace residual; c = 1 (paper) or c = scale
                                                  (the authors' code), see RESIDUALS
-    phi_t  = ||N_t[:, j]|| / ||R_t[:, j]||       per channel j (the paper's column-wise norm-based scaling:
+    phi_t  = ||N'_t[:, j]|| / ||R_t[:, j]||      per channel j (the paper's column-wise norm-based scaling:
                                                  Adam's effect on the norm, measured in the subspace)
-    U_t    = phi_t * S_t, limited                the norm-growth limiter (norm_growth.py, gamma = 1.01)
-    W_t    = (1 - lr wd) W_{t-1} - lr (scale P_t N_t + U_t)
+    U_t    = phi_t * S_t, limited                the norm-growth limiter (norm_growth.py, gamma = 1.01) on
+                                                 the raw update, before the bias correction
+    W_t    = (1 - lr wd) W_{t-1} - lr k_t (scale P_t N'_t + U_t)
+
+This is the authors' code (github.com/xichen-fy/Fira, optimizer_torch/fira_adamw.py, Apache-2.0), including
+its eps placement (added to the uncorrected sqrt(V), as in transformers' old AdamW; EPS_ON_CORRECTED_V) and
+the limiter's place; tests/test_fira_reference.py runs their file beside ours. Two edge cases differ on
+purpose: phi_j = 0 where ||R[:, j]|| = 0 (theirs divides by ||R|| + 1e-8), and the limiter's zero/non-finite
+history (norm_growth.py); their weight decay comes after the step (W - lr wd W of the updated W), ours is
+decoupled before it, as in GaLore-AdamW (their launch scripts use weight decay 0).
 
 Channels are the dimension the projection keeps: the columns of G for a left projection (R is r x n), the
 rows for a right one (R is m x r), so "column-wise" with GaLore's std side for m <= n as in the paper; a
-two-sided ("full") projection keeps none and is refused. phi_j = 0 where ||R[:, j]|| = 0.
+two-sided ("full") projection keeps none and is refused.
 
 The residual coefficient: the paper writes S = G - P P^T G; the authors' code subtracts scale * P P^T G,
 so with scale 0.25 three quarters of the in-subspace gradient also take the phi-scaled SGD path. That is
@@ -20,7 +29,7 @@ what produced the published perplexities, so it is the default ("code"); "paper"
 scale 1 the two coincide, and on gradients inside the subspace Fira is then GaLore-AdamW (tested).
 
 State per GaLore parameter: GaLore-AdamW's (moments of R, the projection) plus one float32 scalar for the
-limiter. S is an m x n temporary of each step, not state. Plain groups run AdamW exactly.
+limiter. S is an m x n temporary of each step, not state. Plain groups run AdamW (the authors' eps placement).
 """
 
 from __future__ import annotations
@@ -77,12 +86,14 @@ class FiraAdamW(GaLoreAdamW):
                   lr=1e-2)
     """
 
+    EPS_ON_CORRECTED_V = False  # the authors': M / (sqrt(V) + eps)
+
     def __init__(
         self,
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
         residual: str = "code",
         norm_growth_limit: Optional[float] = DEFAULT_LIMIT,
@@ -119,8 +130,9 @@ class FiraAdamW(GaLoreAdamW):
         residual = p.grad.clone(memory_format=torch.contiguous_format)
         coefficient = 1.0 if group["residual"] == "paper" else group["scale"]
         projector.project_back_add_(residual, grad, state, alpha=-coefficient)
-        normalized, c1, c2 = self._adam_direction(grad, group, state)
-        phi = norm_ratio(channel_norms(normalized, dim), projected_norms) * (c2 / c1)  # with N bias-corrected
+        normalized, c1, c2 = self._adam_direction(grad, group, state)  # N', before the bias correction
+        phi = norm_ratio(channel_norms(normalized, dim), projected_norms)
         limit_norm_growth_(residual.mul_(phi.to(residual.dtype)), state, group["norm_growth_limit"])
-        self._apply(p, normalized, group, state, step_size=group["lr"] * c2 / c1)
-        p.add_(residual, alpha=-group["lr"])
+        step_size = group["lr"] * c2 / c1  # the bias correction, after the limiter (as the authors)
+        self._apply(p, normalized, group, state, step_size=step_size)
+        p.add_(residual, alpha=-step_size)

@@ -4,7 +4,7 @@ Per GaLore parameter and step t (paper, Algorithm 2; projector.py for P and the 
 
     R_t = P_t^T G_t                               (low rank, refreshed every update_proj_gap steps)
     M_t = b1 M_{t-1} + (1 - b1) R_t               V_t = b2 V_{t-1} + (1 - b2) R_t^2
-    N_t = (M_t / (1 - b1^t)) / (sqrt(V_t / (1 - b2^t)) + eps)
+    N_t = (M_t / (1 - b1^t)) / (sqrt(V_t / (1 - b2^t)) + eps)   (torch.optim.AdamW's eps placement)
     W_t = (1 - lr wd) W_{t-1} - lr * scale * P_t N_t
 
 Groups without "rank" run exactly this with P = identity and scale 1, i.e. torch.optim.AdamW.
@@ -12,6 +12,10 @@ Groups without "rank" run exactly this with P = identity and scale 1, i.e. torch
 M and V are kept in the gradient's dtype (pure bf16 under --dtype bf16, as in the paper), or in a group's
 "moment_dtype" (--moments-dtype fp32 sets float32 for the GaLore group: bf16 cannot represent 0.999 V != V,
 so a bf16 V never decays; the low-rank moments are small enough to afford float32).
+
+eps: added to the bias-corrected sqrt(V) as torch.optim.AdamW does. The reference implementations of GaLore,
+Fira and APOLLO (transformers' old AdamW) add it to the uncorrected sqrt(V), i.e. eps / sqrt(1 - b2^t) in the
+formula above; subclasses that follow those authors set EPS_ON_CORRECTED_V = False (Fira, APOLLO).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class GaLoreAdamW(GaLoreOptimizer):
                     lr=1e-3)
     """
 
+    EPS_ON_CORRECTED_V = True  # torch's eps placement (False: the authors' M / (sqrt(V) + eps), see the module)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -66,13 +72,15 @@ class GaLoreAdamW(GaLoreOptimizer):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"moment_dtype must be a floating-point torch.dtype or None, got {dtype!r}")
 
-    @staticmethod
-    def _adam_direction(grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[Tensor, float, float]:
+    def _adam_direction(
+        self, grad: Tensor, group: dict[str, Any], state: dict[str, Any]
+    ) -> tuple[Tensor, float, float]:
         """Update the moments with `grad`; return (N', c1, c2) with (c2 / c1) N' = N, the bias-corrected Adam direction.
 
         N = (M / c1) / (sqrt(V) / c2 + eps) = (c2 / c1) * M / (sqrt(V) + eps c2) with the bias corrections
         c1 = 1 - b1^t, c2 = sqrt(1 - b2^t): N' = M / (sqrt(V) + eps c2) and the step size lr c2 / c1 give the same value
-        with one pass fewer. For GaLore groups the projected gradient is dead after the moments, so N' is
+        with one pass fewer (with EPS_ON_CORRECTED_V False, N' = M / (sqrt(V) + eps): the authors' raw direction).
+        For GaLore groups the projected gradient is dead after the moments, so N' is
         computed in its buffer (p.grad is never written); Fira and APOLLO reuse this.
 
         A group's "moment_dtype" (e.g. float32 moments of bf16 gradients: a bf16 V cannot decay, 0.999 V rounds
@@ -90,7 +98,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         exp_avg_sq.mul_(beta2).addcmul_(work, work, value=1.0 - beta2)
         c1, c2 = 1.0 - beta1 ** state["step"], math.sqrt(1.0 - beta2 ** state["step"])
         normalized = work if "rank" in group or work is not grad else torch.empty_like(grad)
-        torch.sqrt(exp_avg_sq, out=normalized).add_(group["eps"] * c2)
+        torch.sqrt(exp_avg_sq, out=normalized).add_(group["eps"] * (c2 if self.EPS_ON_CORRECTED_V else 1.0))
         torch.div(exp_avg, normalized, out=normalized)
         if "rank" in group and normalized is not grad:
             normalized = grad.copy_(normalized)

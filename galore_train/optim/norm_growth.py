@@ -1,6 +1,7 @@
 """The norm-growth limiter (Fira, Chen et al. 2024, arXiv 2410.01623; reused by APOLLO, arXiv 2412.05270).
 
-Per matrix and step t, with U_t the update the optimizer is about to apply and gamma > 1:
+Per matrix and step t, with U_t the raw update (before Adam's bias correction and the learning rate: both
+authors limit it there and multiply by lr sqrt(1 - b2^t) / (1 - b1^t) afterwards) and gamma > 1:
 
     if ||U_t|| > gamma ||U_{t-1}||:   U_t <- U_t * gamma ||U_{t-1}|| / ||U_t||
 
@@ -12,7 +13,14 @@ gradient clipping, which layer-wise updates cannot do (optim/layerwise.py).
 State: one float32 scalar tensor per parameter, `state[PREVIOUS_NORM]`. Choices the paper leaves open:
   * the first update of a parameter is never limited (nothing to compare with);
   * a previous norm of 0 (an all-zero update) counts as "no history": the next update is not limited,
-    where a literal reading would freeze the parameter at zero for good.
+    where a literal reading would freeze the parameter at zero for good;
+  * a non-finite norm (an inf/NaN gradient) is passed through unlimited (the step guard deals with it) and
+    never recorded: the previous norm stays, so one bad step cannot turn the limiter off for the rest of the
+    run (a NaN history would compare false forever; an inf one would never limit again).
+Why before the bias correction: the correction sqrt(1 - b2^t) / (1 - b1^t) itself grows by more than 1% per
+step around steps 20-45 (b = 0.9, 0.999), so a limiter after it clips every one of those steps; against the
+authors' Fira on one 32 x 64 matrix that placement (with torch's eps placement) moved the weights 43% / 31% /
+1% differently after 10 / 40 / 300 steps; this one agrees to within 3e-6 (tests/test_fira_reference.py).
 Everything stays on the device (no .item()): the factor is a tensor the caller multiplies in.
 """
 
@@ -55,7 +63,10 @@ def norm_growth_factor(norm: Tensor, state: dict[str, Any], limit: Optional[floa
     else:
         ceiling = limit * previous
         factor = torch.where((previous > 0) & (norm > ceiling), ceiling / norm, torch.ones_like(norm))
-    state[PREVIOUS_NORM] = norm * factor
+    finite = torch.isfinite(norm)
+    factor = torch.where(finite, factor, torch.ones_like(norm))
+    kept = torch.zeros_like(norm) if previous is None else previous
+    state[PREVIOUS_NORM] = torch.where(finite, norm * factor, kept)
     return factor
 
 
