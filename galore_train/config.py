@@ -283,8 +283,8 @@ class TrainConfig:
     lowrank_sync: Optional[bool] = option(
         None,
         "Under DDP, average GaLore matrices' gradients as the projected R between refreshes (n/r times fewer bytes;"
-        " exact). Default: on wherever it is exact (plain DDP with galore_adamw/_adafactor/_adamw8bit or"
-        " natural_galore_adamw).",
+        " exact). Default: on wherever it is exact (DDP, also --layerwise, with galore_adamw/_adafactor/_adamw8bit"
+        " or natural_galore_adamw).",
         flag="--lowrank-sync/--no-lowrank-sync",
         section="Run control",
     )
