@@ -100,9 +100,9 @@ def _lowrank_first(lowrank: LowRankSync, average: Callable[[nn.Parameter], torch
 
 
 def build_lowrank_sync(optimizer: Optimizer, name: str, cfg: Any, env: DistEnv, sharded: bool) -> Optional[LowRankSync]:
-    """Low-rank gradient sync for this run (optimizer `name`, as built), or None: on by default wherever it is exact
-    (several processes, plain DDP, an optimizer that reads only R); an explicit --lowrank-sync where it is not
-    is a one-line error. Single-process runs have nothing to sync."""
+    """Low-rank gradient sync for this run (optimizer `name`, as built), or None: on by default wherever it is
+    exact (several processes under DDP, plain or layer-wise, with an optimizer that reads only R); an explicit
+    --lowrank-sync where it is not is a one-line error. Single-process runs have nothing to sync."""
     if cfg.lowrank_sync is False or not env.enabled:
         return None
     exact = isinstance(optimizer, GaLoreOptimizer) and OPTIMIZERS[name].reads_only_r

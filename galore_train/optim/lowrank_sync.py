@@ -16,6 +16,8 @@ in one flat all-reduce. Why not a comm hook: a hook must hand DDP back a full bu
 P R back into every m x n gradient (a second matmul and a non-exact round trip through P P^T, wrong for
 quantized P), and it would need the optimizer's refresh schedule and projections inside DDP's reducer. The
 driver's collective needs neither: the optimizer receives the averaged R directly (`project_for_sync`).
+Layer-wise updates (no DDP wrapper) call `synchronize()` from each GaLore matrix's gradient hook, where that
+matrix's is the only gradient present; the update then reads the averaged R.
 
 Gradient clipping: the full mean gradient of a projected matrix exists on no process, so the clipped norm is the
 norm of what the optimizer consumes: the averaged R of every projected matrix (after any refresh of this step,
