@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY_LLAMA
+from test_cli import assert_one_line_error, cli
 from test_distributed import GALORE, LOSS_RTOL, losses, rank_dumps, records, run_args, states_equal
 
 from galore_train.comm_estimate import estimate_comm
@@ -134,6 +135,12 @@ def test_the_7b_estimate_moves_4x_fewer_gradient_bytes_of_the_galore_matrices():
     assert estimate.full / estimate.low_rank_between == pytest.approx(3.58, abs=0.01)  # embeddings stay full
     with pytest.raises(UserError, match="fira_adamw cannot use"):
         estimate_comm(load_model_config("llama_7b"), "fira_adamw", 1024, nproc=8, gap=200)
+    shown = cli(
+        "memory", "--model", "llama_7b", "--optimizer", "galore_adamw", "--rank", "1024", "--nproc", "8", "--comm"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "12.062 GiB │     3.016 GiB │ 4.00x" in shown.stdout  # the GaLore matrices between refreshes
+    assert_one_line_error(cli("memory", "--optimizer", "fira_adamw", "--nproc", "2", "--comm"), "fira_adamw cannot use")
 
 
 @pytest.mark.slow
