@@ -191,7 +191,7 @@ ESTIMATE_OPTIONS = (
     "distributed",
     "total_batch_size",
 )
-MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
+MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", "gap", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [
     inspect.Parameter(
         "compare",
@@ -208,6 +208,14 @@ _MEMORY_EXTRAS = [
         default=typer.Option(False, "--paper", help="Reproduce the paper's Table 2 memory column, with deviations."),
     ),
     inspect.Parameter(
+        "comm",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(
+            False, "--comm", help="Gradient bytes per GPU and step under DDP: full all-reduce vs low-rank sync."
+        ),
+    ),
+    inspect.Parameter(
         "nproc",
         inspect.Parameter.KEYWORD_ONLY,
         annotation=int,
@@ -218,9 +226,10 @@ _MEMORY_EXTRAS = [
 ]
 
 
-def memory(compare: bool, paper: bool, nproc: int, **values: Any) -> None:
+def memory(compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) -> None:
     """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup:
-    the same flags and defaults as `pretrain` (--dtype auto is estimated as bf16, the GPU case)."""
+    the same flags and defaults as `pretrain` (--dtype auto is estimated as bf16, the GPU case); with --comm, its
+    gradient traffic per step under DDP instead."""
     from galore_train.memory import estimate_memory
     from galore_train.memory_tables import compare_table, memory_table, paper_table2
     from galore_train.model import load_model_config
@@ -231,7 +240,12 @@ def memory(compare: bool, paper: bool, nproc: int, **values: Any) -> None:
     cfg = TrainConfig(**_split_targets(values))
     config = load_model_config(cfg.model)
     options = {"nproc": nproc, **{name: getattr(cfg, name) for name in ESTIMATE_OPTIONS}}
-    if compare:
+    if comm:
+        from galore_train.comm_estimate import comm_table, estimate_comm
+
+        settings = {name: getattr(cfg, name) for name in ("eightbit", "dtype", "proj_type", "galore_targets")}
+        console.print(comm_table(estimate_comm(config, cfg.optimizer, cfg.rank, nproc=nproc, gap=cfg.gap, **settings)))
+    elif compare:
         console.print(compare_table(config, cfg.rank, title=f"{cfg.model}, rank {cfg.rank}", **options))
     else:
         console.print(memory_table(estimate_memory(config, cfg.optimizer, cfg.rank, eightbit=cfg.eightbit, **options)))

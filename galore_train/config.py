@@ -48,7 +48,7 @@ ABSENT_MEANS = {"moments_dtype": "param"}
 RESUME_FREE = frozenset(
     "eval_every eval_batch_size eval_tokens eval_data_files save_every keep_last output_dir resume"
     " resume_from log_every wandb_project run_name tags wandb_mode skip_nonfinite spike_threshold"
-    " max_spikes recipe compile activation_checkpointing distributed dist_timeout allow_data_change".split()
+    " max_spikes recipe compile activation_checkpointing distributed dist_timeout allow_data_change lowrank_sync".split()
 )
 # Settings that define the training stream: a checkpoint's data position is a position in this data, read
 # this way; a resume that changes one is refused unless --allow-data-change (resume.check_compatible).
@@ -290,6 +290,14 @@ class TrainConfig:
     )
     max_spikes: int = option(10, "Stop after this many consecutive skipped steps.", section="Run control")
     distributed: str = option("ddp", "ddp or fsdp (under torchrun).", section="Run control")
+    lowrank_sync: Optional[bool] = option(
+        None,
+        "Under DDP, average GaLore matrices' gradients as the projected R between refreshes (n/r times fewer bytes;"
+        " exact). Default: on wherever it is exact (DDP, also --layerwise, with galore_adamw/_adafactor/_adamw8bit"
+        " or natural_galore_adamw).",
+        flag="--lowrank-sync/--no-lowrank-sync",
+        section="Run control",
+    )
     dist_timeout: float = option(
         60.0,
         "Minutes a collective waits for the other processes before the run fails "

@@ -17,11 +17,13 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from galore_train.optim import traffic
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,20 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def wrap_model(model: nn.Module, env: DistEnv, *, layerwise: bool = False) -> nn.Module:
+def wrap_model(
+    model: nn.Module, env: DistEnv, *, layerwise: bool = False, synced_elsewhere: Sequence[torch.Tensor] = ()
+) -> nn.Module:
     """The module that runs forward/backward: a DDP wrapper under torchrun, else `model` itself
     (single process, or already FSDP-sharded). `model` stays the plain module for optimizers,
     methods and checkpoints; DDP shares its parameters.
 
     Layer-wise updates average each gradient in their own hooks (`gradient_averager`), which must run
     before the update, so the model is not wrapped: its weights are broadcast from rank 0 here, as
-    DDP's constructor would."""
+    DDP's constructor would.
+
+    `synced_elsewhere`: parameters whose gradients the step driver averages itself (low-rank sync,
+    optim/lowrank_sync.py): left out of DDP's buckets, their weights broadcast from rank 0 here. DDP's bucket
+    all-reduces go through a hook that counts their bytes (optim/traffic.py)."""
     if not env.enabled or is_sharded(model):
         return model
     if layerwise:
@@ -158,10 +166,19 @@ def wrap_model(model: nn.Module, env: DistEnv, *, layerwise: bool = False) -> nn
                 dist.broadcast(tensor, src=0)
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
+    if synced_elsewhere:
+        ignored = {id(p) for p in synced_elsewhere}
+        names = [name for name, p in model.named_parameters() if id(p) in ignored]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+        with torch.no_grad():
+            for p in synced_elsewhere:
+                dist.broadcast(p, src=0)
     # Gradients as views into DDP's buckets: otherwise every gradient exists twice (+13.5 GB at 7B in bf16).
-    return nn.parallel.DistributedDataParallel(
+    wrapped = nn.parallel.DistributedDataParallel(
         model, device_ids=device_ids, gradient_as_bucket_view=True, **_no_forward_buffer_sync()
     )
+    wrapped.register_comm_hook(None, traffic.counting_allreduce_hook)
+    return wrapped
 
 
 def _no_forward_buffer_sync() -> dict[str, bool]:
@@ -177,17 +194,20 @@ def _no_forward_buffer_sync() -> dict[str, bool]:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in accepted else {"broadcast_buffers": False}
 
 
-def gradient_averager(env: DistEnv) -> Optional[Callable[[torch.Tensor], None]]:
-    """In-place mean of a gradient over ranks, as DDP computes it (divide, then sum); None single-process.
+def gradient_averager(env: DistEnv) -> Optional[Callable[[nn.Parameter], torch.Tensor]]:
+    """In-place mean of a parameter's gradient over ranks, as DDP computes it (divide, then sum), returned;
+    None single-process.
 
     Used by layer-wise updates, one parameter at a time inside backward: simpler than DDP's buckets, at
     the cost of no overlap between this all-reduce and the rest of backward."""
     if not env.enabled:
         return None
 
-    def average(grad: torch.Tensor) -> None:
-        grad.div_(env.world_size)
-        dist.all_reduce(grad)
+    def average(param: nn.Parameter) -> torch.Tensor:
+        kind = "projected_matrices" if param in traffic.TRAFFIC.projected_params else "other_gradients"
+        param.grad.div_(env.world_size)
+        traffic.all_reduce(param.grad, kind)
+        return param.grad
 
     return average
 
@@ -259,3 +279,11 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
         refreshes = [int(count) for count in gather_floats(record["svd_refreshes"], env)]
         metrics.update(svd_refreshes=sum(refreshes), svd_refreshes_per_rank=refreshes)
     return metrics
+
+
+def comm_metrics(step: int, model: nn.Module) -> dict[str, float]:
+    """Bytes each process sent into the gradient synchronisation per optimizer step since the last call
+    (`comm_bytes` and its kinds, optim/traffic.py); {} single-process, and under FSDP2, whose reduce-scatters and
+    all-gathers run inside FSDP and are not counted (a partial count would mislead)."""
+    counted = traffic.TRAFFIC.read(step)
+    return {} if is_sharded(model) else counted

@@ -94,7 +94,7 @@ class _Tensor:
         return math.prod(self.shape)
 
 
-def _parameter_shapes(model_config: LlamaConfig, targets: Iterable[str]) -> list[tuple[str, tuple[int, ...], bool]]:
+def parameter_shapes(model_config: LlamaConfig, targets: Iterable[str]) -> list[tuple[str, tuple[int, ...], bool]]:
     """(name, shape, is_target_weight) for every parameter of the LLaMA model, built on the meta device."""
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config)
@@ -258,7 +258,7 @@ def estimate_memory(
     grouped = spec.galore or spec.matrix_group is not None
     rank = rank if method else matrix_group.get("rank", rank)  # APOLLO-Mini's is 1
     tensors: list[_Tensor] = []
-    named_shapes = _parameter_shapes(model_config, list(galore_targets))
+    named_shapes = parameter_shapes(model_config, list(galore_targets))
     for _, shape, is_target in named_shapes:
         if is_target and ("rank" in matrix_group or method) and rank >= min(shape):
             raise UserError(f"--rank {rank} is not below min{shape} of a target matrix; lower --rank")

@@ -89,6 +89,7 @@ class OptimizerSpec:
     matrix_group: Optional[Settings] = None  # a TrainConfig -> more keys of the target weights' own group
     options: tuple[str, ...] = ()  # the TrainConfig fields that only the optimizers naming them read
     fsdp: bool = False  # correct on FSDP2's DTensor shards
+    reads_only_r: bool = False  # its update reads R, not G: DDP may average R instead (optim/lowrank_sync.py)
     base: Optional[str] = None  # a method's optimizer over its trainable parameters
     rank: Optional[int] = None  # a rank of its own, whatever --rank says (APOLLO-Mini: 1)
 
@@ -187,6 +188,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             galore=True,
             options=_MOMENTS,
             fsdp=True,
+            reads_only_r=True,
         ),
         OptimizerSpec(
             "galore_adafactor",
@@ -196,6 +198,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _adafactor,
             galore=True,
             fsdp=True,
+            reads_only_r=True,
         ),
         OptimizerSpec(
             "galore_adamw8bit",
@@ -206,6 +209,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             eightbit="galore_adamw8bit",
             galore=True,
             fsdp=True,
+            reads_only_r=True,
         ),
         OptimizerSpec(
             "natural_galore_adamw",
@@ -216,6 +220,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             galore=True,
             options=_MOMENTS,
             fsdp=True,
+            reads_only_r=True,
         ),
         OptimizerSpec(
             "fira_adamw",

@@ -147,6 +147,7 @@ def _runs_table(runs: list[Run]) -> str:
             _ppl(r.val_perplexity),
             *(_gib(r.peaks.get(p)) for p in ("memory", *COMPONENTS)),
             _count(r.tokens_per_second),
+            _gib(None if r.comm_bytes is None else r.comm_bytes / 2**30),
             f"{r.data_wait_share:.2%}" if r.data_wait_share is not None else "—",
         ]
 
@@ -168,6 +169,7 @@ def _runs_table(runs: list[Run]) -> str:
         "Opt. state",
         "Other",
         "Tokens/s",
+        "Sent/step",
         "Data wait",
     ]
     return _markdown_table(header, [row(r) for r in runs])
@@ -245,6 +247,7 @@ CSV_FIELDS = (
     "est_total_gb",
     "tokens_per_second",
     "data_wait_share",
+    "comm_bytes",
 )
 
 
@@ -277,6 +280,7 @@ def csv_report(runs: list[Run]) -> str:
                 "est_total_gb": run.estimated("total") or "",
                 "tokens_per_second": run.tokens_per_second or "",
                 "data_wait_share": "" if run.data_wait_share is None else run.data_wait_share,
+                "comm_bytes": "" if run.comm_bytes is None else run.comm_bytes,
             }
         )
     return out.getvalue()

@@ -81,6 +81,7 @@ class Run:
     peaks: dict[str, float] = field(default_factory=dict)  # GiB: "memory" and each of COMPONENTS
     tokens_per_second: Optional[float] = None
     data_wait_share: Optional[float] = None  # of the logged steps' time, the part spent waiting for batches
+    comm_bytes: Optional[float] = None  # gradient bytes each process sent per step, mean of the logged steps
     model_config_path: Optional[Path] = None  # the checkpoint's config.json, for the estimator
     estimate: Optional[dict[str, float]] = None  # GiB from galore_train.memory, filled by report()
 
@@ -211,6 +212,7 @@ def load_run(run_dir: Path) -> Run:
     tokens = [int(t) for r in steps if (t := _number(r.get("tokens_seen"))) is not None]
     speeds = [_number(r.get("tokens_per_second")) for r in steps]
     speeds = [s for s in speeds if s is not None]
+    sent = [b for r in steps if (b := _number(r.get("comm_bytes"))) is not None]
     model_config = checkpoint / "config.json" if checkpoint and (checkpoint / "config.json").is_file() else None
     return Run(
         source=str(run_dir),
@@ -224,6 +226,7 @@ def load_run(run_dir: Path) -> Run:
         peaks=_peaks(steps),
         tokens_per_second=statistics.median(speeds) if speeds else None,
         data_wait_share=_data_wait_share(steps),
+        comm_bytes=statistics.mean(sent) if sent else None,
         model_config_path=model_config,
     )
 
@@ -290,6 +293,7 @@ def load_wandb_csv(path: Path) -> list[Run]:
                 total_steps=total,
                 peaks=peaks,
                 tokens_per_second=_number(values.get("tokens_per_second")),
+                comm_bytes=_number(values.get("comm_bytes")),
             )
         )
     return runs

@@ -42,7 +42,7 @@ from galore_train.plan import plan_steps
 from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 from galore_train.schedule import build_scheduler
 from galore_train.signals import StopRequest
-from galore_train.updates import build_updates
+from galore_train.updates import wrap_with_updates
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +151,8 @@ class Trainer:
             start_step=start_step,
             **scheduler_kwargs(cfg),
         )
-        module = distributed.wrap_model(self.model, self.env, layerwise=cfg.layerwise)
-        # With --layerwise the optimizer steps inside backward, from per-parameter gradient hooks.
-        self.updates = build_updates(
-            self.model, module, self.optimizer, self.env, layerwise=cfg.layerwise, grad_clipping=cfg.grad_clipping
-        )
+        # DDP-wrapped under torchrun; with --layerwise the optimizer steps inside backward, from gradient hooks.
+        module, self.updates = wrap_with_updates(self.model, self.optimizer, name, cfg, self.env)
         self.train_model = torch.compile(module) if cfg.compile else module
 
     def _rebuild_optimizer(self) -> None:
@@ -307,6 +304,7 @@ class Trainer:
     def _run(self, sink: MetricsSink, stop: StopRequest) -> dict[str, Any]:
         cfg, plan = self.cfg, self.plan
         self._announce(sink)
+        distributed.comm_metrics(self.step, self.model)  # count the gradient traffic from this step on
         if self.env.is_main:  # the resolved configuration, readable before the first checkpoint exists
             cfg.save(str(self.output_dir / "train_config.json"))
         if self.step == 0:
@@ -338,6 +336,7 @@ class Trainer:
                 if hasattr(self.optimizer, "svd_metrics"):  # GaLore: time in SVD, refreshes, failures
                     record.update(self.optimizer.svd_metrics())
                 record.update(distributed.rank_metrics(record, self.env))
+                record.update(distributed.comm_metrics(self.step, self.model))  # bytes sent per step
                 sink.log(record)
                 sink.progress(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_second']:,.0f} tok/s")
                 window_start, window_tokens = time.perf_counter(), 0

@@ -38,7 +38,8 @@ def reference() -> str:
         "",
         f"Takes these flags of `pretrain`, with the same defaults: {memory_flags}; and its own `--compare` "
         "(every optimizer side by side), `--paper` (the paper's Table 2) and `--nproc N` (one GPU's memory "
-        "of a run on N, under `--distributed`). See docs/memory.md.",
+        "of a run on N, under `--distributed`), `--comm` (with `--nproc N`: gradient bytes per GPU and step under "
+        "DDP, full all-reduce vs low-rank sync, docs/distributed.md). See docs/memory.md.",
         "",
         "## `galore-train optimizers`",
         "",

@@ -91,7 +91,8 @@ def test_memory_takes_pretrains_flags_and_defaults():
     from galore_train.memory import estimate_memory
 
     keywords = [name for name, p in inspect.signature(estimate_memory).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    assert set(MEMORY_FIELDS) | {"nproc"} == {"model", "optimizer", "rank", *keywords}  # --nproc: memory's own
+    own = {"nproc", "gap"}  # --nproc: memory's own; --gap: read by its --comm view (comm_estimate.py)
+    assert set(MEMORY_FIELDS) | own == {"model", "optimizer", "rank", *keywords, *own}
     result = cli("memory")
     assert result.returncode == 0, result.stderr
     assert "adamw, bf16, batch 8x256" in result.stdout  # llama_60m, rank 128, --dtype auto as on a GPU

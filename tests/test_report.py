@@ -36,6 +36,7 @@ def write_run(
     weights_gb: float = 0.034,
     optimizer_gb: float = 0.067,
     data_wait: float | None = None,
+    comm_bytes: float | None = None,
     **settings,
 ) -> Path:
     """A run directory of `done` of `steps` steps (finished when done == steps): step records every
@@ -79,6 +80,7 @@ def write_run(
                 "peak_optimizer_state_gb": optimizer_gb * wobble,
                 "peak_other_gb": 0.3 * wobble,
                 **({} if data_wait is None else {"data_wait_seconds": data_wait * (2 if step % 2 else 0)}),
+                **({} if comm_bytes is None else {"comm_bytes": comm_bytes * (4 if step % 4 == 1 else 1)}),
             }
         )
         if step % 50 == 0:
@@ -285,6 +287,16 @@ def test_the_data_wait_is_shown_as_a_share_of_the_step_time(tmp_path: Path) -> N
     assert table_row(markdown, "Runs", str(older))[-1] == "—"
     rows = list(csv.DictReader(io.StringIO(report([waiting, older], csv=True))))
     assert float(rows[0]["data_wait_share"]) == pytest.approx(share) and rows[1]["data_wait_share"] == ""
+
+
+def test_the_gradient_bytes_sent_per_step_are_the_mean_of_the_logged_steps(tmp_path: Path) -> None:
+    """comm_bytes (torchrun runs): a refresh step every 4th sends 4x; the report shows the mean per step."""
+    synced, single = write_run(tmp_path, "synced", comm_bytes=2**20), write_run(tmp_path, "single")
+    markdown = report([synced, single], csv=False)
+    assert table_row(markdown, "Runs", str(synced))[-2] == "1.8 MiB"  # (4 + 3) / 4 MiB
+    assert table_row(markdown, "Runs", str(single))[-2] == "—"
+    rows = list(csv.DictReader(io.StringIO(report([synced, single], csv=True))))
+    assert float(rows[0]["comm_bytes"]) == 1.75 * 2**20 and rows[1]["comm_bytes"] == ""
 
 
 def test_plots_are_valid_pngs(tmp_path: Path) -> None:

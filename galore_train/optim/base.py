@@ -89,6 +89,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         self._sharing: Optional[RefreshSharing] = None
         self._refreshed: dict[Tensor, bool] = {}  # this step's shared refreshes, already stored
         self._shard: Optional[RowShard] = None  # FSDP2: the rows the running update works on (row_shards.py)
+        self._presynced: dict[Tensor, Optional[Tensor]] = {}  # low-rank sync: this step's averaged R (project_for_sync)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -107,8 +108,41 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Data parallelism (every process steps on the same averaged gradients): compute each GaLore
         matrix's refreshes on one process and broadcast them (refresh_sharing.py). Every process of the
         group must call this, and from then on step in lockstep (each step is collective)."""
-        params = [p for group in self.param_groups if self._uses_projector(group) for p in group["params"]]
-        self._sharing = RefreshSharing(params, process_group)
+        self._sharing = RefreshSharing(self.projected_params(), process_group)
+
+    def projected_params(self) -> list[Tensor]:
+        """The parameters GaLoreProjector projects, in optimizer order."""
+        return [p for group in self.param_groups if self._uses_projector(group) for p in group["params"]]
+
+    def due_refreshes(self) -> list[DueRefresh]:
+        """The parameters (with a gradient) whose projection this step refreshes, in optimizer order."""
+        return self._due_refreshes()
+
+    @torch.no_grad()
+    def project_for_sync(self) -> dict[Tensor, Optional[Tensor]]:
+        """Low-rank gradient sync (lowrank_sync.py): run this step's refreshes now (the caller has averaged the
+        gradients of `due_refreshes()` across processes) and project every gradient of `projected_params()`. The
+        caller averages the others' R in place; step() then updates from these R instead of projecting `.grad`
+        (None: skip that update, a non-finite gradient at its refresh). zero_grad() forgets them."""
+        if self._sharing is not None:
+            self._refreshed = self._sharing.refresh(self._due_refreshes(), self.state, self.refresh_stats)
+        projected = {}
+        for group in self.param_groups:
+            if not self._uses_projector(group):
+                continue
+            projector, names = GaLoreProjector.from_group(group), group.get("param_names")
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    state, name = self.state[p], names[index] if names else None
+                    refreshed = self._refreshed.pop(p, None)
+                    step = state.get("step", 0)
+                    projected[p] = projector.project(p.grad, state, step, self.refresh_stats, name, refreshed=refreshed)
+        self._presynced = projected
+        return projected
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._presynced = {}
+        super().zero_grad(set_to_none)
 
     def _uses_projector(self, group: dict[str, Any]) -> bool:
         """Whether this group's parameters are projected by GaLoreProjector (APOLLO's random ones are not)."""
@@ -131,14 +165,16 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._sharing is not None:
-            self._refreshed = self._sharing.refresh(self._due_refreshes(), self.state, self.refresh_stats)
+        if self._sharing is not None:  # presynced parameters were refreshed by project_for_sync
+            due = [item for item in self._due_refreshes() if item.param not in self._presynced]
+            self._refreshed = self._sharing.refresh(due, self.state, self.refresh_stats)
         for group in self.param_groups:
             projector = GaLoreProjector.from_group(group) if "rank" in group else None
             names = group.get("param_names")
             for index, p in enumerate(group["params"]):
                 if p.grad is not None:
                     self._step_parameter(p, group, projector, names[index] if names else None)
+        self._presynced = {}  # a parameter whose update was not run (layer-wise: poisoned) leaves nothing behind
         return loss
 
     def _step_parameter(
@@ -152,7 +188,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             self._step_row_shard(p, group, projector, name)
             return
         if projector is not None:
-            grad = self._project(p, grad, state, projector, name)
+            presynced = p in self._presynced
+            grad = self._presynced.pop(p) if presynced else self._project(p, grad, state, projector, name)
             if grad is None:  # non-finite gradient at a refresh: skip this parameter's update
                 return
         state["step"] = state.get("step", 0) + 1

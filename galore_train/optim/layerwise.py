@@ -28,7 +28,8 @@ from finite gradients.
 Several processes (data parallel): DDP's wrapper would all-reduce gradients in its own hooks, after
 ours had stepped, so the model is not DDP-wrapped; instead each hook averages its completed gradient
 across ranks (`reduce`, from the training loop) before the update. Every rank then applies the same
-averaged gradient, as under DDP. FSDP2 (a `fully_shard`-ed model) needs no `reduce`: autograd never
+averaged gradient, as under DDP (with low-rank sync, a GaLore matrix's R: `reduce` returns what the
+update reads, optim/lowrank_sync.py). FSDP2 (a `fully_shard`-ed model) needs no `reduce`: autograd never
 sees its sharded parameters, and FSDP2 itself runs their post-accumulate-grad hooks once it has written
 each reduce-scattered (averaged) gradient shard, one FSDP unit at a time, in the same order on every
 rank; the hook then updates the rank's shard. FSDP2 reduce-scatters every micro-batch here (the
@@ -57,7 +58,9 @@ from torch.optim import Optimizer
 from galore_train.distributed import is_sharded
 from galore_train.errors import UserError
 
-GradientReduce = Callable[[torch.Tensor], None]  # averages a gradient across processes, in place
+# Averages a parameter's gradient across processes; returns the averaged gradient the update reads (low-rank sync:
+# its R, which the optimizer then uses: optim/lowrank_sync.py), whose norm the step's gradient norm sums.
+GradientReduce = Callable[[nn.Parameter], torch.Tensor]
 
 
 def check_layerwise_supported(model: nn.Module, grad_clipping: float, reduce: Optional[GradientReduce]) -> None:
@@ -158,9 +161,7 @@ class LayerwiseUpdater:
         held = self._held.pop(param, None)
         if held is not None:
             param.grad = held.add_(param.grad)
-        if self._reduce is not None:
-            self._reduce(param.grad)
-        sq_norm = _squared_norm(param.grad)
+        sq_norm = _squared_norm(param.grad if self._reduce is None else self._reduce(param))
         self._sq_norm = self._sq_norm + sq_norm
         self._poisoned = self._poisoned or not bool(torch.isfinite(sq_norm))  # the one sync per parameter
         if not self._poisoned:

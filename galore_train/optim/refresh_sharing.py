@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from galore_train.optim import traffic
 from galore_train.optim.projector import GaLoreProjector, RefreshOutcome, RefreshStats
 from galore_train.optim.row_shards import gather_rows, is_row_sharded
 
@@ -140,7 +141,7 @@ class RefreshSharing:
         return outcomes
 
     def _send(self, tensor: Tensor, item: DueRefresh) -> dist.Work:
-        return dist.broadcast(tensor, src=self._global(self.owner(item.param)), group=self.group, async_op=True)
+        return traffic.broadcast(tensor, self._global(self.owner(item.param)), "refresh", self.group, async_op=True)
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
