@@ -48,7 +48,8 @@ ABSENT_MEANS = {"moments_dtype": "param"}
 RESUME_FREE = frozenset(
     "eval_every eval_batch_size eval_tokens eval_data_files save_every keep_last output_dir resume"
     " resume_from log_every wandb_project run_name tags wandb_mode skip_nonfinite spike_threshold"
-    " max_spikes recipe compile activation_checkpointing distributed dist_timeout allow_data_change lowrank_sync".split()
+    " max_spikes recipe compile activation_checkpointing distributed dist_timeout allow_data_change"
+    " lowrank_sync".split()
 )
 # Settings that define the training stream: a checkpoint's data position is a position in this data, read
 # this way; a resume that changes one is refused unless --allow-data-change (resume.check_compatible).
