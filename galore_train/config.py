@@ -24,6 +24,12 @@ def option(default: Any, help: str, flag: Optional[str] = None, section: str = "
     return field(default=default, metadata=meta)
 
 
+def flag(name: str) -> str:
+    """The command-line flag of the TrainConfig field `name` (--8bit for eightbit, --tag for tags)."""
+    metadata = next(f.metadata for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return metadata.get("flag") or "--" + name.replace("_", "-")
+
+
 _TOKEN_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 

@@ -63,7 +63,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.plan = plan_steps(cfg, self.env.world_size)
         self.run_name = cfg.run_name or default_run_name(cfg)
-        self.output_dir = Path(cfg.output_dir or Path("runs") / self.run_name)
+        self.output_dir = Path(cfg.output_dir or checkpoint.RUNS / self.run_name)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.model_config = load_model_config(cfg.model)
         self.resume_dir = resume.find_checkpoint(cfg, self.output_dir)
