@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from galore_train.config import TrainConfig, flag
+from galore_train.config import ESTIMATE_OPTIONS, TrainConfig, flag
 from galore_train.errors import TrainingStopped, UserError
 
 if TYPE_CHECKING:
@@ -197,24 +197,6 @@ def list_models() -> None:
 
 
 # The TrainConfig fields `memory` takes: the estimator's arguments (tests/test_cli.py keeps them in step).
-ESTIMATE_OPTIONS = (
-    "layerwise",
-    "dtype",
-    "batch_size",
-    "max_length",
-    "activation_checkpointing",
-    "galore_targets",
-    "proj_type",
-    "proj_bits",
-    "proj_group_size",
-    "beta1",
-    "fisher_history",
-    "moments_dtype",
-    "norm_growth_limit",
-    "apollo_proj",
-    "distributed",
-    "total_batch_size",
-)
 MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [
     inspect.Parameter(
@@ -245,7 +227,7 @@ _MEMORY_EXTRAS = [
 def memory(compare: bool, paper: bool, nproc: int, **values: Any) -> None:
     """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup:
     the same flags and defaults as `pretrain` (--dtype auto is estimated as bf16, the GPU case)."""
-    from galore_train.memory import estimate_memory
+    from galore_train.fit import estimate_config
     from galore_train.memory_tables import compare_table, memory_table, paper_table2
     from galore_train.model import load_model_config
 
@@ -254,11 +236,11 @@ def memory(compare: bool, paper: bool, nproc: int, **values: Any) -> None:
         return
     cfg = TrainConfig(**_split_targets(values))
     config = load_model_config(cfg.model)
-    options = {"nproc": nproc, **{name: getattr(cfg, name) for name in ESTIMATE_OPTIONS}}
     if compare:
+        options = {"nproc": nproc, **{name: getattr(cfg, name) for name in ESTIMATE_OPTIONS}}
         console.print(compare_table(config, cfg.rank, title=f"{cfg.model}, rank {cfg.rank}", **options))
     else:
-        console.print(memory_table(estimate_memory(config, cfg.optimizer, cfg.rank, eightbit=cfg.eightbit, **options)))
+        console.print(memory_table(estimate_config(cfg, config, nproc)))
 
 
 memory.__signature__ = inspect.Signature(_config_parameters(MEMORY_FIELDS) + _MEMORY_EXTRAS)

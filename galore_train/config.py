@@ -48,13 +48,33 @@ RESUME_FIXED = frozenset(
     "model optimizer eightbit layerwise rank proj_type galore_targets proj_bits proj_group_size"
     " fisher_history relora_warm_start moments_dtype apollo_proj".split()
 )
+# The TrainConfig fields the memory estimate reads beyond model, optimizer, rank and --8bit (galore_train/fit.py,
+# and the flags of `galore-train memory`).
+ESTIMATE_OPTIONS = (
+    "layerwise",
+    "dtype",
+    "batch_size",
+    "max_length",
+    "activation_checkpointing",
+    "galore_targets",
+    "proj_type",
+    "proj_bits",
+    "proj_group_size",
+    "beta1",
+    "fisher_history",
+    "moments_dtype",
+    "norm_growth_limit",
+    "apollo_proj",
+    "distributed",
+    "total_batch_size",
+)
 # Settings newer than some checkpoints: what a saved config without them ran with.
 ABSENT_MEANS = {"moments_dtype": "param"}
 # Settings of run control and logging that a resumed run may change freely.
 RESUME_FREE = frozenset(
     "eval_every eval_batch_size eval_tokens eval_data_files save_every keep_last output_dir resume"
     " resume_from log_every wandb_project run_name tags wandb_mode skip_nonfinite spike_threshold"
-    " max_spikes recipe compile activation_checkpointing distributed dist_timeout".split()
+    " max_spikes recipe compile activation_checkpointing distributed dist_timeout skip_fit_check".split()
 )
 
 
@@ -293,6 +313,11 @@ class TrainConfig:
         section="Run control",
     )
     log_every: int = option(1, "Print/log every N optimizer steps.", section="Run control")
+    skip_fit_check: bool = option(
+        False,
+        "Start on a GPU even where the memory estimate exceeds its free memory (checked before the model is built).",
+        section="Run control",
+    )
 
     # --- logging --------------------------------------------------------------------------------
     wandb_project: str = option("galore-train", "W&B project.", section="Logging")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from galore_train import checkpoint, distributed, fsdp, resume
+from galore_train import checkpoint, distributed, fit, fsdp, resume
 from galore_train.config import TrainConfig
 from galore_train.data import (
     BAD_LINES,
@@ -66,6 +66,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir or checkpoint.RUNS / self.run_name)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.model_config = load_model_config(cfg.model)
+        fit.check_fits(cfg, self.model_config, self.env, distributed.gather_floats)  # before a GPU holds anything
         self.resume_dir = resume.find_checkpoint(cfg, self.output_dir)
         resume.check_ranks_agree(self.resume_dir, self.env)
         if self.resume_dir is not None:
