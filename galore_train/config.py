@@ -50,23 +50,9 @@ RESUME_FIXED = frozenset(
 )
 # The TrainConfig fields the memory estimate reads beyond model, optimizer, rank and --8bit (galore_train/fit.py,
 # and the flags of `galore-train memory`).
-ESTIMATE_OPTIONS = (
-    "layerwise",
-    "dtype",
-    "batch_size",
-    "max_length",
-    "activation_checkpointing",
-    "galore_targets",
-    "proj_type",
-    "proj_bits",
-    "proj_group_size",
-    "beta1",
-    "fisher_history",
-    "moments_dtype",
-    "norm_growth_limit",
-    "apollo_proj",
-    "distributed",
-    "total_batch_size",
+ESTIMATE_OPTIONS = tuple(
+    "layerwise dtype batch_size max_length activation_checkpointing galore_targets proj_type proj_bits proj_group_size"
+    " beta1 fisher_history moments_dtype norm_growth_limit apollo_proj distributed total_batch_size".split()
 )
 # Settings newer than some checkpoints: what a saved config without them ran with.
 ABSENT_MEANS = {"moments_dtype": "param"}

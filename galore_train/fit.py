@@ -2,8 +2,9 @@
 configuration against the card's free memory (torch.cuda.mem_get_info), so a run that cannot fit stops in one
 line, with the flags that would make it fit, instead of a CUDA out-of-memory traceback minutes later.
 
-The estimate is the one `galore-train memory` prints for the same flags (docs/memory.md: within 1% of the
-measured peaks). `--skip-fit-check` starts anyway (e.g. a card shared with a process about to exit).
+The estimate is the one `galore-train memory` prints for the same flags (docs/memory.md: within 0.5% of the
+peaks measured on CPU; no GPU has measured it yet). `--skip-fit-check` starts anyway (e.g. a card shared with a
+process about to exit).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ paper names them, each stated once here and reported at start (docs/cli.md, "Wha
    `galore_adamw`; so does rule 2 (the paper's runs are GaLore's). Otherwise the default, adamw.
 2. **The paper's run.** `--model` given, a model the paper trained, no `--num-training-steps` and no
    `--max-train-tokens` (and no `--recipe`): `--recipe paper` for that model and optimizer. Explicit flags win.
+   With `--layerwise`, GaLore at 7B is the paper's one-GPU run: micro-batch 16 (the total batch), activation
+   checkpointing; so `--model llama_7b --8bit --layerwise` is 8-bit GaLore, rank 1024, gap 500, on 24 GB.
 3. **FSDP's projection side.** GaLore under `--distributed fsdp` needs `--proj-type right`: unset, it becomes
    right; given as anything else, a one-line error.
 4. **Flags that mean nothing** for the optimizer that will be built (`--rank` with adamw): one warning line.
