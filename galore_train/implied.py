@@ -6,8 +6,9 @@ paper names them, each stated once here and reported at start (docs/cli.md, "Wha
    `galore_adamw`; so does rule 2 (the paper's runs are GaLore's). Otherwise the default, adamw.
 2. **The paper's run.** `--model` given, a model the paper trained, no `--num-training-steps` and no
    `--max-train-tokens` (and no `--recipe`): `--recipe paper` for that model and optimizer. Explicit flags win.
-   With `--layerwise`, GaLore at 7B is the paper's one-GPU run: micro-batch 16 (the total batch), activation
-   checkpointing; so `--model llama_7b --8bit --layerwise` is 8-bit GaLore, rank 1024, gap 500, on 24 GB.
+   With `--layerwise` (not under FSDP), GaLore at 7B is the paper's one-GPU run: micro-batch 16 (the total
+   batch), activation checkpointing; so `--model llama_7b --8bit --layerwise` is 8-bit GaLore, rank 1024, gap
+   500, on 24 GB.
 3. **FSDP's projection side.** GaLore under `--distributed fsdp` needs `--proj-type right`: unset, it becomes
    right; given as anything else, a one-line error.
 4. **Flags that mean nothing** for the optimizer that will be built (`--rank` with adamw): one warning line.
@@ -21,7 +22,7 @@ from typing import Any
 
 from galore_train.config import TrainConfig, flag
 from galore_train.errors import UserError
-from galore_train.recipes import apply_recipe, paper_recipe
+from galore_train.recipes import apply_recipe, recipe_for
 from galore_train.registry import FSDP_NAMES, OPTIMIZERS, OptimizerSpec, listing
 
 IMPLIED_OPTIMIZER = "galore_adamw"  # the paper's method
@@ -66,7 +67,7 @@ def _paper_run(cfg: TrainConfig, explicit: set[str], optimizer: str) -> str | No
     if cfg.recipe is not None or "model" not in explicit or any(getattr(cfg, name) is not None for name in BUDGET):
         return None
     try:
-        return paper_recipe(cfg.model, optimizer, cfg.layerwise).source
+        return recipe_for(cfg.replace(optimizer=optimizer)).source
     except UserError:  # no published run: the budget stays the user's to give
         return None
 
@@ -90,7 +91,7 @@ def resolve_command(values: dict[str, Any], explicit: set[str]) -> Resolved:
     if cfg.recipe:
         filled = apply_recipe(cfg, explicit)
         changed = {k: v for k, v in filled.to_dict().items() if v != getattr(cfg, k)}
-        source = paper_recipe(cfg.model, cfg.optimizer, cfg.layerwise).source
+        source = recipe_for(cfg).source
         shown = ", ".join(f"{k}={v}" for k, v in changed.items())
         resolved.notes.append(f"filled in from {source}: {shown or 'nothing your flags did not set'}")
         cfg = filled

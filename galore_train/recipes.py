@@ -106,7 +106,9 @@ _MUON = {**_BASELINE, "weight_decay": 0.1}
 # scripts/single_gpu/llama_7b_checkpointing.sh): micro-batch 16 with activation checkpointing, 22.8 GB measured there
 # (`galore-train memory` estimates 20.6 GiB = 22.1 GB with --8bit). The total batch is the micro-batch (None: batch x
 # processes): accumulating under --layerwise holds a 13.5 GB gradient, and the reference, asked for 512, updated on
-# every micro-batch in layer-wise mode, i.e. the same effective batch (scripts/paper_4090_7b.sh).
+# every micro-batch in layer-wise mode, i.e. the same effective batch (scripts/paper_4090_7b.sh). Also under DDP
+# (whole gradients on every GPU); not under --distributed fsdp, whose held gradient shards are 1/N: the paper's total
+# batch of 512 stays there (scripts/paper_8x24gb_7b.sh).
 _ONE_GPU_7B = {"batch_size": 16, "total_batch_size": None, "activation_checkpointing": True}
 _ONE_GPU_7B_SOURCE = "; --layerwise: the paper's one-GPU run (micro-batch 16 = total batch, activation checkpointing)"
 
@@ -180,8 +182,9 @@ def _one_gpu_run(model: str, optimizer: str) -> bool:
     return model == "llama_7b" and optimizer in GALORE_NAMES and optimizer not in OPTIMIZER_RECIPES
 
 
-def paper_recipe(model: str, optimizer: str, layerwise: bool = False) -> Recipe:
-    """The published settings for `model` (a name or config path) and `optimizer`; a one-line UserError if none."""
+def paper_recipe(model: str, optimizer: str, layerwise: bool = False, sharded: bool = False) -> Recipe:
+    """The published settings for `model` (a name or config path) and `optimizer` (`layerwise`: --layerwise,
+    `sharded`: --distributed fsdp); a one-line UserError if none."""
     name = Path(model).stem
     if optimizer in OPTIMIZER_RECIPES:
         covered = OPTIMIZER_RECIPES[optimizer]
@@ -199,7 +202,7 @@ def paper_recipe(model: str, optimizer: str, layerwise: bool = False) -> Recipe:
             galore = optimizer in OPTIMIZERS and OPTIMIZERS[optimizer].galore
             extra = _GALORE if galore else _BASELINE
             recipe = Recipe({**recipe.values, **extra}, recipe.source + ("" if galore else _BASELINE_SOURCE))
-    if layerwise and _one_gpu_run(name, optimizer):
+    if layerwise and not sharded and _one_gpu_run(name, optimizer):
         recipe = Recipe({**recipe.values, **_ONE_GPU_7B}, recipe.source + _ONE_GPU_7B_SOURCE)
     if layerwise and "grad_clipping" in recipe.values:
         # layer-wise updates cannot clip the global norm (the GaLore paper's 4090 run: none)
@@ -211,7 +214,12 @@ def recipe_values(cfg: TrainConfig) -> dict[str, Any]:
     """The values `--recipe paper` sets for this model and optimizer."""
     if cfg.recipe != "paper":
         raise UserError(f"unknown --recipe {cfg.recipe!r}; known: paper")
-    return dict(paper_recipe(cfg.model, cfg.optimizer, cfg.layerwise).values)
+    return dict(recipe_for(cfg).values)
+
+
+def recipe_for(cfg: TrainConfig) -> Recipe:
+    """The paper's recipe for this configuration's model, optimizer, --layerwise and --distributed."""
+    return paper_recipe(cfg.model, cfg.optimizer, cfg.layerwise, cfg.distributed == "fsdp")
 
 
 def recipe_rows() -> list[tuple[str, str, str, str]]:

@@ -71,6 +71,8 @@ def test_7b_8bit_layerwise_is_the_papers_one_gpu_run() -> None:
         activation_checkpointing=True,
     ).peak
     assert peak < 24e9, f"{peak / 2**30:.1f} GiB does not fit a 24 GB card"
+    sharded = resolve("--model", "llama_7b", "--8bit", "--layerwise", "--distributed", "fsdp").config
+    assert (sharded.total_batch_size, sharded.proj_type) == (512, "right")  # 1/N gradient shards: the paper's batch
 
 
 def readme_commands() -> list[list[str]]:
