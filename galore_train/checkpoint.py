@@ -166,6 +166,15 @@ def set_aside(damaged: Path) -> Path:
     return target
 
 
+RUNS = Path("runs")  # where runs go without --output-dir, relative to the working directory
+
+
+def newest_checkpoint(runs: Path) -> Optional[Path]:
+    """The latest checkpoint of the most recently written run folder under `runs` (`galore-train eval` alone)."""
+    found = [c for run in runs.iterdir() if (c := latest_checkpoint(run / "checkpoints"))] if runs.is_dir() else []
+    return max(found, key=lambda c: c.stat().st_mtime, default=None)
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints (never fewer than one); remove stale temporary folders."""
     for stale in root.glob(".tmp-step_*"):

@@ -11,14 +11,17 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from galore_train.config import TrainConfig
+from galore_train.config import ESTIMATE_OPTIONS, TrainConfig, flag
 from galore_train.errors import TrainingStopped, UserError
+
+if TYPE_CHECKING:
+    from galore_train.implied import Resolved
 
 app = typer.Typer(
     add_completion=False,
@@ -31,10 +34,6 @@ if not console.is_terminal:
     console.width = 140  # piped or logged: keep tables whole
 
 
-def _flag(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
-
-
 def _config_parameters(names: Optional[tuple[str, ...]] = None) -> list[inspect.Parameter]:
     """One typer option per TrainConfig field (or per field in `names`), with its help text and section."""
     hints = typing.get_type_hints(TrainConfig)
@@ -45,7 +44,7 @@ def _config_parameters(names: Optional[tuple[str, ...]] = None) -> list[inspect.
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         option = typer.Option(
             default,
-            _flag(field),
+            flag(field.name),
             help=field.metadata["help"],
             rich_help_panel=field.metadata["section"],
             show_default=default not in (None, [], False),
@@ -64,29 +63,45 @@ def _split_targets(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def config_from_cli(values: dict[str, Any], context: typer.Context) -> TrainConfig:
-    """Build the TrainConfig; a recipe fills only what the user did not set explicitly (on `context`'s command line)."""
-    values = _split_targets(values)
-    cfg = TrainConfig(**values)
-    if cfg.recipe:
-        from galore_train.recipes import apply_recipe
+def resolve_from_cli(values: dict[str, Any], context: typer.Context) -> Resolved:
+    """The TrainConfig `pretrain` runs, with what the command line implies filled in (galore_train/implied.py):
+    flags typed on `context`'s command line are explicit and always win."""
+    from galore_train.implied import resolve_command
 
-        # The command's own context, and the source compared by name: typer >= 0.2x runs a private copy of
-        # click, whose context stack and ParameterSource are not the `click` package's.
-        explicit = {
-            name for name in values if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"
-        }
-        cfg = apply_recipe(cfg, explicit)
-    return cfg.validate()
+    # The command's own context, and the source compared by name: typer >= 0.2x runs a private copy of
+    # click, whose context stack and ParameterSource are not the `click` package's.
+    explicit = {name for name in values if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    resolved = resolve_command(_split_targets(values), explicit)
+    resolved.config.validate()
+    return resolved
+
+
+def config_from_cli(values: dict[str, Any], context: typer.Context) -> TrainConfig:
+    """The resolved TrainConfig alone (what tests read)."""
+    return resolve_from_cli(values, context).config
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def pretrain(ctx: typer.Context, **values: Any) -> None:
     """Train a LLaMA from scratch (or from --init-from weights) on C4."""
     from galore_train.train import Trainer
 
-    cfg = config_from_cli(values, ctx)
-    summary = Trainer(cfg).run()
-    if "val_perplexity" in summary and int(os.environ.get("RANK", "0")) == 0:
+    try:
+        resolved = resolve_from_cli(values, ctx)
+    except UserError as err:  # the same on every rank (the command line alone): printed once, by rank 0
+        if not _main_process():
+            sys.exit(err.exit_code)
+        raise
+    if _main_process():
+        for line in resolved.notes:
+            print(f"note: {line}", file=sys.stderr)
+        for line in resolved.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+    summary = Trainer(resolved.config).run()
+    if "val_perplexity" in summary and _main_process():
         console.print(
             f"final validation loss {summary['val_loss']:.4f}, perplexity {summary['val_perplexity']:.2f} "
             f"after {summary['tokens_seen']:,} training tokens"
@@ -100,8 +115,11 @@ app.command(context_settings={"max_content_width": 120})(pretrain)
 
 @app.command("eval")
 def evaluate_checkpoint(
-    checkpoint: Path = typer.Option(
-        ..., "--checkpoint", help="A checkpoint folder (step_*) or a run folder (uses its latest checkpoint)."
+    checkpoint: Optional[Path] = typer.Option(
+        None,
+        "--checkpoint",
+        help="A checkpoint folder (step_*) or a run folder (uses its latest checkpoint); default: the newest run"
+        " under runs/.",
     ),
     eval_data_files: Optional[str] = typer.Option(None, help="Validation shards (default: those the run used)."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (default: the one the run used)."),
@@ -113,8 +131,14 @@ def evaluate_checkpoint(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Score a checkpoint on the fixed held-out tokens: validation loss and perplexity."""
+    from galore_train.checkpoint import RUNS, newest_checkpoint
     from galore_train.evaluate import score_checkpoint
 
+    if checkpoint is None:
+        checkpoint = newest_checkpoint(RUNS)
+        if checkpoint is None:
+            raise UserError(f"no checkpoint under {RUNS}/: pass --checkpoint DIR (a run folder or a checkpoint folder)")
+        print(f"note: evaluating {checkpoint}, the newest run's latest checkpoint", file=sys.stderr)
     result = score_checkpoint(
         checkpoint,
         eval_data_files=eval_data_files,
@@ -173,24 +197,6 @@ def list_models() -> None:
 
 
 # The TrainConfig fields `memory` takes: the estimator's arguments (tests/test_cli.py keeps them in step).
-ESTIMATE_OPTIONS = (
-    "layerwise",
-    "dtype",
-    "batch_size",
-    "max_length",
-    "activation_checkpointing",
-    "galore_targets",
-    "proj_type",
-    "proj_bits",
-    "proj_group_size",
-    "beta1",
-    "fisher_history",
-    "moments_dtype",
-    "norm_growth_limit",
-    "apollo_proj",
-    "distributed",
-    "total_batch_size",
-)
 MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", "gap", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [
     inspect.Parameter(
@@ -230,7 +236,7 @@ def memory(compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) ->
     """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup:
     the same flags and defaults as `pretrain` (--dtype auto is estimated as bf16, the GPU case); with --comm, its
     gradient traffic per step under DDP instead."""
-    from galore_train.memory import estimate_memory
+    from galore_train.fit import estimate_config
     from galore_train.memory_tables import compare_table, memory_table, paper_table2
     from galore_train.model import load_model_config
 
@@ -239,16 +245,16 @@ def memory(compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) ->
         return
     cfg = TrainConfig(**_split_targets(values))
     config = load_model_config(cfg.model)
-    options = {"nproc": nproc, **{name: getattr(cfg, name) for name in ESTIMATE_OPTIONS}}
     if comm:
         from galore_train.comm_estimate import comm_table, estimate_comm
 
         settings = {name: getattr(cfg, name) for name in ("eightbit", "dtype", "proj_type", "galore_targets")}
         console.print(comm_table(estimate_comm(config, cfg.optimizer, cfg.rank, nproc=nproc, gap=cfg.gap, **settings)))
     elif compare:
+        options = {"nproc": nproc, **{name: getattr(cfg, name) for name in ESTIMATE_OPTIONS}}
         console.print(compare_table(config, cfg.rank, title=f"{cfg.model}, rank {cfg.rank}", **options))
     else:
-        console.print(memory_table(estimate_memory(config, cfg.optimizer, cfg.rank, eightbit=cfg.eightbit, **options)))
+        console.print(memory_table(estimate_config(cfg, config, nproc)))
 
 
 memory.__signature__ = inspect.Signature(_config_parameters(MEMORY_FIELDS) + _MEMORY_EXTRAS)

@@ -24,6 +24,12 @@ def option(default: Any, help: str, flag: Optional[str] = None, section: str = "
     return field(default=default, metadata=meta)
 
 
+def flag(name: str) -> str:
+    """The command-line flag of the TrainConfig field `name` (--8bit for eightbit, --tag for tags)."""
+    metadata = next(f.metadata for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return metadata.get("flag") or "--" + name.replace("_", "-")
+
+
 _TOKEN_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 
@@ -42,6 +48,12 @@ RESUME_FIXED = frozenset(
     "model optimizer eightbit layerwise rank proj_type galore_targets proj_bits proj_group_size"
     " fisher_history relora_warm_start moments_dtype apollo_proj".split()
 )
+# The TrainConfig fields the memory estimate reads beyond model, optimizer, rank and --8bit (galore_train/fit.py,
+# and the flags of `galore-train memory`).
+ESTIMATE_OPTIONS = tuple(
+    "layerwise dtype batch_size max_length activation_checkpointing galore_targets proj_type proj_bits proj_group_size"
+    " beta1 fisher_history moments_dtype norm_growth_limit apollo_proj distributed total_batch_size".split()
+)
 # Settings newer than some checkpoints: what a saved config without them ran with.
 ABSENT_MEANS = {"moments_dtype": "param"}
 # Settings of run control and logging that a resumed run may change freely.
@@ -49,7 +61,7 @@ RESUME_FREE = frozenset(
     "eval_every eval_batch_size eval_tokens eval_data_files save_every keep_last output_dir resume"
     " resume_from log_every wandb_project run_name tags wandb_mode skip_nonfinite spike_threshold"
     " max_spikes recipe compile activation_checkpointing distributed dist_timeout allow_data_change"
-    " lowrank_sync".split()
+    " lowrank_sync skip_fit_check".split()
 )
 # Settings that define the training stream: a checkpoint's data position is a position in this data, read
 # this way; a resume that changes one is refused unless --allow-data-change (resume.check_compatible).
@@ -306,6 +318,11 @@ class TrainConfig:
         section="Run control",
     )
     log_every: int = option(1, "Print/log every N optimizer steps.", section="Run control")
+    skip_fit_check: bool = option(
+        False,
+        "Start on a GPU even where the memory estimate exceeds its free memory (checked before the model is built).",
+        section="Run control",
+    )
 
     # --- logging --------------------------------------------------------------------------------
     wandb_project: str = option("galore-train", "W&B project.", section="Logging")

@@ -16,7 +16,14 @@ from torch import nn
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import target_linear_modules
-from galore_train.registry import NORM_GROWTH_NAMES, OPTIMIZERS, OptimizerSpec, moments_group, resolve_optimizer_name
+from galore_train.registry import (
+    NORM_GROWTH_NAMES,
+    OPTIMIZERS,
+    OptimizerSpec,
+    galore_group,
+    moments_group,
+    resolve_optimizer_name,
+)
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -54,19 +61,7 @@ def _matrix_groups(
         raise UserError(f"--galore-targets {cfg.galore_targets} selects no trainable weight")
     group: dict[str, Any] = {"params": galore}
     if spec.galore:
-        group.update(
-            rank=cfg.rank,
-            update_proj_gap=cfg.gap,
-            scale=cfg.scale,
-            proj_type=cfg.proj_type,
-            svd=cfg.svd,
-            stagger_refresh=cfg.stagger_refresh,
-            proj_bits=cfg.proj_bits,
-            proj_group_size=cfg.proj_group_size,
-            adaptive_gap=cfg.adaptive_gap,
-            cos_threshold=cfg.cos_threshold,
-            **moments,
-        )
+        group.update(galore_group(cfg), **moments)
     if spec.matrix_group is not None:
         group.update(spec.matrix_group(cfg))
     if "rank" in group:

@@ -18,7 +18,7 @@ from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.optim.apollo import APOLLO_SCALE, MINI_SCALE
 from galore_train.optim.norm_growth import DEFAULT_LIMIT
-from galore_train.registry import OPTIMIZERS, listing
+from galore_train.registry import GALORE_NAMES, OPTIMIZERS, listing
 
 # Table 2 / Section 5.1: total batch 512 x 256 tokens, cosine to 10% with 10% warm-up, GaLore lr 0.01,
 # scale 0.25, gap 200; rank and steps per size. Steps, not Table 2's token counts (1.1B/2.2B/6.4B/13.1B):
@@ -104,6 +104,16 @@ _MINI_SCALES = {model: math.sqrt(192) if model == "llama_130m" else MINI_SCALE f
 _MUON_SOURCE = "Moonlight (arXiv 2502.16982): AdamW-matched update RMS, weight decay 0.1, AdamW's lr" + _BASELINE_SOURCE
 _MUON = {**_BASELINE, "weight_decay": 0.1}
 
+# GaLore at 7B with --layerwise is the paper's one-GPU run (Section 5.2, Figure 1; the reference's
+# scripts/single_gpu/llama_7b_checkpointing.sh): micro-batch 16 with activation checkpointing, 22.8 GB measured there
+# (`galore-train memory` estimates 20.6 GiB = 22.1 GB with --8bit). The total batch is the micro-batch (None: batch x
+# processes): accumulating under --layerwise holds a 13.5 GB gradient, and the reference, asked for 512, updated on
+# every micro-batch in layer-wise mode, i.e. the same effective batch (scripts/paper_4090_7b.sh). Also under DDP
+# (whole gradients on every GPU); not under --distributed fsdp, whose held gradient shards are 1/N: the paper's total
+# batch of 512 stays there (scripts/paper_8x24gb_7b.sh).
+_ONE_GPU_7B = {"batch_size": 16, "total_batch_size": None, "activation_checkpointing": True}
+_ONE_GPU_7B_SOURCE = "; --layerwise: the paper's one-GPU run (micro-batch 16 = total batch, activation checkpointing)"
+
 _TABLE2_SIZES = ("llama_60m", "llama_130m", "llama_350m", "llama_1b")
 
 
@@ -165,8 +175,14 @@ OPTIMIZER_RECIPES: dict[str, dict[str, Recipe]] = {
 }
 
 
-def paper_recipe(model: str, optimizer: str, layerwise: bool = False) -> Recipe:
-    """The published settings for `model` (a name or config path) and `optimizer`; a one-line UserError if none."""
+def _one_gpu_run(model: str, optimizer: str) -> bool:
+    """Whether --layerwise makes this the paper's one-GPU 7B run (_ONE_GPU_7B)."""
+    return model == "llama_7b" and optimizer in GALORE_NAMES and optimizer not in OPTIMIZER_RECIPES
+
+
+def paper_recipe(model: str, optimizer: str, layerwise: bool = False, sharded: bool = False) -> Recipe:
+    """The published settings for `model` (a name or config path) and `optimizer` (`layerwise`: --layerwise,
+    `sharded`: --distributed fsdp); a one-line UserError if none."""
     name = Path(model).stem
     if optimizer in OPTIMIZER_RECIPES:
         covered = OPTIMIZER_RECIPES[optimizer]
@@ -184,6 +200,8 @@ def paper_recipe(model: str, optimizer: str, layerwise: bool = False) -> Recipe:
             galore = optimizer in OPTIMIZERS and OPTIMIZERS[optimizer].galore
             extra = _GALORE if galore else _BASELINE
             recipe = Recipe({**recipe.values, **extra}, recipe.source + ("" if galore else _BASELINE_SOURCE))
+    if layerwise and not sharded and _one_gpu_run(name, optimizer):
+        recipe = Recipe({**recipe.values, **_ONE_GPU_7B}, recipe.source + _ONE_GPU_7B_SOURCE)
     if layerwise and "grad_clipping" in recipe.values:
         # layer-wise updates cannot clip the global norm (the GaLore paper's 4090 run: none)
         recipe = Recipe({k: v for k, v in recipe.values.items() if k != "grad_clipping"}, recipe.source)
@@ -194,7 +212,12 @@ def recipe_values(cfg: TrainConfig) -> dict[str, Any]:
     """The values `--recipe paper` sets for this model and optimizer."""
     if cfg.recipe != "paper":
         raise UserError(f"unknown --recipe {cfg.recipe!r}; known: paper")
-    return dict(paper_recipe(cfg.model, cfg.optimizer, cfg.layerwise).values)
+    return dict(recipe_for(cfg).values)
+
+
+def recipe_for(cfg: TrainConfig) -> Recipe:
+    """The paper's recipe for this configuration's model, optimizer, --layerwise and --distributed."""
+    return paper_recipe(cfg.model, cfg.optimizer, cfg.layerwise, cfg.distributed == "fsdp")
 
 
 def recipe_rows() -> list[tuple[str, str, str, str]]:
@@ -203,26 +226,29 @@ def recipe_rows() -> list[tuple[str, str, str, str]]:
     from the tables, never typed twice."""
     models = list(dict.fromkeys([*PAPER_RECIPES, *(m for covered in OPTIMIZER_RECIPES.values() for m in covered)]))
     rows = []
-    for model in models:
+    for model, layerwise in [*((model, False) for model in models), ("llama_7b", True)]:
         groups: dict[tuple[str, str], list[str]] = {}
         for optimizer in OPTIMIZERS:
             try:
-                recipe = paper_recipe(model, optimizer)
+                recipe = paper_recipe(model, optimizer, layerwise)
             except UserError:
                 continue
+            if layerwise and not _one_gpu_run(model, optimizer):
+                continue  # elsewhere, --layerwise only drops clipping
             own = {k: v for k, v in recipe.values.items() if k not in _COMMON or _COMMON[k] != v}
             groups.setdefault((_settings(own), recipe.source), []).append(optimizer)
-        rows += [(model, ", ".join(names), settings, source) for (settings, source), names in groups.items()]
+        label = f"{model} --layerwise" if layerwise else model
+        rows += [(label, ", ".join(names), settings, source) for (settings, source), names in groups.items()]
     return rows
 
 
 def common_settings() -> str:
     """The settings every recipe shares (GaLore's C4 setup; warm-up: the default 10% of the steps)."""
-    return _settings(_COMMON)
+    return _settings({k: v for k, v in _COMMON.items() if v is not None})
 
 
 def _settings(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={f'{v:g}' if isinstance(v, float) else v}" for k, v in values.items() if v is not None)
+    return ", ".join(f"{k}={f'{v:g}' if isinstance(v, float) else v}" for k, v in values.items())
 
 
 def apply_recipe(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:

@@ -69,6 +69,37 @@ def _apollo_matrices(cfg: Any, mini: bool = False) -> dict[str, Any]:
     return {**group, "rank": OPTIMIZERS["apollo_mini"].rank} if mini else group
 
 
+# The GaLore keys of the target weights' group (every GaLore-family optimizer, spec.galore) -> their TrainConfig field.
+GALORE_KEYS = {
+    "rank": "rank",
+    "update_proj_gap": "gap",
+    "scale": "scale",
+    "proj_type": "proj_type",
+    "svd": "svd",
+    "stagger_refresh": "stagger_refresh",
+    "proj_bits": "proj_bits",
+    "proj_group_size": "proj_group_size",
+    "adaptive_gap": "adaptive_gap",
+    "cos_threshold": "cos_threshold",
+}
+
+
+def galore_group(cfg: Any) -> dict[str, Any]:
+    """The GaLore keys of the target weights' group, from the config."""
+    return {key: getattr(cfg, field) for key, field in GALORE_KEYS.items()}
+
+
+class _FieldRecorder:
+    """Stands in for a TrainConfig and records which fields a settings function reads."""
+
+    def __init__(self, config: Any) -> None:
+        self._config, self.read = config, set()
+
+    def __getattr__(self, name: str) -> Any:
+        self.read.add(name)
+        return getattr(self._config, name)
+
+
 def _resolve(path: str) -> Any:
     module, _, attribute = path.partition(":")
     return getattr(importlib.import_module(module), attribute)
@@ -87,11 +118,26 @@ class OptimizerSpec:
     eightbit: Optional[str] = None  # the name --8bit turns this one into
     galore: bool = False  # the target weights form a GaLore param group
     matrix_group: Optional[Settings] = None  # a TrainConfig -> more keys of the target weights' own group
-    options: tuple[str, ...] = ()  # the TrainConfig fields that only the optimizers naming them read
+    options: tuple[str, ...] = ()  # the TrainConfig fields it reads beyond its settings functions
     fsdp: bool = False  # correct on FSDP2's DTensor shards
     reads_only_r: bool = False  # its update reads R, not G: DDP may average R instead (optim/lowrank_sync.py)
     base: Optional[str] = None  # a method's optimizer over its trainable parameters
     rank: Optional[int] = None  # a rank of its own, whatever --rank says (APOLLO-Mini: 1)
+
+    def fields_read(self, config: Any) -> frozenset[str]:
+        """The TrainConfig fields this name reads, as its settings functions read them (traced on `config`, any
+        TrainConfig), plus those its `options` declare; a method reads its base optimizer's. What decides which
+        flags mean nothing for it (galore_train/implied.py)."""
+        recorder = _FieldRecorder(config)
+        base = OPTIMIZERS[self.base] if self.base else self
+        if base.settings is not None:
+            base.settings(recorder)
+        own = self.matrix_group(recorder) if self.matrix_group is not None else {}
+        if self.galore:  # GaLore's keys, except those the optimizer's own group replaces (APOLLO's scale, rank)
+            recorder.read |= {field for key, field in GALORE_KEYS.items() if key not in own}
+        if self.galore or self.matrix_group is not None:
+            recorder.read.add("galore_targets")  # the target weights form a group of their own
+        return frozenset(recorder.read | set(self.options))
 
     @property
     def is_method(self) -> bool:
@@ -136,6 +182,8 @@ _MOMENTS = ("moments_dtype",)  # float32 Adam moments of the GaLore group (for p
 _FIRA = ("fira_residual", "norm_growth_limit", *_MOMENTS)
 _APOLLO = ("apollo_proj", "apollo_scale_type", "apollo_scale", "norm_growth_limit", *_MOMENTS)
 _STATELESS = "none (stateless: the gradient normalized each step); AdamW's moments + a step elsewhere"
+_LORA = ("rank", "galore_targets", "lora_alpha", "lora_dropout")
+_RELORA = (*_LORA, "relora_reset", "optimizer_reset_ratio", "restart_warmup_steps", "relora_warm_start")
 _LORA_STATE = "mn frozen weight + (m+n)r adapters, AdamW moments of the adapters 2(m+n)r"
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -278,13 +326,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _adam,
             matrix_group=lambda cfg: {"stateless": True},
         ),
-        OptimizerSpec("lora", "LoRA", _LORA_STATE, "galore_train.methods.lora:LoRA", base="adamw"),
+        OptimizerSpec("lora", "LoRA", _LORA_STATE, "galore_train.methods.lora:LoRA", base="adamw", options=_LORA),
         OptimizerSpec(
             "relora",
             "ReLoRA",
             _LORA_STATE + "; merged and restarted every --relora-reset steps",
             "galore_train.methods.relora:ReLoRA",
             base="adamw",
+            options=_RELORA,
         ),
         OptimizerSpec(
             "low_rank",
@@ -292,6 +341,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "(m+n)r factors replace the weight, AdamW moments 2(m+n)r",
             "galore_train.methods.low_rank:LowRank",
             base="adamw",
+            options=("rank", "galore_targets"),
         ),
     )
 }

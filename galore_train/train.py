@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from galore_train import checkpoint, distributed, fsdp, resume, storage
+from galore_train import checkpoint, distributed, fit, fsdp, resume, storage
 from galore_train.config import TrainConfig
 from galore_train.data import (
     BAD_LINES,
@@ -63,9 +63,10 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.plan = plan_steps(cfg, self.env.world_size)
         self.run_name = cfg.run_name or default_run_name(cfg)
-        self.output_dir = Path(cfg.output_dir or Path("runs") / self.run_name)
+        self.output_dir = Path(cfg.output_dir or checkpoint.RUNS / self.run_name)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.model_config = load_model_config(cfg.model)
+        fit.check_fits(cfg, self.model_config, self.env, distributed.gather_floats)  # before a GPU holds anything
         self.resume_dir = resume.find_checkpoint(cfg, self.output_dir, self.env)
         resume.check_ranks_agree(self.resume_dir, self.env)
         self.data_restarts = False  # --allow-data-change: the saved stream position is not restored

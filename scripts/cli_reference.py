@@ -1,4 +1,5 @@
-"""Print docs/cli.md: every `galore-train pretrain` flag, from TrainConfig (the single source of truth), the
+"""Print docs/cli.md: what a command line implies (galore_train/implied.py), every `galore-train pretrain` flag,
+from TrainConfig (the single source of truth), the
 flags `galore-train memory` shares with it, the --optimizer names from the registry and the `--recipe paper`
 settings from galore_train/recipes.py.
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from itertools import groupby
 
-from galore_train.cli import MEMORY_FIELDS, _flag
-from galore_train.config import TrainConfig
+from galore_train import fit, implied
+from galore_train.cli import MEMORY_FIELDS
+from galore_train.config import TrainConfig, flag
 from galore_train.recipes import common_settings, recipe_rows
 from galore_train.registry import OPTIMIZERS
 
@@ -23,6 +25,16 @@ def reference() -> str:
         "Generated from `galore_train/config.py` by `python scripts/cli_reference.py > docs/cli.md`.",
         "Every flag is also a field of the `TrainConfig` saved as `train_config.json` in each checkpoint.",
         "",
+        "## What a command line implies",
+        "",
+        # the rules' one statement: galore_train/implied.py's docstring, and fit.py's for the GPU memory check
+        implied.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        "Each filled-in value is printed at start (`note: ...`, with its source), each ignored flag as one "
+        "`warning: ...` line. `galore-train eval` without `--checkpoint` scores the newest run under `runs/`.",
+        "",
+        "**On a GPU.** " + " ".join(fit.__doc__.split()),
+        "",
     ]
     fields = dataclasses.fields(TrainConfig)
     for section, members in groupby(fields, key=lambda f: f.metadata["section"]):
@@ -30,9 +42,9 @@ def reference() -> str:
         for field in members:
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             shown = "" if default is None or default == [] else f"`{default}`"
-            lines.append(f"| `{_flag(field)}` | {shown} | {field.metadata['help']} |")
+            lines.append(f"| `{flag(field.name)}` | {shown} | {field.metadata['help']} |")
         lines.append("")
-    memory_flags = ", ".join(f"`{_flag(field)}`" for field in fields if field.name in MEMORY_FIELDS)
+    memory_flags = ", ".join(f"`{flag(field.name)}`" for field in fields if field.name in MEMORY_FIELDS)
     lines += [
         "## `galore-train memory`",
         "",

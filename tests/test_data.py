@@ -254,16 +254,12 @@ def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch
     from galore_train.data.stream import BatchStream
 
     produce = BatchStream.produce
-    waiting = (
-        threading.Event()
-    )  # set just before the consumer waits: a fixed timer can fire too early on a busy machine
-
+    waiting = threading.Event()  # set by the consumer's own wait for a batch (a timer can fire too early)
     fired = []
 
     def slow_produce(self):
         if not fired and waiting.wait(timeout=10):
-            fired.append(True)  # one Ctrl-C only
-            time.sleep(0.1)  # the consumer is inside next_batch, waiting for this batch
+            fired.append(True)  # one Ctrl-C only, while the consumer waits for this batch
             _thread.interrupt_main()
         time.sleep(0.3)
         return produce(self)
@@ -274,10 +270,17 @@ def test_ctrl_c_while_waiting_for_a_batch_leaves_no_thread(tokenize, monkeypatch
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     before = set(producer_threads())
     stream = train_stream(tokenize, prefetch=2)
+    queue_get = stream._queue.get
+
+    def consumer_waits(*args, **kwargs):
+        waiting.set()
+        return queue_get(*args, **kwargs)
+
+    stream._queue.get = consumer_waits
     with pytest.raises(KeyboardInterrupt):
         with stream:
-            waiting.set()
             stream.next_batch()
+    assert fired, "the Ctrl-C came while the consumer waited in next_batch"
     assert not set(producer_threads()) - before
 
 
@@ -307,10 +310,18 @@ def test_close_gives_up_on_a_stalled_producer(tokenize, monkeypatch, caplog):
     release.set()
 
 
-def test_waiting_time_is_measured_and_reset(tokenize):
+def test_a_stalled_producer_shows_as_waiting_time_then_resets(tokenize, monkeypatch):
+    """Each batch takes the producer at least STALL seconds, so the consumer waits at least that long for its
+    first batch (the thread starts with it): a lower bound no busy machine can undercut."""
+    import time
+
+    from galore_train.data.stream import BatchStream
+
+    stall, produce = 0.3, BatchStream.produce
+    monkeypatch.setattr(BatchStream, "produce", lambda self: time.sleep(stall) or produce(self))
     with train_stream(tokenize, prefetch=2) as stream:
         consumed(stream, 2)
-        assert stream.take_wait_seconds() > 0
+        assert stream.take_wait_seconds() >= stall
         assert stream.take_wait_seconds() == 0
 
 

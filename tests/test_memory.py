@@ -188,7 +188,6 @@ def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
     root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("model.layers.")) * 4
     layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
     assert fsdp.distributed == 2 * root + 2 * layer
-    assert fsdp.peak == fsdp.weights + fsdp.optimizer_states + fsdp.distributed + max(fsdp.gradients, fsdp.activations)
 
 
 def test_layerwise_under_fsdp_holds_one_unit_shard_or_every_shard_when_accumulating() -> None:
@@ -204,9 +203,6 @@ def test_layerwise_under_fsdp_holds_one_unit_shard_or_every_shard_when_accumulat
     assert layerwise.gradients == -(-max(root, layer) // 4) < plain.gradients
     parts = ("weights", "optimizer_states", "projections", "activations", "distributed")
     assert all(getattr(layerwise, part) == getattr(plain, part) for part in parts)
-    assert layerwise.peak == plain.peak - max(plain.gradients, plain.activations) + max(
-        layerwise.gradients, layerwise.activations
-    )
     held = estimate_memory(CONFIG, "galore_adamw", RANK, layerwise=True, batch_size=2, total_batch_size=16, **sharded)
     assert held.gradients == plain.gradients and "accumulation 2" in held.label
     assert held.peak == held.total  # earlier micro-batches' shards beside the last one's activations
@@ -239,7 +235,7 @@ def test_table2_reproduction_is_within_the_targets() -> None:
     rows = table2_rows()
     assert [row.model for row in rows] == ["llama_60m", "llama_130m", "llama_350m", "llama_1b"]
     for row in rows:
-        limit = 0.02 if row.model == "llama_350m" else 0.10
+        limit = 0.01 if row.model == "llama_350m" else 0.10  # docs/memory.md: every cell within 10%, 350M within 1%
         assert abs(row.full_deviation) <= limit, row
         assert abs(row.galore_deviation) <= limit, row
         assert row.galore < row.full
