@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from galore_train.data import IGNORE_INDEX
-from galore_train.distributed import DistEnv, all_reduce_sum
+from galore_train.distributed import DistEnv, all_reduce_sum, choose_device
 from galore_train.errors import UserError
 from galore_train.model import resolve_dtype
 
@@ -75,7 +75,7 @@ def score_checkpoint(
     if not config_file.is_file():
         raise UserError(f"{path} is not a galore-train checkpoint (no train_config.json)")
     cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = choose_device()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device)).to(device)
     tokenize = Tokenize(load_tokenizer(tokenizer or cfg.tokenizer), cfg.max_length, model.config.vocab_size)
     files = eval_data_files or cfg.eval_data_files

@@ -170,7 +170,7 @@ class Trainer:
         if not distributed.all_finite(self.model.parameters(), self.env):
             self._stop_without_saving("the weights are no longer finite")
         # Each rank's stream position and random state, to rank 0 (the writer) only.
-        per_rank = distributed.gather_to_main((self.train_stream.state_dict(), resume.rng_state()), self.env)
+        per_rank = distributed.gather_to_main((self.train_stream.state_dict(), resume.rng_state(self.device)), self.env)
         weights = fsdp.full_model_state(self.model)  # FSDP: gathered to rank 0's CPU; else None
         trainer_state = {
             "step": self.step,
@@ -206,7 +206,7 @@ class Trainer:
         else:
             resume.load_weights(self.model, self.resume_dir)
         resume.restore_optimizer(self.model, self.optimizer, self.scheduler, state)
-        resume.restore_rng(state["rng"], self.env.rank)
+        resume.restore_rng(state["rng"], self.env.rank, self.device)
         self.tokens_seen = state["tokens_seen"]
         self.guard.load_state_dict(state["guard"])
         self.train_stream.load_state_dict(data_states[self.env.rank])
