@@ -274,7 +274,8 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     """Per-rank and aggregate numbers for a logged training record ({} single-process).
 
     Every rank must call it (it gathers). `peak_memory_gb` becomes the maximum over ranks (what must fit
-    on each device), with `peak_memory_gb_per_rank` beside it; `tokens_per_second` is already the
+    on each device), with `peak_memory_gb_per_rank` beside it, and so does `peak_reserved_gb` (CUDA);
+    `tokens_per_second` is already the
     aggregate (global tokens / wall time) and `tokens_per_second_per_device` = aggregate / world size
     (ranks step in lockstep, so this is each device's throughput). GaLore's `svd_refreshes` becomes the
     sum over ranks (the matrices refreshed, as one process counts them), with `svd_refreshes_per_rank`
@@ -288,6 +289,8 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     if "peak_memory_gb" in record:
         peaks = gather_floats(record["peak_memory_gb"], env)
         metrics.update(peak_memory_gb=max(peaks), peak_memory_gb_per_rank=peaks)
+    if "peak_reserved_gb" in record:  # CUDA: what the allocator holds, the most of any rank
+        metrics.update(peak_reserved_gb=max(gather_floats(record["peak_reserved_gb"], env)))
     if "svd_refreshes" in record:  # shared refresh: each rank computes its own matrices' SVDs
         refreshes = [int(count) for count in gather_floats(record["svd_refreshes"], env)]
         metrics.update(svd_refreshes=sum(refreshes), svd_refreshes_per_rank=refreshes)

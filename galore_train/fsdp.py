@@ -64,8 +64,8 @@ def runs_sharded_gradient_hooks(version: str = torch.__version__) -> bool:
 
 
 def shard_model(model: nn.Module, cfg: Any, env: DistEnv) -> nn.Module:
-    """With `--distributed fsdp` under torchrun (one process too): FSDP2-shard `model` in place (each decoder layer, then
-    the root) and return it. Must run before the optimizer is built: sharding replaces the parameters."""
+    """With `--distributed fsdp` under torchrun (one process too): FSDP2-shard `model` in place (each decoder
+    layer, then the root) and return it. Must run before the optimizer is built: sharding replaces the parameters."""
     if not env.launched or cfg.distributed != "fsdp":
         return model
     check_fsdp_supported(cfg)

@@ -31,7 +31,7 @@ from galore_train.data import (
     pin_batches,
 )
 from galore_train.errors import TrainingStopped, UserError
-from galore_train.evaluate import evaluate, summed_loss, target_count, to_device
+from galore_train.evaluate import eval_batch_size, evaluate, summed_loss, target_count, to_device
 from galore_train.guard import LossGuard
 from galore_train.meter import MemoryMeter
 from galore_train.methods import METHOD_NAMES, build_method, scheduler_kwargs
@@ -105,7 +105,7 @@ class Trainer:
                 cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation"
             ),
             self.tokenize,
-            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            batch_size=eval_batch_size(cfg),
             builder=self.env.is_main,
             agree=lambda failed: distributed.any_rank(failed, self.env),
         )

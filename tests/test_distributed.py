@@ -60,6 +60,7 @@ def run_args(output_dir: Path, config_file: str, **overrides) -> dict:
         eval_every=2,
         save_every=2,
         keep_last=10,
+        eval_batch_size=4,  # 9 validation batches: an odd count, which FSDP's lockstep evaluation pads
     )
     return tiny_run_args(config_file, output_dir, **{**values, **overrides})
 

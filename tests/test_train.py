@@ -290,3 +290,13 @@ def test_the_logged_lr_is_the_one_the_step_used(tiny_config_file, tmp_path, shar
     run(tiny_config_file, tmp_path / "run", num_training_steps=3, warmup_steps=0, scheduler="cosine", min_lr_ratio=0.1)
     logged = [r["lr"] for r in records(tmp_path / "run") if "loss" in r]
     assert logged[0] == 3e-3 and logged[0] > logged[1] > logged[2] > 3e-4
+
+
+def test_evaluation_batches_do_not_shrink_with_the_micro_batch(tiny_config_file, tmp_path, shared_data):
+    """A 7B run's micro-batch 1 used to mean single-sequence evaluation forwards (~40,000 per 10M-token eval)."""
+    trainer = Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "one", batch_size=1)))
+    sizes = [len(batch["input_ids"]) for batch in trainer.eval_batches]
+    assert sizes[0] == train_module.eval_batch_size(trainer.cfg) == 16 and max(sizes) == 16
+    wide = TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "wide", batch_size=64))
+    assert train_module.eval_batch_size(wide) == 64  # never below the training micro-batch
+    assert train_module.eval_batch_size(wide.replace(eval_batch_size=4)) == 4  # the flag wins
