@@ -110,9 +110,8 @@ class Trainer:
             agree=lambda failed: distributed.any_rank(failed, self.env),
         )
         self.eval_batches = distributed.lockstep_batches(self.eval_batches, self.model, self.env)
-        if self.resume_dir is not None:
-            self._restore(saved_state, data_states)
-        self.memory = MemoryMeter(self.model, self.optimizer, self.device)
+        self.memory = MemoryMeter(self.model, self.optimizer, self.device)  # before the restore, which it measures
+        self.restore_memory = self._restore(saved_state, data_states) if self.resume_dir is not None else {}
 
     # --- construction --------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
@@ -194,22 +193,28 @@ class Trainer:
 
         return checkpoint.save_checkpoint(self.checkpoint_root, self.step, write, self.cfg.keep_last)
 
-    def _restore(self, state: dict[str, Any], data_states: list[dict[str, Any]]) -> None:
+    def _restore(self, state: dict[str, Any], data_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Put the checkpoint's state back; return the restore's memory peaks (it can peak above a step)."""
         if len(data_states) != self.env.world_size:
             raise UserError(
                 f"checkpoint {self.resume_dir} was written by {len(data_states)} process(es); resume with the same"
                 " number"
             )
-        if self.method.changes_model:
-            self.model.load_state_dict(state["model"])
-            self.method.load_state_dict(state["method"])
-        else:
-            resume.load_weights(self.model, self.resume_dir)
-        resume.restore_optimizer(self.model, self.optimizer, self.scheduler, state)
-        resume.restore_rng(state["rng"], self.env.rank, self.device)
-        self.tokens_seen = state["tokens_seen"]
-        self.guard.load_state_dict(state["guard"])
-        self.train_stream.load_state_dict(data_states[self.env.rank])
+        with self.memory.track():
+            if self.method.changes_model:
+                self.model.load_state_dict(state["model"])
+                self.method.load_state_dict(state["method"])
+            else:
+                resume.load_weights(self.model, self.resume_dir)
+            resume.restore_optimizer(self.model, self.optimizer, self.scheduler, state)
+            resume.restore_rng(state["rng"], self.env.rank, self.device)
+            self.tokens_seen = state["tokens_seen"]
+            self.guard.load_state_dict(state["guard"])
+            self.train_stream.load_state_dict(data_states[self.env.rank])
+        peaks = self.memory.read_and_reset()
+        return {
+            f"restore_{key}": value for key, value in {**peaks, **distributed.rank_metrics(peaks, self.env)}.items()
+        }
 
     def _stop_without_saving(self, reason: str) -> None:
         latest = checkpoint.latest_checkpoint(self.checkpoint_root)
@@ -227,9 +232,7 @@ class Trainer:
         loss_scale = self.env.world_size / max(global_targets, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the schedule steps after the update)
 
-        loss_sum = torch.zeros(
-            (), dtype=torch.float64, device=self.device
-        )  # summed on the device: no read per micro-batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no read per micro-batch
         for index, (batch, count) in enumerate(zip(batches, targets)):
             last = index == len(batches) - 1
             with self._accumulation_context(last):
@@ -308,6 +311,8 @@ class Trainer:
         self._announce(sink)
         if self.env.is_main:  # the resolved configuration, readable before the first checkpoint exists
             cfg.save(str(self.output_dir / "train_config.json"))
+        if self.restore_memory:
+            sink.log({"step": self.step, **self.restore_memory})
         if self.step == 0:
             with self.memory.excluded():
                 sink.log(
