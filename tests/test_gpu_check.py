@@ -32,7 +32,7 @@ def test_without_cuda_it_stops_at_once_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_the_dry_run_runs_every_step_and_writes_the_results(tmp_path, shared_data):
-    """About 3 minutes of CPU time (the two-core machine here, shared: much longer on the wall)."""
+    """About 3 minutes of CPU time (on the shared two-core machine here: 13-18 minutes on the wall)."""
     env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "RESULTS_DIR": str(tmp_path / "results")}
     env["GPU_CHECK_WORK"] = str(tmp_path / "work")
     result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=1500, env=env)
@@ -43,7 +43,7 @@ def test_the_dry_run_runs_every_step_and_writes_the_results(tmp_path, shared_dat
     assert all(step["status"] == "ok" for step in steps.values()), steps
     assert steps["cuda_tier"]["skipped"] >= 10  # the CUDA tier, collected and skipped without a GPU
     assert set(steps["throughput_tiny"]) >= {"adamw", "galore_adamw", "galore_torch_bare_loop"}
-    assert set(steps["process_groups"]) == {"ddp", "fsdp", "fsdp_layerwise"}
+    assert set(steps["process_groups"]) >= {"ddp", "fsdp", "fsdp_layerwise"}
     layerwise = steps["layerwise_8bit_tiny"]
     assert layerwise["steps"] == 3 and layerwise["restore_peak_allocated_gib"] > 0
     # The CPU meter against the estimator, for the same run: the estimate's promise (docs/memory.md).
