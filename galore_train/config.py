@@ -282,7 +282,7 @@ class TrainConfig:
     # --- run control ----------------------------------------------------------------------------
     eval_every: int = option(1000, "Evaluate every N optimizer steps (and at the end).", section="Run control")
     eval_batch_size: Optional[int] = option(
-        None, "Sequences per evaluation batch (default: --batch-size).", section="Run control"
+        None, "Sequences per evaluation batch (default: --batch-size, at least 16).", section="Run control"
     )
     save_every: int = option(10_000, "Checkpoint every N optimizer steps (and at the end).", section="Run control")
     keep_last: int = option(2, "Step checkpoints to keep (the final one is always kept).", section="Run control")

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from galore_train.errors import UserError
 from galore_train.optim import traffic
 
 
@@ -32,6 +33,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # under torchrun: a process group exists, even for one process
 
     @property
     def is_main(self) -> bool:
@@ -42,24 +44,54 @@ class DistEnv:
         return self.world_size > 1
 
 
+# Set to "cpu" to keep a process off the GPUs even where CUDA is available (the CPU test suite does, so that its
+# torchrun children use gloo on a GPU machine instead of NCCL on GPUs that may not exist).
+DEVICE_ENV = "GALORE_TRAIN_DEVICE"
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another env:// launcher) started this process: what init_process_group reads is set."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def choose_device(local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """cuda:LOCAL_RANK where CUDA is available (and not refused by GALORE_TRAIN_DEVICE=cpu), else the CPU.
+
+    More processes on this node than GPUs is a one-line error: two processes on one GPU would each hold a
+    whole model, and a local rank past the last GPU dies in CUDA with a traceback."""
+    forced = os.environ.get(DEVICE_ENV, "")
+    if forced not in ("", "cpu"):
+        raise UserError(f"{DEVICE_ENV} may be 'cpu' or unset; got {forced!r}")
+    if forced == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_world_size > count:
+        raise UserError(
+            f"torchrun started {local_world_size} processes on this machine but it has {count} GPU(s): pass"
+            f" --nproc_per_node {count} (or fewer)"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def setup(timeout_minutes: float = 60.0) -> DistEnv:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU.
 
-    `timeout_minutes` bounds every collective: a rank waiting longer (e.g. while rank 0 writes a 7B
-    checkpoint, minutes on a slow filesystem) fails instead of hanging; torch's NCCL default is 10."""
+    Under torchrun the process group is created even for one process (`--nproc_per_node 1`), so that
+    `--distributed fsdp` on one GPU runs the FSDP path it asks for. `timeout_minutes` bounds every collective:
+    a rank waiting longer (e.g. while rank 0 writes a 7B checkpoint, minutes on a slow filesystem) fails
+    instead of hanging; torch's NCCL default is 10."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = choose_device(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    launched = world_size > 1 or launched_by_torchrun()
+    if launched and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes)
         )
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, launched=launched)
 
 
 GLOO_DRAIN_SECONDS = 0.1
@@ -216,8 +248,8 @@ def share_projection_refresh(optimizer: torch.optim.Optimizer, cfg: Any, env: Di
     """Several processes with a GaLore optimizer (DDP, layer-wise DDP, FSDP2): each matrix's projection refresh
     is computed by one process, its owner, and broadcast to the others (galore_train/optim/refresh_sharing.py),
     instead of every process running the same SVD; under FSDP the owner gathers the gradient's row shards
-    first. Nothing single-process."""
-    if env.enabled and hasattr(optimizer, "share_refresh"):
+    first (FSDP on one process too: row-sharded GaLore refreshes through it). Nothing single-process."""
+    if env.launched and hasattr(optimizer, "share_refresh"):
         optimizer.share_refresh()
 
 
@@ -261,7 +293,8 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     """Per-rank and aggregate numbers for a logged training record ({} single-process).
 
     Every rank must call it (it gathers). `peak_memory_gb` becomes the maximum over ranks (what must fit
-    on each device), with `peak_memory_gb_per_rank` beside it; `tokens_per_second` is already the
+    on each device), with `peak_memory_gb_per_rank` beside it, and so does `peak_reserved_gb` (CUDA);
+    `tokens_per_second` is already the
     aggregate (global tokens / wall time) and `tokens_per_second_per_device` = aggregate / world size
     (ranks step in lockstep, so this is each device's throughput). GaLore's `svd_refreshes` becomes the
     sum over ranks (the matrices refreshed, as one process counts them), with `svd_refreshes_per_rank`
@@ -275,6 +308,8 @@ def rank_metrics(record: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     if "peak_memory_gb" in record:
         peaks = gather_floats(record["peak_memory_gb"], env)
         metrics.update(peak_memory_gb=max(peaks), peak_memory_gb_per_rank=peaks)
+    if "peak_reserved_gb" in record:  # CUDA: what the allocator holds, the most of any rank
+        metrics.update(peak_reserved_gb=max(gather_floats(record["peak_reserved_gb"], env)))
     if "svd_refreshes" in record:  # shared refresh: each rank computes its own matrices' SVDs
         refreshes = [int(count) for count in gather_floats(record["svd_refreshes"], env)]
         metrics.update(svd_refreshes=sum(refreshes), svd_refreshes_per_rank=refreshes)

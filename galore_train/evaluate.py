@@ -12,9 +12,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from galore_train.data import IGNORE_INDEX
-from galore_train.distributed import DistEnv, all_reduce_sum
+from galore_train.distributed import DistEnv, all_reduce_sum, choose_device
 from galore_train.errors import UserError
 from galore_train.model import resolve_dtype
+
+# Evaluation runs without gradients or saved activations, so it fits larger batches than training does; at the
+# micro-batch of a 7B run (1) it would be tens of thousands of single-sequence forwards per evaluation.
+EVAL_BATCH_SIZE = 16
+
+
+def eval_batch_size(cfg: Any) -> int:
+    """--eval-batch-size, else the training micro-batch but at least EVAL_BATCH_SIZE sequences: a forward
+    without backward keeps no activations, and its largest tensors are the logits (7B at 16 x 256 tokens: 0.24 GiB
+    in bf16, then about 1 GiB for their float32 copy and log-probabilities)."""
+    return cfg.eval_batch_size or max(cfg.batch_size, EVAL_BATCH_SIZE)
 
 
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,7 +86,7 @@ def score_checkpoint(
     if not config_file.is_file():
         raise UserError(f"{path} is not a galore-train checkpoint (no train_config.json)")
     cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = choose_device()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device)).to(device)
     tokenize = Tokenize(load_tokenizer(tokenizer or cfg.tokenizer), cfg.max_length, model.config.vocab_size)
     files = eval_data_files or cfg.eval_data_files
@@ -84,6 +95,6 @@ def score_checkpoint(
         source,
         tokenize,
         eval_tokens=eval_tokens or cfg.eval_tokens,
-        batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size,
+        batch_size=batch_size or eval_batch_size(cfg),
     )
     return {"checkpoint": str(path), **evaluate(model, batches, device)}

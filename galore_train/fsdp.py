@@ -14,13 +14,12 @@ optimizer state, gathered to rank 0's CPU on save and re-sharded on resume.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from galore_train.distributed import DistEnv, is_sharded
 from galore_train.errors import UserError
@@ -49,33 +48,25 @@ def check_fsdp_supported(cfg: Any) -> None:
         )
 
 
-# Where FSDP2's reduce-scatter lives: torch >= 2.6, then its earlier private home.
-_FSDP2_COLLECTIVES = (
-    "torch.distributed.fsdp._fully_shard._fsdp_collectives",
-    "torch.distributed._composable.fsdp._fsdp_collectives",
-)
+# The torch release whose FSDP2 runs sharded parameters' post-accumulate-grad hooks (pytorch#129450).
+SHARDED_GRADIENT_HOOKS_SINCE = (2, 5)
 
 
-def runs_sharded_gradient_hooks() -> bool:
+def runs_sharded_gradient_hooks(version: str = torch.__version__) -> bool:
     """Whether the installed FSDP2 runs a sharded parameter's post-accumulate-grad hooks right after writing its
     reduce-scattered gradient shard, which layer-wise updates under FSDP rely on.
 
     Autograd never sees FSDP2's sharded parameters (it accumulates into the unsharded ones), so their hooks run
-    only because FSDP2's `foreach_reduce` calls them itself (since torch 2.5, pytorch#129450): read from its source.
-    """
-    for module in _FSDP2_COLLECTIVES:
-        try:
-            source = inspect.getsource(importlib.import_module(module).foreach_reduce)
-        except (ImportError, AttributeError, OSError, TypeError):
-            continue
-        return "_post_accumulate_grad_hooks" in source
-    return False
+    only because FSDP2's `foreach_reduce` calls them itself, since torch 2.5: a version check (TorchVersion
+    compares dev and local builds such as 2.6.0a0+git1234 or 2.7.1+cu126 by their release), below the
+    pyproject's floor of 2.6, so no supported torch is refused; tests/test_distributed_layerwise.py runs them."""
+    return TorchVersion(version) >= SHARDED_GRADIENT_HOOKS_SINCE
 
 
 def shard_model(model: nn.Module, cfg: Any, env: DistEnv) -> nn.Module:
-    """With `--distributed fsdp` under torchrun: FSDP2-shard `model` in place (each decoder layer, then
-    the root) and return it. Must run before the optimizer is built: sharding replaces the parameters."""
-    if not env.enabled or cfg.distributed != "fsdp":
+    """With `--distributed fsdp` under torchrun (one process too): FSDP2-shard `model` in place (each decoder
+    layer, then the root) and return it. Must run before the optimizer is built: sharding replaces the parameters."""
+    if not env.launched or cfg.distributed != "fsdp":
         return model
     check_fsdp_supported(cfg)
     from torch.distributed.device_mesh import init_device_mesh

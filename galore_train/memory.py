@@ -45,8 +45,9 @@ class MemoryEstimate:
     start of the backward pass, before any gradient exists, and gradients at its end, after the
     activations are freed, so only the larger of the two counts (the CPU bench confirms it); with gradient
     accumulation (`accumulating`) the earlier micro-batches' gradients are alive beside the last one's
-    activations, so both count. Over several GPUs every part is one GPU's, and `distributed` is DDP's
-    gradient buckets or FSDP's gathered units.
+    activations, so both count; so do they under DDP (`ddp_buckets`: the gradients live in DDP's buckets, allocated
+    when the model is wrapped and never freed). Over several GPUs every part is one GPU's, and `distributed` is
+    FSDP's gathered units.
     """
 
     label: str
@@ -57,6 +58,12 @@ class MemoryEstimate:
     activations: int
     distributed: int = 0
     accumulating: bool = False
+    ddp_buckets: bool = False
+
+    @property
+    def gradients_held(self) -> bool:
+        """Whether the gradients are alive beside the activations (accumulation, DDP's buckets)."""
+        return self.accumulating or self.ddp_buckets
 
     @property
     def total(self) -> int:
@@ -76,7 +83,7 @@ class MemoryEstimate:
             + self.optimizer_states
             + self.projections
             + self.distributed
-            + (self.gradients + self.activations if self.accumulating else max(self.gradients, self.activations))
+            + (self.gradients + self.activations if self.gradients_held else max(self.gradients, self.activations))
         )
 
 
@@ -298,16 +305,17 @@ def estimate_memory(
 def _per_gpu(
     estimate: MemoryEstimate, nproc: int, distributed: str, layerwise: bool, one_gradient: bool, units: dict[str, int]
 ) -> MemoryEstimate:
-    """One GPU's share of a run on `nproc` (docs/memory.md). DDP: every GPU holds everything, plus DDP's
-    gradient buckets, a flat copy of every gradient (none with --layerwise: the model is not DDP-wrapped, each
-    hook all-reduces its gradient in place). FSDP: weights, gradients and states divided by nproc, plus the
+    """One GPU's share of a run on `nproc` (docs/memory.md). DDP: every GPU holds everything; the gradients are
+    views into DDP's buckets (`gradient_as_bucket_view=True`, distributed.wrap_model), so no second copy, but the
+    buckets exist from wrapping on, beside the activations (none with --layerwise: the model is not DDP-wrapped,
+    each hook all-reduces its gradient in place). FSDP: weights, gradients and states divided by nproc, plus the
     unsharded units (`fsdp_gathered_bytes`); with --layerwise and one micro-batch per step, the gradient is one
     unit's shard (FSDP2 writes a unit's shards as views of one reduce-scatter output, freed after its last hook).
     Activations are per GPU already (--batch-size is per device)."""
     if nproc == 1:
         return estimate
     if distributed == "ddp":
-        return replace(estimate, distributed=0 if layerwise else estimate.gradients)
+        return estimate if layerwise else replace(estimate, ddp_buckets=True)
     gradients = max(units.values()) if one_gradient else estimate.gradients
     return replace(
         estimate,

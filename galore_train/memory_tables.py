@@ -101,11 +101,12 @@ def memory_table(estimate: MemoryEstimate, title: str | None = None) -> Table:
         ("projection matrices", estimate.projections),
         ("activations (estimated)", estimate.activations),
     ]
-    parts += [("DDP buckets / FSDP unsharded units", estimate.distributed)] if estimate.distributed else []
+    parts += [("FSDP unsharded units", estimate.distributed)] if estimate.distributed else []
     for name, nbytes in parts:
         table.add_row(name, f"{nbytes / GIB:.3f}")
     table.add_row("total (sum of parts)", f"{estimate.total / GIB:.3f}")
-    both = "and activations: accumulation" if estimate.accumulating else "or activations"
+    held = "accumulation" if estimate.accumulating else "DDP's buckets"
+    both = f"and activations: {held}" if estimate.gradients_held else "or activations"
     table.add_row(f"peak (gradients {both})", f"{estimate.peak / GIB:.3f}", style="bold")
     return table
 

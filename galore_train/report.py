@@ -18,7 +18,7 @@ from typing import Optional
 from galore_train.cells import Cell, group_cells, known_mean, model_key
 from galore_train.errors import UserError
 from galore_train.plots import plot_memory, plot_perplexity
-from galore_train.runs import COMPONENTS, Run, estimated_memory, load_run, load_wandb_csv
+from galore_train.runs import MEASURED, Run, estimated_memory, load_run, load_wandb_csv
 
 # GaLore paper (Zhao et al. 2024, arXiv 2403.03507), Table 2: validation perplexity on C4.
 PAPER_TABLE2_PERPLEXITY = {
@@ -145,7 +145,7 @@ def _runs_table(runs: list[Run]) -> str:
             _count(r.tokens_seen),
             str(r.summary.get("epochs", "—")),
             _ppl(r.val_perplexity),
-            *(_gib(r.peaks.get(p)) for p in ("memory", *COMPONENTS)),
+            *(_gib(r.peaks.get(p)) for p in MEASURED),
             _count(r.tokens_per_second),
             _gib(None if r.comm_bytes is None else r.comm_bytes / 2**30),
             f"{r.data_wait_share:.2%}" if r.data_wait_share is not None else "—",
@@ -164,6 +164,7 @@ def _runs_table(runs: list[Run]) -> str:
         "Epochs",
         "Val ppl",
         "Peak",
+        "Reserved",
         "Weights",
         "Grads",
         "Opt. state",
@@ -241,8 +242,7 @@ CSV_FIELDS = (
     "epochs",
     "val_loss",
     "val_perplexity",
-    "peak_memory_gb",
-    *(f"peak_{c}_gb" for c in COMPONENTS),
+    *(f"peak_{c}_gb" for c in MEASURED),
     "est_weights_and_states_gb",
     "est_total_gb",
     "tokens_per_second",
@@ -274,8 +274,7 @@ def csv_report(runs: list[Run]) -> str:
                 "epochs": run.summary.get("epochs", ""),
                 "val_loss": run.summary.get("val_loss", ""),
                 "val_perplexity": run.val_perplexity or "",
-                "peak_memory_gb": run.peaks.get("memory", ""),
-                **{f"peak_{c}_gb": run.peaks.get(c, "") for c in COMPONENTS},
+                **{f"peak_{c}_gb": run.peaks.get(c, "") for c in MEASURED},
                 "est_weights_and_states_gb": run.estimated("weights_and_states") or "",
                 "est_total_gb": run.estimated("total") or "",
                 "tokens_per_second": run.tokens_per_second or "",

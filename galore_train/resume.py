@@ -248,12 +248,14 @@ def restore_data_position(stream: Any, state: dict[str, Any], path: Path) -> Non
         ) from None
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's random state: the CPU generator and its own GPU's (not every visible GPU's)."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state: the CPU generator and, on a GPU, its own GPU's (not every visible GPU's;
+    none for a run kept on the CPU where CUDA is available)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def restore_rng(states: dict[str, Any], rank: int) -> None:
+def restore_rng(states: dict[str, Any], rank: int, device: torch.device) -> None:
     """Put back rank `rank`'s random state. `states["by_rank"]` holds every rank's (rank_state()); older
     checkpoints kept rank 0's CPU state only, and their CUDA states (all of rank 0's visible GPUs) are not
     another rank's: they are not restored."""
@@ -262,5 +264,5 @@ def restore_rng(states: dict[str, Any], rank: int) -> None:
         return
     mine = states["by_rank"][rank]
     torch.set_rng_state(mine["torch"])
-    if torch.cuda.is_available() and mine["cuda"] is not None:
-        torch.cuda.set_rng_state(mine["cuda"])
+    if device.type == "cuda" and mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"], device)

@@ -26,6 +26,9 @@ from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 
 GIB = 2**30
 COMPONENTS = ("weights", "grads", "optimizer_state", "other")  # the measured parts in metrics.jsonl
+# Every measured peak: allocated ("memory"), the CUDA allocator's reserved bytes (what must fit on the card; CUDA
+# runs only, galore_train/meter.py), and the parts.
+MEASURED = ("memory", "reserved", *COMPONENTS)
 
 # Row names of the paper, by the optimizer actually built (after --8bit).
 # Row order: the paper's Table 2 methods first, then every other registry entry in registry order.
@@ -78,7 +81,7 @@ class Run:
     total_steps: Optional[int] = None
     tokens_done: Optional[int] = None  # from the last step record, for runs without a summary yet
     evals: list[tuple[int, float]] = field(default_factory=list)  # (tokens seen, val perplexity)
-    peaks: dict[str, float] = field(default_factory=dict)  # GiB: "memory" and each of COMPONENTS
+    peaks: dict[str, float] = field(default_factory=dict)  # GiB: each of MEASURED that was logged
     tokens_per_second: Optional[float] = None
     data_wait_share: Optional[float] = None  # of the logged steps' time, the part spent waiting for batches
     comm_bytes: Optional[float] = None  # gradient bytes each process sent per step, mean of the logged steps
@@ -246,7 +249,7 @@ def _data_wait_share(step_records: list[dict[str, Any]]) -> Optional[float]:
 def _peaks(step_records: list[dict[str, Any]]) -> dict[str, float]:
     """Highest reading of each measured part over the run (each log window resets the meter)."""
     peaks = {}
-    for part in ("memory", *COMPONENTS):
+    for part in MEASURED:
         values = [v for r in step_records if (v := _number(r.get(f"peak_{part}_gb"))) is not None]
         if values:
             peaks[part] = max(values)
@@ -280,9 +283,7 @@ def load_wandb_csv(path: Path) -> list[Run]:
         steps = int(_number(values.get("steps", values.get("_step"))) or 0)
         total = planned_steps(config)
         status = "unfinished" if state == "running" else state
-        peaks = {
-            part: v for part in ("memory", *COMPONENTS) if (v := _number(values.get(f"peak_{part}_gb"))) is not None
-        }
+        peaks = {part: v for part in MEASURED if (v := _number(values.get(f"peak_{part}_gb"))) is not None}
         runs.append(
             Run(
                 source=f"W&B: {values.get('Name', '?')}",

@@ -31,7 +31,7 @@ from galore_train.data import (
     pin_batches,
 )
 from galore_train.errors import TrainingStopped, UserError
-from galore_train.evaluate import evaluate, summed_loss, target_count, to_device
+from galore_train.evaluate import eval_batch_size, evaluate, summed_loss, target_count, to_device
 from galore_train.guard import LossGuard
 from galore_train.meter import MemoryMeter
 from galore_train.methods import METHOD_NAMES, build_method, scheduler_kwargs
@@ -107,14 +107,13 @@ class Trainer:
                 cfg.eval_data_files, "--eval-data-files", cfg.dataset, cfg.dataset_config, "validation"
             ),
             self.tokenize,
-            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            batch_size=eval_batch_size(cfg),
             builder=self.env.is_main,
             agree=lambda failed: distributed.any_rank(failed, self.env),
         )
         self.eval_batches = distributed.lockstep_batches(self.eval_batches, self.model, self.env)
-        if self.resume_dir is not None:
-            self._restore(saved_state, data_states)
-        self.memory = MemoryMeter(self.model, self.optimizer, self.device)
+        self.memory = MemoryMeter(self.model, self.optimizer, self.device)  # before the restore, which it measures
+        self.restore_memory = self._restore(saved_state, data_states) if self.resume_dir is not None else {}
         if self.env.is_main:
             storage.warn_if_too_small(self.checkpoint_root, cfg, self.model_config, self.model, self.dtype)
 
@@ -171,7 +170,7 @@ class Trainer:
         if not distributed.all_finite(self.model.parameters(), self.env):
             self._stop_without_saving("the weights are no longer finite")
         # Each rank's stream position and random state, to rank 0 (the writer) only.
-        per_rank = distributed.gather_to_main((self.train_stream.state_dict(), resume.rng_state()), self.env)
+        per_rank = distributed.gather_to_main((self.train_stream.state_dict(), resume.rng_state(self.device)), self.env)
         weights = fsdp.full_model_state(self.model)  # FSDP: gathered to rank 0's CPU; else None
         trainer_state = {
             "step": self.step,
@@ -192,23 +191,29 @@ class Trainer:
 
         return storage.save_or_stop(self.checkpoint_root, self.step, write, self.cfg.keep_last, self.env)
 
-    def _restore(self, state: dict[str, Any], data_states: list[dict[str, Any]]) -> None:
+    def _restore(self, state: dict[str, Any], data_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Put the checkpoint's state back; return the restore's memory peaks (it can peak above a step)."""
         if len(data_states) != self.env.world_size:
             raise UserError(
                 f"checkpoint {self.resume_dir} was written by {len(data_states)} process(es); resume with the same"
                 " number"
             )
-        if self.method.changes_model:
-            self.model.load_state_dict(state["model"])
-            self.method.load_state_dict(state["method"])
-        else:
-            resume.load_weights(self.model, self.resume_dir)
-        resume.restore_optimizer(self.model, self.optimizer, self.scheduler, state)
-        resume.restore_rng(state["rng"], self.env.rank)
-        self.tokens_seen = state["tokens_seen"]
-        self.guard.load_state_dict(state["guard"])
-        if not self.data_restarts:
-            resume.restore_data_position(self.train_stream, data_states[self.env.rank], self.resume_dir)
+        with self.memory.track():
+            if self.method.changes_model:
+                self.model.load_state_dict(state["model"])
+                self.method.load_state_dict(state["method"])
+            else:
+                resume.load_weights(self.model, self.resume_dir)
+            resume.restore_optimizer(self.model, self.optimizer, self.scheduler, state)
+            resume.restore_rng(state["rng"], self.env.rank, self.device)
+            self.tokens_seen = state["tokens_seen"]
+            self.guard.load_state_dict(state["guard"])
+            if not self.data_restarts:
+                resume.restore_data_position(self.train_stream, data_states[self.env.rank], self.resume_dir)
+        peaks = self.memory.read_and_reset()
+        return {
+            f"restore_{key}": value for key, value in {**peaks, **distributed.rank_metrics(peaks, self.env)}.items()
+        }
 
     def _stop_without_saving(self, reason: str) -> None:
         latest = checkpoint.latest_checkpoint(self.checkpoint_root)
@@ -226,9 +231,7 @@ class Trainer:
         loss_scale = self.env.world_size / max(global_targets, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the schedule steps after the update)
 
-        loss_sum = torch.zeros(
-            (), dtype=torch.float64, device=self.device
-        )  # summed on the device: no read per micro-batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no read per micro-batch
         for index, (batch, count) in enumerate(zip(batches, targets)):
             last = index == len(batches) - 1
             with self._accumulation_context(last):
@@ -308,6 +311,8 @@ class Trainer:
         distributed.comm_metrics(self.step, self.model)  # count the gradient traffic from this step on
         if self.env.is_main:  # the resolved configuration, readable before the first checkpoint exists
             cfg.save(str(self.output_dir / "train_config.json"))
+        if self.restore_memory:
+            sink.log({"step": self.step, **self.restore_memory})
         if self.step == 0:
             with self.memory.excluded():
                 sink.log(

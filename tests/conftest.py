@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call fails at once instead
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The CPU suite stays on the CPU on a GPU machine too: its runs, and the torchrun children that inherit this, pick
+# the CPU and gloo (galore_train/distributed.py). The CUDA tier (tests/test_cuda.py, `pytest -m cuda`) lifts it.
+os.environ["GALORE_TRAIN_DEVICE"] = "cpu"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GALORE_TRAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -60,6 +60,7 @@ def run_args(output_dir: Path, config_file: str, **overrides) -> dict:
         eval_every=2,
         save_every=2,
         keep_last=10,
+        eval_batch_size=4,  # 9 validation batches: an odd count, which FSDP's lockstep evaluation pads
     )
     return tiny_run_args(config_file, output_dir, **{**values, **overrides})
 
@@ -82,18 +83,19 @@ def cli_flags(values: dict) -> list[str]:
     return flags
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A 2-process launch; its children inherit GALORE_TRAIN_DEVICE=cpu (conftest): gloo on the CPU, GPU or not."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *args]
     try:
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     except subprocess.TimeoutExpired as timeout:  # say where the launch stopped, not just that it did
         stderr = timeout.stderr or ""
         stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
         pytest.fail(f"torchrun did not finish in {timeout.timeout} s; its stderr ended with:\n{stderr[-4000:]}")
 
 
-def torchrun_ok(*args: str) -> subprocess.CompletedProcess:
-    result = torchrun(*args)
+def torchrun_ok(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = torchrun(*args, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -162,6 +164,30 @@ def ddp_cli(work: Path, config_file: str, shared_data) -> Path:
     return output
 
 
+ONE_FAKE_GPU = """import torch
+torch.cuda.is_available = lambda: True  # what a one-GPU machine reports (this one has no CUDA to call)
+torch.cuda.device_count = lambda: 1
+"""
+
+
+def one_fake_gpu_environment(folder: Path) -> dict[str, str]:
+    """The test suite's environment for a child process whose torch reports one CUDA device (a sitecustomize)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(ONE_FAKE_GPU)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def ddp_checkpointing_on_a_gpu_machine(work: Path, config_file: str, ddp_cli: Path) -> tuple[Path, str]:
+    """The DDP CLI run again, with activation checkpointing, by children that see one CUDA device: on a GPU
+    machine the suite's 2-process launches must still choose the CPU and gloo (and not cuda:1, which is not there)."""
+    output = work / "ddp-adamw-checkpointing"
+    values = run_args(output, config_file, activation_checkpointing=True)
+    env = one_fake_gpu_environment(work / "one-fake-gpu")
+    result = torchrun_ok("-m", "galore_train", "pretrain", *cli_flags(values), env=env)
+    return output, result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
     """One launch: resume the CLI run from its step-2 checkpoint; a DDP GaLore run dumping each rank's state
@@ -199,12 +225,13 @@ def ddp_workers(work: Path, config_file: str, ddp_cli: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def fsdp_workers(work: Path, config_file: str, shared_data) -> dict[str, Path]:
     """One launch: an FSDP2 AdamW run, then its resume from the step-2 checkpoint; the same for GaLore-AdamW
-    (right-side projections, refreshed at steps 0 and 2)."""
+    (right-side projections, refreshed at steps 0 and 2); the AdamW run with activation checkpointing."""
     runs = {
         "straight": work / "fsdp-adamw",
         "resumed": work / "fsdp-adamw-resumed",
         "galore": work / "fsdp-galore",
         "galore-resumed": work / "fsdp-galore-resumed",
+        "checkpointing": work / "fsdp-adamw-checkpointing",
     }
     galore = dict(GALORE, proj_type="right", distributed="fsdp")
     checkpoint = lambda run: str(runs[run] / "checkpoints" / "step_00000002")  # noqa: E731
@@ -222,6 +249,12 @@ def fsdp_workers(work: Path, config_file: str, shared_data) -> dict[str, Path]:
             {
                 "config": run_args(runs["galore-resumed"], config_file, **galore, resume_from=checkpoint("galore")),
                 "dump": str(runs["galore-resumed"]),
+            },
+            {
+                "config": run_args(
+                    runs["checkpointing"], config_file, distributed="fsdp", activation_checkpointing=True
+                ),
+                "dump": None,
             },
         ],
     )
@@ -267,6 +300,29 @@ def test_ddp_matches_one_process_on_the_same_global_batches(one_process, ddp_cli
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
+
+
+@pytest.mark.slow
+def test_ddp_with_activation_checkpointing_on_a_gpu_machine_runs_on_gloo_and_trains_the_same(
+    ddp_cli, ddp_checkpointing_on_a_gpu_machine
+):
+    output, printed = ddp_checkpointing_on_a_gpu_machine
+    assert ", cpu;" in " ".join(printed.split())  # the start line names the device (the children saw a GPU)
+    # Recomputing the forward in backward changes no number: the same losses and weights, bit for bit.
+    assert losses(output) == losses(ddp_cli)
+    a, b = weights(output), weights(ddp_cli)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_on_a_one_gpu_machine_stop_with_one_line(work, config_file, shared_data):
+    """Without GALORE_TRAIN_DEVICE=cpu the children take the GPU they see, and two of them cannot share one."""
+    env = one_fake_gpu_environment(work / "one-fake-gpu")
+    del env[distributed.DEVICE_ENV]
+    result = torchrun("-m", "galore_train", "pretrain", *cli_flags(run_args(work / "two-on-one", config_file)), env=env)
+    assert result.returncode != 0
+    line = "error: torchrun started 2 processes on this machine but it has 1 GPU(s): pass --nproc_per_node 1 (or fewer)"
+    assert result.stderr.count(line) == 2, result.stderr[-3000:]  # each process says it once, in one line
+    assert "CUDA" not in result.stderr  # no CUDA call was made
 
 
 @pytest.mark.slow
@@ -373,6 +429,13 @@ def test_fsdp_matches_one_process_and_resumes_bit_exactly(one_process, fsdp_work
     # Resume re-shards weights and optimizer state: bit-exact continuation.
     assert losses(resumed) == {s: losses(straight)[s] for s in (3, 4)}
     a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp_with_activation_checkpointing_trains_the_same(fsdp_workers):
+    assert losses(fsdp_workers["checkpointing"]) == losses(fsdp_workers["straight"])
+    a, b = weights(fsdp_workers["checkpointing"]), weights(fsdp_workers["straight"])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -149,6 +149,10 @@ def test_fsdp_refuses_layerwise_where_fsdp2_runs_no_sharded_gradient_hooks(monke
     cfg = TrainConfig(optimizer="galore_adamw", proj_type="right", layerwise=True, distributed="fsdp")
     assert fsdp.runs_sharded_gradient_hooks()  # the installed torch (>= 2.5)
     fsdp.check_fsdp_supported(cfg)
+    # A version check that no supported torch fails, whatever its build suffix; the source text played no part.
+    for version in ("2.6.0", "2.6.0a0+git1a2b3c", "2.7.1+cu126", "2.13.0.dev20260101+cu130", "2.5.0"):
+        assert fsdp.runs_sharded_gradient_hooks(version), version
+    assert not fsdp.runs_sharded_gradient_hooks("2.4.1+cu121")
     monkeypatch.setattr(fsdp, "runs_sharded_gradient_hooks", lambda: False)  # e.g. a torch before 2.5
     with pytest.raises(UserError, match=r"--layerwise under --distributed fsdp needs .* use --distributed ddp$"):
         fsdp.check_fsdp_supported(cfg)

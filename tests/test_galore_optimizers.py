@@ -12,6 +12,7 @@ from pathlib import Path
 import galore_torch  # a dev dependency: a broken import must fail these tests, not skip them
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW
 
@@ -417,6 +418,54 @@ def test_float32_moments_of_bf16_weights_resume_bit_identically(optimizer_cls, k
     _train(resumed, resumed_params, range(4, 8))
     for a, b in zip(params, resumed_params):
         assert torch.equal(a, b)
+
+
+class _StateBytesAndDtypes(TorchDispatchMode):
+    """Every tensor an operation makes while loading (not one of the `saved` ones): its dtype and bytes."""
+
+    def __init__(self, saved: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.seen = {t.untyped_storage().data_ptr() for t in saved}
+        self.made: list[tuple[torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch signature)
+        out = func(*args, **(kwargs or {}))
+        for leaf in torch.utils._pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() not in self.seen:
+                self.made.append((leaf.dtype, leaf.untyped_storage().nbytes()))
+        return out
+
+
+def test_resuming_8bit_galore_never_casts_its_state_to_the_weights_dtype() -> None:
+    """torch's load_state_dict cast every state tensor to the (bf16) parameter dtype on the device before ours
+    restored the 8-bit moments and float32 block maxima: at 7B ~7 GiB of transient bf16 state on the GPU. Now the
+    state is taken as saved: no tensor is made while loading on the parameters' device (another device: one copy
+    each, in the saved dtype), and the run continues bit for bit."""
+    params = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in _model_like_params(0)]
+    optimizer = _build("adamw8bit", params)
+    _train(optimizer, params, range(4))
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    saved_dtypes = {
+        v.dtype for state in saved["optimizer"]["state"].values() for v in state.values() if torch.is_tensor(v)
+    }
+    assert {torch.uint8, torch.float32, torch.bfloat16} <= saved_dtypes  # 8-bit moments, block maxima, projections
+    resumed_params = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    resumed = _build("adamw8bit", resumed_params)
+    state = saved["optimizer"]["state"]
+    spy = _StateBytesAndDtypes([t for values in state.values() for t in values.values() if torch.is_tensor(t)])
+    with spy:
+        resumed.load_state_dict(saved["optimizer"])
+    assert spy.made == []  # before the fix: a bf16 copy of every state tensor, then the restored uint8/fp32 ones
+    for before, after in zip(optimizer.state.values(), resumed.state.values()):
+        assert {k: v.dtype for k, v in before.items() if torch.is_tensor(v)} == {
+            k: v.dtype for k, v in after.items() if torch.is_tensor(v)
+        }
+    _train(optimizer, params, range(4, 8))
+    _train(resumed, resumed_params, range(4, 8))
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
 
 
 def test_8bit_second_moments_decay_through_their_block_maxima() -> None:

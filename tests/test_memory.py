@@ -170,14 +170,15 @@ def test_bad_estimator_input_is_a_user_error() -> None:
 
 
 def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
-    """DDP: everything on every GPU plus the buckets' copy of the gradients (none layer-wise); FSDP: a 1/N
-    share plus the root unit and the largest decoder layer unsharded, weights and gradient."""
+    """DDP: everything on every GPU, the gradients (DDP's buckets) alive beside the activations (layer-wise: no
+    buckets); FSDP: a 1/N share plus the root unit and the largest decoder layer unsharded, weights and gradient."""
     single = estimate_memory(CONFIG, "adamw", RANK, dtype="fp32")
     assert estimate_memory(CONFIG, "adamw", RANK, dtype="fp32", nproc=1, distributed="fsdp") == single
     ddp = estimate_memory(CONFIG, "adamw", RANK, dtype="fp32", nproc=4)
     parts = ("weights", "gradients", "optimizer_states", "projections", "activations")
     assert all(getattr(ddp, part) == getattr(single, part) for part in parts)
-    assert ddp.distributed == single.gradients and ddp.peak == single.peak + single.gradients
+    assert ddp.distributed == 0 and ddp.ddp_buckets  # no flat second copy: the gradients are bucket views
+    assert ddp.peak == single.weights + single.optimizer_states + single.projections + ddp.gradients + ddp.activations
     layerwise = estimate_memory(CONFIG, "galore_adamw", RANK, dtype="fp32", nproc=4, layerwise=True)
     assert layerwise.distributed == 0
     assert layerwise.gradients == estimate_memory(CONFIG, "galore_adamw", RANK, dtype="fp32", layerwise=True).gradients
@@ -188,6 +189,34 @@ def test_per_gpu_estimate_under_ddp_and_fsdp() -> None:
     root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("model.layers.")) * 4
     layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
     assert fsdp.distributed == 2 * root + 2 * layer
+
+
+def test_ddp_keeps_one_gradient_copy_alive_all_step(tmp_path) -> None:
+    """What the DDP estimate counts, measured on a 1-process gloo group: the gradients are views into DDP's buckets
+    (their storages add up to the gradient bytes: one copy), and the buckets outlive zero_grad(set_to_none=True)."""
+    import gc
+    import weakref
+
+    from galore_train import distributed
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(CONFIG, seed=0)
+        wrapped = distributed.wrap_model(model, distributed.DistEnv(world_size=2))  # as under torchrun
+        ids = torch.randint(0, CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        assert unique_nbytes(grads) == sum(g.numel() * g.element_size() for g in grads)
+        assert len({id(g.untyped_storage()) for g in grads}) < len(grads)  # several gradients per bucket
+        buckets = [weakref.ref(g.untyped_storage()) for g in grads]
+        model.zero_grad(set_to_none=True)
+        del grads
+        gc.collect()
+        assert all(bucket() is not None for bucket in buckets)  # still allocated: beside the next activations
+    finally:
+        torch.distributed.destroy_process_group()
+    estimate = estimate_memory(CONFIG, "adamw", RANK, dtype="fp32", nproc=2)
+    assert estimate.gradients == unique_nbytes(p for p in model.parameters()) and estimate.distributed == 0
 
 
 def test_layerwise_under_fsdp_holds_one_unit_shard_or_every_shard_when_accumulating() -> None:

@@ -16,7 +16,7 @@ from galore_train.cli import app
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.plan import plan_steps
-from galore_train.recipes import OPTIMIZER_RECIPES, apply_recipe, recipe_rows
+from galore_train.recipes import MICRO_BATCH, OPTIMIZER_RECIPES, apply_recipe, recipe_rows
 from galore_train.registry import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,7 @@ def test_each_papers_settings_per_size(optimizer: str, model: str) -> None:
     assert {name: getattr(cfg, name) for name in expected(optimizer, model)} == expected(optimizer, model)
     assert (cfg.total_batch_size, cfg.max_length, cfg.scheduler, cfg.min_lr_ratio) == (512, 256, "cosine", 0.1)
     plan = plan_steps(cfg, world_size=1)
+    assert cfg.batch_size == MICRO_BATCH[model] and plan.accumulation <= 64  # not 64 micro-batches of 8 at 60M
     assert plan.warmup_steps == cfg.num_training_steps // 10  # Fira's scripts: 1K/2K/6K/10K/1K; the others 10%
     if (optimizer, model) != ("fira_adamw", "llama_7b"):
         assert cfg.grad_clipping == 0.0  # only Fira's 7B script clips; APOLLO's limiter stands in for it
@@ -159,3 +160,12 @@ def test_recipes_lists_every_combination_with_its_source() -> None:
     output = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "300"}).output
     assert "all: total_batch_size=512, max_length=256" in output
     assert all(optimizer in output for optimizer, _ in COMBINATIONS)
+
+
+def test_the_micro_batch_is_the_recipes_unless_given() -> None:
+    """`--recipe paper` at the default micro-batch 8 made 64 micro-batches per step at 60M; an explicit
+    --batch-size still wins."""
+    filled = apply_recipe(TrainConfig(model="llama_60m", optimizer="galore_adamw", recipe="paper"), explicit=set())
+    assert filled.batch_size == 64 and plan_steps(filled, world_size=1).accumulation == 8
+    given = apply_recipe(TrainConfig(model="llama_60m", batch_size=8, recipe="paper"), explicit={"batch_size"})
+    assert given.batch_size == 8 and plan_steps(given, world_size=1).accumulation == 64

@@ -37,6 +37,7 @@ def write_run(
     optimizer_gb: float = 0.067,
     data_wait: float | None = None,
     comm_bytes: float | None = None,
+    reserved_gb: float | None = None,
     **settings,
 ) -> Path:
     """A run directory of `done` of `steps` steps (finished when done == steps): step records every
@@ -81,6 +82,7 @@ def write_run(
                 "peak_other_gb": 0.3 * wobble,
                 **({} if data_wait is None else {"data_wait_seconds": data_wait * (2 if step % 2 else 0)}),
                 **({} if comm_bytes is None else {"comm_bytes": comm_bytes * (4 if step % 4 == 1 else 1)}),
+                **({} if reserved_gb is None else {"peak_reserved_gb": reserved_gb * wobble}),  # CUDA runs log it
             }
         )
         if step % 50 == 0:
@@ -236,6 +238,19 @@ def test_memory_measured_and_estimated(tmp_path: Path) -> None:
     assert float(rows[0]["peak_optimizer_state_gb"]) == pytest.approx(0.5)
     cell = table_row(report([run]), "Memory", "GaLore")[0]
     assert cell.startswith("768.0 MiB · est ") and cell.endswith(" · peak 512.0 MiB")
+
+
+def test_reserved_memory_is_shown_beside_the_allocated_peak(tmp_path: Path) -> None:
+    """CUDA runs log the allocator's reserved bytes (what must fit on the card) beside the allocated peak."""
+    gpu, cpu = write_run(tmp_path, "gpu", reserved_gb=1.5), write_run(tmp_path, "cpu")  # CPU runs log none
+    markdown = report([gpu, cpu], csv=False)
+    header = table_row(markdown, "Runs", "Run")
+    reserved = header.index("Reserved")
+    assert header[reserved - 1] == "Peak"
+    assert table_row(markdown, "Runs", str(gpu))[reserved - 1 : reserved + 1] == ["512.0 MiB", "1.50 GiB"]
+    assert table_row(markdown, "Runs", str(cpu))[reserved] == "—"
+    rows = list(csv.DictReader(io.StringIO(report([gpu, cpu], csv=True))))
+    assert float(rows[0]["peak_reserved_gb"]) == 1.5 and rows[1]["peak_reserved_gb"] == ""
 
 
 def test_the_estimate_follows_apollos_stored_projection(tmp_path: Path) -> None:

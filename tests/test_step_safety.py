@@ -167,15 +167,18 @@ def test_auto_dtype_is_fp32_on_gpus_that_only_emulate_bf16(monkeypatch):
 def test_each_rank_gets_its_own_random_state_back(monkeypatch):
     """The checkpoint keeps every rank's CPU and GPU state; rank r restores entry r, on its own device only."""
     restored = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.update(cuda=state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update(cuda=(state, device)))
     monkeypatch.setattr(torch, "set_rng_state", lambda state: restored.update(cpu=state))
     states = {"by_rank": [{"torch": "cpu0", "cuda": "gpu0"}, {"torch": "cpu1", "cuda": "gpu1"}]}
-    resume_module.restore_rng(states, rank=1)
-    assert restored == {"cpu": "cpu1", "cuda": "gpu1"}
+    gpu1 = torch.device("cuda", 1)
+    resume_module.restore_rng(states, rank=1, device=gpu1)
+    assert restored == {"cpu": "cpu1", "cuda": ("gpu1", gpu1)}
     restored.clear()
-    resume_module.restore_rng({"torch": "old-cpu", "cuda": ["rank 0's gpu0", "rank 0's gpu1"]}, rank=1)
+    resume_module.restore_rng({"torch": "old-cpu", "cuda": ["rank 0's gpu0", "rank 0's gpu1"]}, rank=1, device=gpu1)
     assert restored == {"cpu": "old-cpu"}  # an older checkpoint: rank 0's GPU states are no other rank's
+    restored.clear()
+    resume_module.restore_rng(states, rank=1, device=torch.device("cpu"))  # a run kept on the CPU
+    assert restored == {"cpu": "cpu1"}
 
 
 def test_ranks_that_would_resume_different_checkpoints_stop(tmp_path, monkeypatch):

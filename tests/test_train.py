@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_args
+from conftest import TINY_LLAMA, tiny_run_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import galore_train.train as train_module
 from galore_train.config import TrainConfig
 from galore_train.errors import TrainingStopped, UserError
+from galore_train.meter import GIB
 from galore_train.train import Trainer
 
 
@@ -290,3 +291,27 @@ def test_the_logged_lr_is_the_one_the_step_used(tiny_config_file, tmp_path, shar
     run(tiny_config_file, tmp_path / "run", num_training_steps=3, warmup_steps=0, scheduler="cosine", min_lr_ratio=0.1)
     logged = [r["lr"] for r in records(tmp_path / "run") if "loss" in r]
     assert logged[0] == 3e-3 and logged[0] > logged[1] > logged[2] > 3e-4
+
+
+def test_evaluation_batches_do_not_shrink_with_the_micro_batch(tiny_config_file, tmp_path, shared_data):
+    """A 7B run's micro-batch 1 used to mean single-sequence evaluation forwards (~40,000 per 10M-token eval)."""
+    trainer = Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "one", batch_size=1)))
+    sizes = [len(batch["input_ids"]) for batch in trainer.eval_batches]
+    assert sizes[0] == train_module.eval_batch_size(trainer.cfg) == 16 and max(sizes) == 16
+    wide = TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "wide", batch_size=64))
+    assert train_module.eval_batch_size(wide) == 64  # never below the training micro-batch
+    assert train_module.eval_batch_size(wide.replace(eval_batch_size=4)) == 4  # the flag wins
+
+
+def test_the_memory_of_resuming_8bit_galore_is_measured_and_logged(tiny_config_file, tmp_path, shared_data):
+    """The meter starts before the restore and its peaks are logged at start (restore_*). The 8-bit state is taken
+    as loaded, never cast to bf16 first: beside the weights the restore holds only the one weight tensor being read
+    (before the fix, torch's load made a bf16 copy of every state tensor at once)."""
+    galore = dict(optimizer="galore_adamw", eightbit=True, rank=8, gap=2, dtype="bf16", save_every=2, eval_every=100)
+    run(tiny_config_file, tmp_path / "run", num_training_steps=2, **galore)
+    run(tiny_config_file, tmp_path / "run", num_training_steps=3, resume=True, **galore)
+    (restore,) = [r for r in records(tmp_path / "run") if "restore_peak_memory_gb" in r]
+    assert restore["step"] == 2
+    largest = TINY_LLAMA["vocab_size"] * TINY_LLAMA["hidden_size"] * 2  # the embedding (and lm_head), bf16
+    weights = restore["restore_peak_weights_gb"] * GIB
+    assert weights >= 2 * largest and restore["restore_peak_memory_gb"] * GIB <= weights + largest

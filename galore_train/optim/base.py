@@ -283,14 +283,27 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         p.add_(update.to(p.dtype), alpha=-step_size)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch casts every floating state tensor to its parameter's dtype and uint8 ones to float; our
-        states keep their own dtypes (8-bit moments, fp32 block maxima), so restore them exactly. The saved
-        parameter ids are matched by position, as torch does (indices, or names under FSDP's state loading)."""
-        super().load_state_dict(state_dict)
+        """Load the groups through torch, then each state tensor once, in its own dtype, on its parameter's device.
+
+        torch's own load casts every state tensor to its parameter's dtype on the parameter's device: 8-bit
+        moments and float32 block maxima of bf16 weights would pass through bf16 first (7B: ~7 GiB of transient
+        bf16 state on the GPU, before they could be restored). So torch gets the groups without the state, and
+        the state is put back as saved (8-bit, float32 moments, bf16 projections alike). The saved parameter
+        ids are matched by position, as torch does (indices, or names under FSDP's state loading)."""
+        super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
         for index, saved in state_dict["state"].items():
-            state = self.state[params[index]]
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and value.dtype != state[key].dtype:
-                    state[key] = value.to(device=params[index].device, copy=True)
+            param = params[index]
+            self.state[param] = {key: _on_device(value, param.device) for key, value in saved.items()}
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """A saved state value on `device`, its dtype kept (tensors inside dicts and lists too)."""
+    if isinstance(value, Tensor):
+        return value.to(device=device)
+    if isinstance(value, dict):
+        return {key: _on_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_device(item, device) for item in value)
+    return value
