@@ -13,7 +13,7 @@ The training loop drives both through the same calls, so it never asks which one
 from __future__ import annotations
 
 import math
-from typing import ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from torch.optim import Optimizer
 from galore_train import distributed
 from galore_train.distributed import DistEnv
 from galore_train.optim.layerwise import LayerwiseUpdater
+from galore_train.weights.stepping import Int8Weights
+
+Stepper = Optional[Callable[[Optimizer], None]]  # how a plain update steps (default: optimizer.step())
 
 
 class WeightUpdates(Protocol):
@@ -42,11 +45,14 @@ class PlainUpdates:
 
     applies_in_backward = False
 
-    def __init__(self, model: nn.Module, module: nn.Module, optimizer: Optimizer, *, grad_clipping: float) -> None:
+    def __init__(
+        self, model: nn.Module, module: nn.Module, optimizer: Optimizer, *, grad_clipping: float, step: Stepper = None
+    ) -> None:
         self.model = model
         self.module = module
         self.optimizer = optimizer
         self.max_norm = grad_clipping if grad_clipping > 0 else float("inf")
+        self._step = step or (lambda optimizer: optimizer.step())
 
     def accumulating(self) -> ContextManager[None]:
         """Earlier micro-batches skip the gradient communication (DDP no_sync, FSDP2's gradient sync off)."""
@@ -57,7 +63,7 @@ class PlainUpdates:
         skips the step: such a gradient would turn every weight it touches into NaN."""
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
         if math.isfinite(norm):
-            self.optimizer.step()
+            self._step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -69,11 +75,22 @@ class PlainUpdates:
 
 
 def build_updates(
-    model: nn.Module, module: nn.Module, optimizer: Optimizer, env: DistEnv, *, layerwise: bool, grad_clipping: float
+    model: nn.Module,
+    module: nn.Module,
+    optimizer: Optimizer,
+    env: DistEnv,
+    cfg: Any,
+    int8: Optional[Int8Weights] = None,
 ) -> WeightUpdates:
-    """`module` runs forward and backward (`distributed.wrap_model`). Layer-wise under torchrun: with DDP the hooks
-    average each gradient across ranks (the model is not DDP-wrapped); FSDP2 hands them reduce-scattered shards."""
-    if layerwise:
+    """`module` runs forward and backward (`distributed.wrap_model`); `cfg` a TrainConfig (--layerwise,
+    --grad-clipping, --accumulate-projected). Layer-wise under torchrun: with DDP the hooks average each gradient
+    across ranks (the model is not DDP-wrapped); FSDP2 hands them reduce-scattered shards. `int8`: the model's
+    INT8 weights, each dequantized, stepped and requantized on its own (weights/stepping.py)."""
+    if int8 is not None:
+        int8.attach(optimizer)
+    if cfg.layerwise:
         reduce = None if distributed.is_sharded(model) else distributed.gradient_averager(env)
-        return LayerwiseUpdater(model, optimizer, grad_clipping=grad_clipping, reduce=reduce)
-    return PlainUpdates(model, module, optimizer, grad_clipping=grad_clipping)
+        return LayerwiseUpdater(
+            model, optimizer, grad_clipping=cfg.grad_clipping, reduce=reduce, projected=cfg.accumulate_projected
+        )
+    return PlainUpdates(model, module, optimizer, grad_clipping=cfg.grad_clipping, step=int8 and int8.step)

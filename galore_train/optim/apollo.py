@@ -92,6 +92,8 @@ class ApolloAdamW(GaLoreAdamW):
                      {"params": matrices, "rank": 1, "scale": MINI_SCALE, "scale_type": "tensor"}], lr=1e-2)
     """
 
+    ACCUMULATES_PROJECTED = False  # the update reads the full gradient p.grad
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -77,6 +77,8 @@ class FiraAdamW(GaLoreAdamW):
                   lr=1e-2)
     """
 
+    ACCUMULATES_PROJECTED = False  # the update reads the full gradient p.grad
+
     def __init__(
         self,
         params: Iterable[Any],
