@@ -190,6 +190,9 @@ ESTIMATE_OPTIONS = (
     "apollo_proj",
     "distributed",
     "total_batch_size",
+    "int8_weights",
+    "int8_group_size",
+    "accumulate_projected",
 )
 MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [

@@ -152,15 +152,23 @@ def wrap_model(model: nn.Module, env: DistEnv, *, layerwise: bool = False) -> nn
     DDP's constructor would."""
     if not env.enabled or is_sharded(model):
         return model
-    if layerwise:
+    # INT8 weights (weights/int8_linear.py): a surrogate parameter has no storage to broadcast into; its
+    # state (codes, scales) is in the state dict, broadcast here instead of by DDP's constructor.
+    surrogates = any(0 in p.stride() for p in model.parameters() if p.dim())
+    if layerwise or surrogates:
         with torch.no_grad():
             for tensor in model.state_dict().values():
                 dist.broadcast(tensor, src=0)
+    if layerwise:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     # Gradients as views into DDP's buckets: otherwise every gradient exists twice (+13.5 GB at 7B in bf16).
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, gradient_as_bucket_view=True, **_no_forward_buffer_sync()
+        model,
+        device_ids=device_ids,
+        gradient_as_bucket_view=True,
+        **_no_forward_buffer_sync(),
+        **({"init_sync": False} if surrogates else {}),
     )
 
 

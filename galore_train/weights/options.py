@@ -17,8 +17,10 @@ def accumulates_projected(optimizer: str, eightbit: bool = False) -> bool:
     """Whether the optimizer's update reads only the low-rank gradient P^T G (the GaLore family), so its
     micro-batches can be summed in the projected space. Fira (the residual G - P P^T G) and APOLLO (G scaled
     by channel) need the full gradient."""
-    spec = OPTIMIZERS.get(resolve_optimizer_name(optimizer, eightbit))
-    return spec is not None and not spec.is_method and getattr(spec.load(), "ACCUMULATES_PROJECTED", False)
+    if optimizer not in OPTIMIZERS or OPTIMIZERS[optimizer].is_method:
+        return False
+    spec = OPTIMIZERS[resolve_optimizer_name(optimizer, eightbit)]
+    return spec.galore and getattr(spec.load(), "ACCUMULATES_PROJECTED", False)
 
 
 def check_weight_options(cfg: Any) -> None:
