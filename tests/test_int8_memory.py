@@ -14,7 +14,7 @@ from galore_train.optimizers import build_optimizer
 from galore_train.weights.stepping import Int8Weights, quantize_targets
 
 RANK = 64
-TOKENS = 32
+BATCH, TOKENS = 4, 64  # activations above a gradient plus the plain Adam step's temporaries (not estimated)
 GROUPS = {"llama_20m": 16, "llama_60m": 32}  # gcd of the row lengths: 256 and 688; 512 and 1376
 
 
@@ -29,7 +29,7 @@ def test_measured_int8_weights_and_states_equal_the_estimate(model_name: str) ->
     Int8Weights.for_run(model, cfg).attach(optimizer)
     LayerwiseUpdater(model, optimizer)
     meter = MemoryMeter(model, optimizer, "cpu")
-    ids = torch.randint(0, config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, config.vocab_size, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # the second step runs with the optimizer state in place
         with meter.track():
             model(input_ids=ids, labels=ids).loss.backward()
@@ -41,7 +41,7 @@ def test_measured_int8_weights_and_states_equal_the_estimate(model_name: str) ->
         dtype="fp32",
         layerwise=True,
         int8_weights=True,
-        batch_size=1,
+        batch_size=BATCH,
         max_length=TOKENS,
         int8_group_size=GROUPS[model_name],
     )
@@ -51,4 +51,4 @@ def test_measured_int8_weights_and_states_equal_the_estimate(model_name: str) ->
     assert reading["peak_optimizer_state_gb"] == pytest.approx(
         estimate.optimizer_states + estimate.projections, rel=0.01
     )
-    assert reading["peak_memory_gb"] == pytest.approx(estimate.peak, rel=0.05)
+    assert reading["peak_memory_gb"] == pytest.approx(estimate.peak, rel=0.01)  # measured: 0.23% (llama_20m)
