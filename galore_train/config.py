@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from galore_train.errors import UserError
 from galore_train.registry import EIGHTBIT_VARIANTS, MOMENTS_DTYPES, MOMENTS_NAMES, OPTIMIZERS, listing
+from galore_train.weights.options import check_weight_options
 
 
 def option(default: Any, help: str, flag: Optional[str] = None, section: str = "Training") -> Any:
@@ -46,16 +47,17 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
 # Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
 RESUME_FIXED = frozenset(
     "model optimizer eightbit layerwise rank proj_type galore_targets proj_bits proj_group_size"
-    " fisher_history relora_warm_start moments_dtype apollo_proj".split()
+    " fisher_history relora_warm_start moments_dtype apollo_proj int8_weights int8_group_size".split()
 )
 # The TrainConfig fields the memory estimate reads beyond model, optimizer, rank and --8bit (galore_train/fit.py,
 # and the flags of `galore-train memory`).
 ESTIMATE_OPTIONS = tuple(
     "layerwise dtype batch_size max_length activation_checkpointing galore_targets proj_type proj_bits proj_group_size"
-    " beta1 fisher_history moments_dtype norm_growth_limit apollo_proj distributed total_batch_size".split()
+    " beta1 fisher_history moments_dtype norm_growth_limit apollo_proj distributed total_batch_size int8_weights"
+    " int8_group_size accumulate_projected".split()
 )
 # Settings newer than some checkpoints: what a saved config without them ran with.
-ABSENT_MEANS = {"moments_dtype": "param"}
+ABSENT_MEANS = {"moments_dtype": "param", "int8_weights": False, "int8_group_size": 256}
 # Settings of run control and logging that a resumed run may change freely.
 RESUME_FREE = frozenset(
     "eval_every eval_batch_size eval_tokens eval_data_files save_every keep_last output_dir resume"
@@ -158,6 +160,12 @@ class TrainConfig:
         "auto", "auto (bf16 on GPUs that support it, fp32 on CPU), bf16 (pure bf16 weights, like the paper) or fp32."
     )
     activation_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    int8_weights: bool = option(False, "Store the target linear weights as INT8 with per-group scales (docs/int8.md).")
+    int8_group_size: int = option(256, "Values per INT8 weight scale, within a row (must divide the row length).")
+    int8_rounding: str = option("stochastic", "How updated INT8 weights are requantized: stochastic or nearest.")
+    accumulate_projected: bool = option(
+        False, "--layerwise, GaLore family: sum the low-rank P^T G over micro-batches, not the full gradient G."
+    )
     compile: bool = option(False, "torch.compile the model.")
     recipe: Optional[str] = option(
         None, "Fill in a published configuration (see `galore-train recipes`); explicit flags win."
@@ -410,4 +418,5 @@ class TrainConfig:
             raise UserError("give --num-training-steps or --max-train-tokens")
         if self.resume and self.resume_from:
             raise UserError("give --resume or --resume-from, not both")
+        check_weight_options(self)
         return self

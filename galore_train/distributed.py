@@ -192,10 +192,14 @@ def wrap_model(
     all-reduces go through a hook that counts their bytes (optim/traffic.py)."""
     if not env.enabled or is_sharded(model):
         return model
-    if layerwise:
+    # INT8 weights (weights/int8_linear.py): a surrogate parameter has no storage to broadcast into; its
+    # state (codes, scales) is in the state dict, broadcast here instead of by DDP's constructor.
+    surrogates = any(0 in p.stride() for p in model.parameters() if p.dim())
+    if layerwise or surrogates:
         with torch.no_grad():
             for tensor in model.state_dict().values():
                 dist.broadcast(tensor, src=0)
+    if layerwise:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     if synced_elsewhere:
@@ -203,11 +207,15 @@ def wrap_model(
         names = [name for name, p in model.named_parameters() if id(p) in ignored]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
         with torch.no_grad():
-            for p in synced_elsewhere:
+            for p in () if surrogates else synced_elsewhere:  # with surrogates: broadcast above, as state
                 dist.broadcast(p, src=0)
     # Gradients as views into DDP's buckets: otherwise every gradient exists twice (+13.5 GB at 7B in bf16).
     wrapped = nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, gradient_as_bucket_view=True, **_no_forward_buffer_sync()
+        model,
+        device_ids=device_ids,
+        gradient_as_bucket_view=True,
+        **_no_forward_buffer_sync(),
+        **({"init_sync": False} if surrogates else {}),
     )
     wrapped.register_comm_hook(None, traffic.counting_allreduce_hook)
     return wrapped

@@ -25,13 +25,16 @@ from galore_train.fsdp import check_fsdp_supported
 from galore_train.methods import method_class
 from galore_train.model import target_linear_modules
 from galore_train.optim.apollo import PROJECTIONS
+from galore_train.optim.base import GALORE_GROUP_DEFAULTS
 from galore_train.optim.layout import StateTensor
 from galore_train.optim.natural_galore import FISHER_HISTORY
 from galore_train.optim.norm_growth import check_norm_growth_limit
-from galore_train.optim.projector import PROJ_TYPES
+from galore_train.optim.projector import PROJ_TYPES, GaLoreProjector
 from galore_train.optim.quantize import QUANT_BITS
 from galore_train.plan import plan_steps
 from galore_train.registry import OPTIMIZERS, OptimizerSpec, moments_group, resolve_optimizer_name
+from galore_train.weights.estimate import check_weight_estimate
+from galore_train.weights.int8 import int8_nbytes
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 AUTO_DTYPE = "bf16"  # what --dtype auto picks on the GPUs these estimates are for
@@ -65,6 +68,8 @@ class MemoryEstimate:
         """Whether the gradients are alive beside the activations (accumulation, DDP's buckets)."""
         return self.accumulating or self.ddp_buckets
 
+    dequantized: int = 0  # INT8 weights: the one matrix dequantized at a time (forward, backward, update)
+
     @property
     def total(self) -> int:
         return (
@@ -74,6 +79,7 @@ class MemoryEstimate:
             + self.projections
             + self.activations
             + self.distributed
+            + self.dequantized
         )
 
     @property
@@ -83,6 +89,7 @@ class MemoryEstimate:
             + self.optimizer_states
             + self.projections
             + self.distributed
+            + self.dequantized
             + (self.gradients + self.activations if self.gradients_held else max(self.gradients, self.activations))
         )
 
@@ -95,6 +102,7 @@ class _Tensor:
     shape: tuple[int, ...]
     trainable: bool = True
     matrix: bool = False
+    int8: bool = False  # stored as INT8 codes and scales (--int8-weights)
 
     @property
     def numel(self) -> int:
@@ -127,6 +135,20 @@ def fsdp_gathered_bytes(units: dict[str, int]) -> int:
     An upper bound: the embedding gradient only appears after the last layer's."""
     layers = [size for unit, size in units.items() if unit != "root"]
     return 2 * units.get("root", 0) + 2 * max(layers, default=0)
+
+
+def _weight_bytes(tensor: _Tensor, itemsize: int, group_size: int) -> int:
+    """A weight's bytes: INT8 codes, scales and the one-element surrogate parameter, or `itemsize` per value."""
+    return int8_nbytes(tensor.shape, group_size) + itemsize if tensor.int8 else tensor.numel * itemsize
+
+
+def _held_gradients(tensors: list[_Tensor], itemsize: int, projected_group: dict[str, Any]) -> int:
+    """What layer-wise accumulation holds between micro-batches with --accumulate-projected: each target
+    matrix's low-rank R (the projector's shape), every other trainable parameter's full gradient."""
+    projector = GaLoreProjector.from_group({**GALORE_GROUP_DEFAULTS, **projected_group})
+    return sum(
+        math.prod(projector.low_rank_shape(t.shape) if t.matrix else t.shape) * itemsize for t in tensors if t.trainable
+    )
 
 
 def _method_tensors(method: Any, shape: tuple[int, ...], rank: int) -> list[_Tensor]:
@@ -209,6 +231,9 @@ def estimate_memory(
     distributed: str = "ddp",
     nproc: int = 1,
     total_batch_size: int | None = None,
+    int8_weights: bool = False,
+    int8_group_size: int = 256,
+    accumulate_projected: bool = False,
 ) -> MemoryEstimate:
     """Memory of training `model_config` with `optimizer` (a --optimizer name: optimizer or method).
 
@@ -220,7 +245,9 @@ def estimate_memory(
     (0 = off: no scalar) for Fira and APOLLO, `apollo_proj` ("svd" stores the projection) for APOLLO.
     With `nproc` > 1 the estimate is per GPU under `distributed` (see `_per_gpu`). `total_batch_size` (sequences
     per step over all GPUs, as in pretrain) sets the accumulation, which matters with `layerwise` only: its hooks
-    hold every gradient (FSDP: every shard) between micro-batches.
+    hold every gradient (FSDP: every shard) between micro-batches; with `accumulate_projected` (GaLore family)
+    a target matrix's held gradient is its low-rank R. `int8_weights`: the target weights as INT8 codes and
+    per-group fp32 scales (weights/int8.py), plus one dequantized matrix at a time (`dequantized`).
     """
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
     if dtype not in DTYPE_BYTES:
@@ -237,6 +264,7 @@ def estimate_memory(
         check_norm_growth_limit(norm_growth_limit or None)
     except ValueError as err:
         raise UserError(str(err)) from None
+    check_weight_estimate(optimizer, eightbit, int8_weights, int8_group_size, accumulate_projected, layerwise, nproc)
     if nproc < 1 or distributed not in ("ddp", "fsdp"):
         raise UserError(f"--nproc must be positive and --distributed ddp or fsdp; got {nproc}, {distributed!r}")
     if nproc > 1 and distributed == "fsdp":
@@ -272,22 +300,27 @@ def estimate_memory(
         if is_target and method:
             tensors.extend(_method_tensors(method, shape, rank))
         else:
-            tensors.append(_Tensor(shape, matrix=is_target and grouped))
+            tensors.append(_Tensor(shape, matrix=is_target and grouped, int8=is_target and int8_weights))
     layout = spec.state_layout()
     states, projections = _state(
         layout(t.shape, matrix_group if t.matrix else plain_group, e) for t in tensors if t.trainable
     )
     trainable = [t.numel * e for t in tensors if t.trainable]
+    held = _held_gradients(tensors, e, matrix_group) if accumulate_projected else 0
     label = [f"{optimizer if method else name} rank {rank}" if spec.galore or method else name, dtype]
     label += ["fp32 moments"] if moments else []
     label += ["layer-wise"] if layerwise else []
     label += ["activation checkpointing"] if activation_checkpointing else []
     label += [f"{distributed.upper()} on {nproc} GPUs, per GPU"] if nproc > 1 else []
-    label += [f"accumulation {accumulation}"] if accumulation > 1 else []
+    label += (
+        [f"accumulation {accumulation}{' in the projected space' * accumulate_projected}"] if accumulation > 1 else []
+    )
+    label += [f"INT8 weights (groups of {int8_group_size})"] if int8_weights else []
     estimate = MemoryEstimate(
         label=", ".join(label + [f"batch {batch_size}x{max_length}"]),
-        weights=sum(t.numel for t in tensors) * e,
-        gradients=max(trainable) if one_gradient else sum(trainable),
+        weights=sum(_weight_bytes(t, e, int8_group_size) for t in tensors),
+        gradients=max(trainable) if one_gradient else held + max(trainable) if accumulate_projected else sum(trainable),
+        dequantized=max((t.numel * e for t in tensors if t.int8), default=0),
         accumulating=accumulation > 1,
         optimizer_states=states,
         projections=projections,

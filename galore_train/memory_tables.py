@@ -14,6 +14,7 @@ from galore_train.memory import MemoryEstimate, estimate_memory
 from galore_train.meter import GIB
 from galore_train.model import load_model_config
 from galore_train.registry import FSDP_NAMES, MOMENTS_NAMES, OPTIMIZERS
+from galore_train.weights.options import accumulates_projected
 
 # GaLore paper, Table 2: model -> (rank, Full GB, GaLore GB): weights + optimizer states in BF16.
 PAPER_TABLE2 = {
@@ -102,6 +103,7 @@ def memory_table(estimate: MemoryEstimate, title: str | None = None) -> Table:
         ("activations (estimated)", estimate.activations),
     ]
     parts += [("FSDP unsharded units", estimate.distributed)] if estimate.distributed else []
+    parts += [("one dequantized INT8 matrix", estimate.dequantized)] if estimate.dequantized else []
     for name, nbytes in parts:
         table.add_row(name, f"{nbytes / GIB:.3f}")
     table.add_row("total (sum of parts)", f"{estimate.total / GIB:.3f}")
@@ -135,7 +137,9 @@ def compare_table(model_config: LlamaConfig, rank: int, *, title: str = "", **op
     for name in FSDP_NAMES if sharded else OPTIMIZERS:
         moments = {} if name in MOMENTS_NAMES else {"moments_dtype": "param"}
         side = {"proj_type": "right"} if sharded and OPTIMIZERS[name].galore else {}  # GaLore on FSDP row shards
-        estimate = estimate_memory(model_config, name, rank, **{**options, **moments, **side})
+        estimate = estimate_memory(
+            model_config, name, rank, **{**options, **moments, **side, **_weights(name, options)}
+        )
         parts = (
             estimate.weights,
             estimate.gradients,
@@ -150,6 +154,15 @@ def compare_table(model_config: LlamaConfig, rank: int, *, title: str = "", **op
         used = OPTIMIZERS[name].rank_used(rank)
         table.add_row(name if used == rank else f"{name} (rank {used})", *(f"{nbytes / GIB:.2f}" for nbytes in parts))
     return table
+
+
+def _weights(name: str, options: dict[str, object]) -> dict[str, bool]:
+    """A compare row's weight options: methods replace the dense weights (no INT8), and the optimizers that read
+    the full gradient accumulate it (no projected accumulation)."""
+    return {
+        "int8_weights": bool(options.get("int8_weights")) and not OPTIMIZERS[name].is_method,
+        "accumulate_projected": bool(options.get("accumulate_projected")) and accumulates_projected(name),
+    }
 
 
 def render_text(table: Table) -> str:

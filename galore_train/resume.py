@@ -24,6 +24,7 @@ from galore_train.config import RESUME_DATA, TrainConfig
 from galore_train.errors import UserError
 from galore_train.model import architecture_differences, dtype_name
 from galore_train.registry import resolve_optimizer_name
+from galore_train.weights.export import int8_state_files
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     each tensor is broadcast and sharded in turn (fsdp.load_full_weights): no rank materialises
     the full model on its device.
     """
-    files = weight_files(path)
+    files = weight_files(path) + int8_state_files(path)  # INT8 runs: the exact codes after the dequantized copy
     if distributed.is_sharded(model):
         fsdp.load_full_weights(model, lambda: _read_all(files))
         return

@@ -43,6 +43,7 @@ from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 from galore_train.schedule import build_scheduler
 from galore_train.signals import StopRequest
 from galore_train.updates import wrap_with_updates
+from galore_train.weights import export, stepping
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class Trainer:
         )
         self.method = build_method(cfg)  # LoRA/ReLoRA/low-rank rewrite the model; FullModel leaves it as built
         self.model = self._build_model()
+        self.int8 = stepping.Int8Weights.for_run(
+            self.model, cfg
+        )  # --int8-weights: the rounding generator, the update hooks
         self._build_optimizer()
         self.train_stream = PretrainingStream(
             lambda: document_source(
@@ -124,7 +128,7 @@ class Trainer:
             model = load_pretrained_llama(cfg.init_from, self.model_config, self.dtype)
         else:
             model = build_model(self.model_config, cfg.seed, self.dtype)
-        model = self.method.prepare(model, self.step)
+        model = stepping.quantize_targets(self.method.prepare(model, self.step), cfg)  # --int8-weights
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Shard before moving: FSDP2 moves each decoder layer to the GPU as it shards it, so no rank ever
@@ -152,7 +156,7 @@ class Trainer:
             **scheduler_kwargs(cfg),
         )
         # DDP-wrapped under torchrun; with --layerwise the optimizer steps inside backward, from gradient hooks.
-        module, self.updates = wrap_with_updates(self.model, self.optimizer, name, cfg, self.env)
+        module, self.updates = wrap_with_updates(self.model, self.optimizer, name, cfg, self.env, self.int8)
         self.train_model = torch.compile(module) if cfg.compile else module
 
     def _rebuild_optimizer(self) -> None:
@@ -171,13 +175,14 @@ class Trainer:
             self._stop_without_saving("the weights are no longer finite")
         # Each rank's stream position and random state, to rank 0 (the writer) only.
         per_rank = distributed.gather_to_main((self.train_stream.state_dict(), resume.rng_state(self.device)), self.env)
-        weights = fsdp.full_model_state(self.model)  # FSDP: gathered to rank 0's CPU; else None
+        weights = fsdp.full_model_state(self.model) or export.dequantized_state(self.model)  # on the CPU, or None
         trainer_state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "guard": self.guard.state_dict(),
             "optimizer": fsdp.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
+            "int8": self.int8 and self.int8.state_dict(),
         }
         if self.method.changes_model:
             trainer_state["method"] = self.method.state_dict()
@@ -186,6 +191,7 @@ class Trainer:
         def write(directory: Path) -> None:  # rank 0 only
             trainer_state["rng"] = {"by_rank": [rng for _, rng in per_rank]}
             self.method.merged_model(self.model).save_pretrained(directory, state_dict=weights)
+            export.save_int8_state(self.model, directory)  # the exact codes, for resuming
             self.cfg.save(str(directory / "train_config.json"))
             checkpoint.save_trainer_state(directory, trainer_state, [data for data, _ in per_rank])
 
@@ -206,6 +212,7 @@ class Trainer:
                 resume.load_weights(self.model, self.resume_dir)
             resume.restore_optimizer(self.model, self.optimizer, self.scheduler, state)
             resume.restore_rng(state["rng"], self.env.rank, self.device)
+            stepping.restore_rounding(self.int8, state.get("int8"))
             self.tokens_seen = state["tokens_seen"]
             self.guard.load_state_dict(state["guard"])
             if not self.data_restarts:

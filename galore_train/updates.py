@@ -27,6 +27,9 @@ from galore_train.optim.base import GaLoreOptimizer
 from galore_train.optim.layerwise import GradientReduce, LayerwiseUpdater
 from galore_train.optim.lowrank_sync import LowRankSync, clip_tensors_
 from galore_train.registry import OPTIMIZERS
+from galore_train.weights.stepping import Int8Weights
+
+Stepper = Optional[Callable[[Optimizer], None]]  # how a plain update steps (default: optimizer.step())
 
 
 class WeightUpdates(Protocol):
@@ -56,12 +59,14 @@ class PlainUpdates:
         *,
         grad_clipping: float,
         lowrank: Optional[LowRankSync] = None,
+        step: Stepper = None,
     ) -> None:
         self.model = model
         self.module = module
         self.optimizer = optimizer
         self.max_norm = grad_clipping if grad_clipping > 0 else float("inf")
         self.lowrank = lowrank
+        self._step = step or (lambda optimizer: optimizer.step())
 
     def accumulating(self) -> ContextManager[None]:
         """Earlier micro-batches skip the gradient communication (DDP no_sync, FSDP2's gradient sync off)."""
@@ -77,7 +82,7 @@ class PlainUpdates:
             others = [p.grad for p in self.model.parameters() if p.grad is not None and p not in projected]
             norm = clip_tensors_(others + self.lowrank.synchronize(), self.max_norm)
         if math.isfinite(norm):
-            self.optimizer.step()
+            self._step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -125,23 +130,30 @@ def build_updates(
     module: nn.Module,
     optimizer: Optimizer,
     env: DistEnv,
+    cfg: Any,
     *,
-    layerwise: bool,
-    grad_clipping: float,
     lowrank: Optional[LowRankSync] = None,
+    int8: Optional[Int8Weights] = None,
 ) -> WeightUpdates:
-    """`module` runs forward and backward (`distributed.wrap_model`). Layer-wise under torchrun: with DDP the hooks
-    average each gradient across ranks (the model is not DDP-wrapped); FSDP2 hands them reduce-scattered shards."""
-    if layerwise:
+    """`module` runs forward and backward (`distributed.wrap_model`); `cfg` a TrainConfig (--layerwise,
+    --grad-clipping, --accumulate-projected). Layer-wise under torchrun: with DDP the hooks average each gradient
+    across ranks (the model is not DDP-wrapped); FSDP2 hands them reduce-scattered shards. `int8`: the model's
+    INT8 weights, each dequantized, stepped and requantized on its own (weights/stepping.py)."""
+    if int8 is not None:
+        int8.attach(optimizer)
+    if cfg.layerwise:
         reduce = None if distributed.is_sharded(model) else distributed.gradient_averager(env)
         if lowrank is not None:  # GaLore matrices: averaged as R (one matrix per hook), the rest as before
             reduce = _lowrank_first(lowrank, reduce)
-        return LayerwiseUpdater(model, optimizer, grad_clipping=grad_clipping, reduce=reduce)
-    return PlainUpdates(model, module, optimizer, grad_clipping=grad_clipping, lowrank=lowrank)
+        return LayerwiseUpdater(
+            model, optimizer, grad_clipping=cfg.grad_clipping, reduce=reduce, projected=cfg.accumulate_projected
+        )
+    step = int8.step if int8 is not None else None
+    return PlainUpdates(model, module, optimizer, grad_clipping=cfg.grad_clipping, lowrank=lowrank, step=step)
 
 
 def wrap_with_updates(
-    model: nn.Module, optimizer: Optimizer, name: str, cfg: Any, env: DistEnv
+    model: nn.Module, optimizer: Optimizer, name: str, cfg: Any, env: DistEnv, int8: Optional[Int8Weights] = None
 ) -> tuple[nn.Module, WeightUpdates]:
     """The module forward and backward run through (`distributed.wrap_model`) and how updates reach the weights,
     for optimizer `name` (as built): low-rank sync's matrices are left out of DDP's buckets (averaged as R here)."""
@@ -150,7 +162,4 @@ def wrap_with_updates(
     traffic.TRAFFIC.projected_params = set(projected)  # their gradient bytes are counted apart, synced either way
     synced_elsewhere = lowrank.params if lowrank else ()
     module = distributed.wrap_model(model, env, layerwise=cfg.layerwise, synced_elsewhere=synced_elsewhere)
-    updates = build_updates(
-        model, module, optimizer, env, layerwise=cfg.layerwise, grad_clipping=cfg.grad_clipping, lowrank=lowrank
-    )
-    return module, updates
+    return module, build_updates(model, module, optimizer, env, cfg, lowrank=lowrank, int8=int8)

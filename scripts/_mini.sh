@@ -39,7 +39,7 @@ mini_run() {
   note "$(basename "$0" .sh): $name"
   # shellcheck disable=SC2046  # steps expands to several flags on purpose
   train 1 --model "$MODEL" "$@" --lr "$lr" --seed "$seed" \
-    --batch-size 4 --total-batch-size 4 --max-length 256 --pack $(steps "$STEPS" $((STEPS / 10))) \
+    --batch-size "${MICRO_BATCH:-4}" --total-batch-size 4 --max-length 256 --pack $(steps "$STEPS" $((STEPS / 10))) \
     --scheduler cosine --min-lr-ratio 0.1 --weight-decay 0 --dtype fp32 \
     --eval-every $(((RUN_STEPS + 1) / 2)) --eval-tokens 20000 --eval-batch-size 16 --save-every "$RUN_STEPS" \
     --data-files "$DATA/c4/train/*.json.gz" --eval-data-files "$DATA/c4/eval/*.json.gz" --tokenizer "$DATA/t5-tokenizer" \

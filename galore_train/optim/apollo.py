@@ -106,6 +106,7 @@ class ApolloAdamW(GaLoreAdamW):
     """
 
     EPS_ON_CORRECTED_V = False  # the authors': M / (sqrt(V) + eps)
+    ACCUMULATES_PROJECTED = False  # the update reads the full gradient p.grad
 
     def __init__(
         self,

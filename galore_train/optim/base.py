@@ -82,6 +82,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     # FSDP2: the dim each state tensor created on a row shard is sharded on (default 0), None for replicated
     STATE_SHARDING: Mapping[str, Optional[int]] = {}
+    # The update reads only the low-rank R of a GaLore group, so micro-batches may be summed as R (layerwise.py)
+    ACCUMULATES_PROJECTED = True
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.refresh_stats = RefreshStats()
@@ -90,6 +92,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         self._refreshed: dict[Tensor, bool] = {}  # this step's shared refreshes, already stored
         self._shard: Optional[RowShard] = None  # FSDP2: the rows the running update works on (row_shards.py)
         self._presynced: dict[Tensor, Optional[Tensor]] = {}  # low-rank sync: this step's averaged R (project_for_sync)
+        self._low_rank: dict[Tensor, Tensor] = {}  # R summed over micro-batches, for the parameter's next step
+        self._refreshed_for: dict[Tensor, int] = {}  # the step a micro-batch already refreshed the projection for
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -198,12 +202,44 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     def _project(
         self, p: Tensor, grad: Tensor, state: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
     ) -> Optional[Tensor]:
-        """The low-rank gradient (None: non-finite at a refresh), in a scratch buffer reused across parameters."""
+        """The low-rank gradient (None: non-finite at a refresh), in a scratch buffer reused across parameters;
+        or the R summed over micro-batches that `use_low_rank` handed in."""
+        if p in self._low_rank:
+            return self._low_rank.pop(p)
         out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
         refreshed = self._refreshed.pop(p, None)
         return projector.project(
             grad, state, state.get("step", 0), self.refresh_stats, name, out=out, refreshed=refreshed
         )
+
+    def project_gradient(self, p: Tensor, grad: Tensor) -> Optional[Tensor]:
+        """R = P^T G of one micro-batch's `grad` (a new tensor) in the projection of p's next step, for summing
+        micro-batches in the low-rank space. If that step refreshes, the first micro-batch's gradient refreshes
+        it (once per step); NaN after a non-finite gradient at the refresh. None: p has no projection."""
+        for group in self.param_groups:
+            if "rank" not in group or not self._uses_projector(group):
+                continue
+            for index, q in enumerate(group["params"]):
+                if q is p:
+                    state, names = self.state[p], group.get("param_names")
+                    step = state.get("step", 0)
+                    refreshed = True if self._refreshed_for.get(p) == step else None
+                    name = names[index] if names else None
+                    projector = GaLoreProjector.from_group(group)
+                    low_rank = projector.project(grad, state, step, self.refresh_stats, name, refreshed=refreshed)
+                    self._refreshed_for[p] = step
+                    if low_rank is None:  # non-finite at the refresh: NaN, so the step is not applied
+                        return grad.new_full(projector.low_rank_shape(grad.shape), float("nan"))
+                    return low_rank
+        return None
+
+    def use_low_rank(self, p: Tensor, low_rank: Optional[Tensor]) -> None:
+        """p's next step uses this R (summed by `project_gradient` over micro-batches) instead of projecting
+        (None: forget one handed in)."""
+        if low_rank is None:
+            self._low_rank.pop(p, None)
+        else:
+            self._low_rank[p] = low_rank
 
     def _step_row_shard(
         self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector], name: Optional[str]

@@ -87,6 +87,7 @@ class FiraAdamW(GaLoreAdamW):
     """
 
     EPS_ON_CORRECTED_V = False  # the authors': M / (sqrt(V) + eps)
+    ACCUMULATES_PROJECTED = False  # the update reads the full gradient p.grad
 
     def __init__(
         self,

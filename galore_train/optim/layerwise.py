@@ -17,6 +17,14 @@ and the invariant above holds; the backward of the last micro-batch then adds th
 Accumulation therefore keeps a full gradient set between micro-batches (under FSDP2: the rank's shards,
 1/N of it): correct, but the memory saving on gradients only materialises with one micro-batch per step.
 
+Projected accumulation (`projected=True`, single process, GaLore-family optimizers: their update reads
+only R = P^T G, and R is linear in G): the hooks of earlier micro-batches sum R (r x n) instead of G
+(m x n) for every matrix with a projection (`optimizer.project_gradient`), and the last micro-batch adds
+its own R and hands the sum to the optimizer (`use_low_rank`): the same update as from the summed G. At a
+step that refreshes the projection, the first micro-batch's gradient is the one the SVD sees (the summed
+G does not exist here; docs/int8.md measures what that costs). Other parameters (embeddings, norms) keep
+summing G. The step's norm then counts each projected matrix's summed R: the gradient inside its subspace.
+
 Non-finite gradients: each hook checks its gradient's norm before stepping (one device sync per
 parameter, the price of never applying a NaN; under FSDP2 the shards' squared norms are summed over
 ranks first, one scalar all-reduce, so every rank takes the same decision). From the first non-finite
@@ -63,8 +71,12 @@ from galore_train.errors import UserError
 GradientReduce = Callable[[nn.Parameter], torch.Tensor]
 
 
-def check_layerwise_supported(model: nn.Module, grad_clipping: float, reduce: Optional[GradientReduce]) -> None:
+def check_layerwise_supported(
+    model: nn.Module, grad_clipping: float, reduce: Optional[GradientReduce], projected: bool = False
+) -> None:
     """Raise UserError for the combinations layer-wise updates cannot honour."""
+    if projected and (reduce is not None or is_sharded(model)):
+        raise UserError("--accumulate-projected runs on one process (its refresh would need the averaged gradient)")
     if grad_clipping > 0:
         raise UserError(
             "--layerwise cannot clip the global gradient norm (each parameter is updated before the "
@@ -99,9 +111,12 @@ class LayerwiseUpdater:
         *,
         grad_clipping: float = 0.0,
         reduce: Optional[GradientReduce] = None,
+        projected: bool = False,
     ) -> None:
-        check_layerwise_supported(model, grad_clipping, reduce)
+        check_layerwise_supported(model, grad_clipping, reduce, projected)
         self.optimizer = optimizer
+        self._projected = projected and hasattr(optimizer, "project_gradient")
+        self._held_low_rank: dict[nn.Parameter, torch.Tensor] = {}
         self._reduce = reduce
         self._accumulating = False
         self._held: dict[nn.Parameter, torch.Tensor] = {}
@@ -133,6 +148,7 @@ class LayerwiseUpdater:
         """Forget the gradients held from earlier micro-batches (a step abandoned half-way, e.g. on a
         non-finite loss); `optimizer.zero_grad()` cannot see them."""
         self._held.clear()
+        self._held_low_rank.clear()
         self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
@@ -151,6 +167,8 @@ class LayerwiseUpdater:
     @torch.no_grad()
     def _hold(self, param: nn.Parameter) -> None:
         """Move this micro-batch's gradient into the buffer, keeping `.grad` None."""
+        if self._projected and self._hold_low_rank(param):
+            return
         held = self._held.get(param)
         self._held[param] = param.grad if held is None else held.add_(param.grad)
         param.grad = None
@@ -161,12 +179,33 @@ class LayerwiseUpdater:
         held = self._held.pop(param, None)
         if held is not None:
             param.grad = held.add_(param.grad)
-        sq_norm = _squared_norm(param.grad if self._reduce is None else self._reduce(param))
+        grad = param.grad if self._reduce is None else self._reduce(param)
+        low_rank = self._held_low_rank.pop(param, None)
+        if low_rank is not None:  # one process only (check_layerwise_supported): grad is param.grad
+            low_rank.add_(self.optimizer.project_gradient(param, param.grad))
+            self.optimizer.use_low_rank(param, low_rank)
+            grad = low_rank
+        sq_norm = _squared_norm(grad)
         self._sq_norm = self._sq_norm + sq_norm
         self._poisoned = self._poisoned or not bool(torch.isfinite(sq_norm))  # the one sync per parameter
         if not self._poisoned:
             self.optimizer.step()
+        elif low_rank is not None:
+            self.optimizer.use_low_rank(param, None)  # not stepped: forget the handed-in sum
         param.grad = None
+
+    def _hold_low_rank(self, param: nn.Parameter) -> bool:
+        """Sum this micro-batch's R = P^T G instead of G; False for a parameter without a projection."""
+        held = self._held_low_rank.get(param)
+        if held is None:
+            low_rank = self.optimizer.project_gradient(param, param.grad)
+            if low_rank is None:
+                return False
+            self._held_low_rank[param] = low_rank
+        else:
+            held.add_(self.optimizer.project_gradient(param, param.grad))
+        param.grad = None
+        return True
 
 
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
