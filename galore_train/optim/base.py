@@ -134,12 +134,19 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if self._sharing is not None:
             self._refreshed = self._sharing.refresh(self._due_refreshes(), self.state, self.refresh_stats)
         for group in self.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            stepping = [(name, p) for name, p in zip(names, group["params"]) if p.grad is not None]
+            if self._step_together(group, stepping):
+                continue
             projector = GaLoreProjector.from_group(group) if "rank" in group else None
-            names = group.get("param_names")
-            for index, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    self._step_parameter(p, group, projector, names[index] if names else None)
+            for name, p in stepping:
+                self._step_parameter(p, group, projector, name)
         return loss
+
+    def _step_together(self, group: dict[str, Any], params: list[tuple[Optional[str], Tensor]]) -> bool:
+        """Step these (name, parameter) pairs of `group` in one grouped step if the optimizer has one (GaLoreAdamW:
+        grouped.py); False: step them one by one."""
+        return False
 
     def _step_parameter(
         self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector], name: Optional[str]
