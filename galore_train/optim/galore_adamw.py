@@ -46,8 +46,8 @@ class GaLoreAdamW(GaLoreOptimizer):
                      {"params": matrices, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}],
                     lr=1e-3)
 
-    `foreach`: None (default) steps each param group's parameters together where that applies (grouped.py: batched
-    projections, foreach Adam; the same updates to <= 1e-6), False always one parameter at a time.
+    `foreach`: step each param group's parameters together (grouped.py: batched projections, foreach Adam; the
+    same updates to <= 1e-6): None (default) on CUDA, True on any device, False never (one parameter at a time).
     """
 
     def __init__(

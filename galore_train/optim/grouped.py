@@ -25,7 +25,12 @@ gradient is 32 MiB, eight per chunk).
 Where it applies (`applies`): GaLoreAdamW itself (a subclass that changes the update keeps the per-parameter
 path), at least two parameters with a gradient (layer-wise updates step one parameter at a time), plain
 tensors (FSDP2 row shards keep the per-parameter path), dense gradients in their parameter's dtype, and the
-group's "foreach" not False (`GaLoreAdamW(..., foreach=False)` forces the per-parameter step).
+group's "foreach": None (the default) on CUDA, True anywhere, False never (`GaLoreAdamW(..., foreach=...)`).
+
+Why not on CPU by default (as torch.optim's foreach default): there a kernel launch costs nothing and the
+stacking copies and the separate add of the back-projection do (the fused per-matrix addmm_ has neither):
+the grouped step of llama_60m's whole optimizer takes ~1.1x the CPU time of the per-parameter one
+(docs/optimizers.md). CPU runs also keep their updates, and the committed CPU results, to the last digit.
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ NamedParams = list[tuple[Optional[str], Tensor]]
 
 def applies(group: dict[str, Any], params: NamedParams) -> bool:
     """Whether the grouped step can take this group's parameters with a gradient (see the module docstring)."""
-    if group.get("foreach") is False or len(params) < 2:
+    foreach = group.get("foreach")
+    if foreach is False or len(params) < 2:
         return False
     return all(
-        not isinstance(p, DTensor)
+        (foreach or p.device.type == "cuda")
+        and not isinstance(p, DTensor)
         and not isinstance(p.grad, DTensor)
         and not p.grad.is_sparse
         and p.grad.dtype == p.dtype
