@@ -54,8 +54,16 @@ class PlainUpdates:
 
     def finish(self) -> float:
         """Clip, step and clear the gradients; a non-finite norm (a NaN/inf gradient with a finite loss)
-        skips the step: such a gradient would turn every weight it touches into NaN."""
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
+        skips the step: such a gradient would turn every weight it touches into NaN.
+
+        The norm and the clipping are torch's clip_grad_norm_ in its two halves (torch >= 2.6, the floor), so
+        that without clipping no gradient is rescaled: clip_grad_norm_(..., inf) multiplies every gradient by
+        1, a pass over all of them per step. With clipping the values are clip_grad_norm_'s, bit for bit."""
+        params = list(self.model.parameters())
+        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if self.max_norm != math.inf:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, total)
+        norm = float(total)
         if math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -314,9 +314,11 @@ def model_parameters(model_name: str) -> tuple[list[tuple[str, torch.Tensor]], l
     return tuple([(name, torch.randn(p.shape, generator=generator)) for name, p in part] for part in (galore, plain))
 
 
-def whole_model_optimizers(model_name: str, rank: int) -> dict[str, torch.optim.Optimizer]:
-    """The contenders, each on its own weights (sharing the gradients, which none of them writes), warmed up
-    with a projection that is never refreshed again: every timed or counted step is a normal one."""
+def whole_model_optimizers(
+    model_name: str, rank: int, names: Optional[list[str]] = None
+) -> dict[str, torch.optim.Optimizer]:
+    """The contenders (`names`, default all), each on its own weights (sharing the gradients, which none of them
+    writes), warmed up with a projection that is never refreshed again: every timed or counted step is normal."""
     galore, plain = model_parameters(model_name)
 
     def params(named: list[tuple[str, torch.Tensor]]) -> list[nn.Parameter]:
@@ -330,18 +332,22 @@ def whole_model_optimizers(model_name: str, rank: int) -> dict[str, torch.optim.
     def groups() -> list[dict]:
         return [{"params": params(plain)}, *galore_group(params(galore), rank, 10**9)]
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import galore_torch
+    def galore_torch() -> torch.optim.Optimizer:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            import galore_torch
 
-        reference = galore_torch.GaLoreAdamW(groups(), lr=1e-3, no_deprecation_warning=True)
-    optimizers = {
-        "GaLoreAdamW, per parameter": GaLoreAdamW(groups(), lr=1e-3, foreach=False),
-        "GaLoreAdamW, grouped": GaLoreAdamW(groups(), lr=1e-3, foreach=True),
-        "galore-torch GaLoreAdamW": reference,
-        "torch AdamW, foreach": torch.optim.AdamW([p for g in groups() for p in g["params"]], lr=1e-3, foreach=True),
+            return galore_torch.GaLoreAdamW(groups(), lr=1e-3, no_deprecation_warning=True)
+
+    builders = {
+        "GaLoreAdamW, per parameter": lambda: GaLoreAdamW(groups(), lr=1e-3, foreach=False),
+        "GaLoreAdamW, grouped": lambda: GaLoreAdamW(groups(), lr=1e-3, foreach=True),
+        "galore-torch GaLoreAdamW": galore_torch,
+        "torch AdamW, foreach": lambda: torch.optim.AdamW(
+            [p for g in groups() for p in g["params"]], lr=1e-3, foreach=True
+        ),
     }
-    return {name: warmed(optimizer) for name, optimizer in optimizers.items()}
+    return {name: warmed(build()) for name, build in builders.items() if names is None or name in names}
 
 
 def count_dispatched(step: Callable[[], object]) -> DispatchCount:
