@@ -99,7 +99,7 @@ def test_where_the_grouped_step_applies() -> None:
     assert applies({"foreach": True}, named)
     assert not applies({"foreach": None}, named)  # CPU: the fused per-parameter step by default
     assert not applies({"foreach": True}, named[:1])  # layer-wise updates: one gradient at a time
-    params[0].grad = params[0].grad.double()
+    params[0].grad = params[0].grad.to_sparse()
     assert not applies({"foreach": True}, named)
 
 

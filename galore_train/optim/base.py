@@ -75,9 +75,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     scratch buffer that the update may overwrite (it is reused for the next parameter); otherwise it
     is p.grad itself. They finish with `_apply`.
 
-    Why per parameter and not torch's foreach ops: the scratch buffer makes a GaLore step allocate
-    nothing, and on CPU the page faults of fresh low-rank temporaries cost more than the dispatch that
-    foreach saves (scripts/bench_optimizer.py). The buffer (as large as the largest R) is not state.
+    Why per parameter: the scratch buffer makes a GaLore step allocate nothing, and on CPU the page faults of
+    fresh temporaries cost more than the dispatch that foreach ops save (scripts/bench_optimizer.py). The buffer
+    (as large as the largest R) is not state. On CUDA, where each dispatch is a kernel launch, a subclass may
+    step a whole group at once instead (`_step_together`: GaLoreAdamW's grouped step, grouped.py).
     """
 
     # FSDP2: the dim each state tensor created on a row shard is sharded on (default 0), None for replicated
