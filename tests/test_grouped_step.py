@@ -24,7 +24,10 @@ def build(foreach, params=None, optimizer=GaLoreAdamW, **group):
         generator = torch.Generator().manual_seed(1)
         params = [nn.Parameter(torch.randn(shape, generator=generator)) for shape in SHAPES + PLAIN_SHAPES]
     matrices, plain = params[: len(SHAPES)], params[len(SHAPES) :]
-    groups = [{"params": plain}, {"params": matrices, "rank": 8, "update_proj_gap": GAP, "foreach": foreach, **group}]
+    groups = [
+        {"params": plain, "foreach": foreach},
+        {"params": matrices, "rank": 8, "update_proj_gap": GAP, "foreach": foreach, **group},
+    ]
     return params, optimizer(groups, lr=1e-2, weight_decay=0.1)
 
 
