@@ -84,6 +84,7 @@ def test_grouped_updates_equal_the_per_parameter_ones(group) -> None:
     assert by_parameter.state[reference[1]]["step"] == 7  # the NaN gradient's update was skipped
 
 
+@pytest.mark.slow  # builds two llama_60m optimizers and refreshes their 2 x 56 projections: minutes on a loaded CPU
 def test_the_grouped_step_takes_few_operations() -> None:
     """The target: <= 150 aten operations per normal step of llama_60m's whole optimizer (counted as in
     scripts/bench_optimizer.py; the per-parameter step dispatches 770)."""
