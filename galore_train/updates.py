@@ -74,13 +74,15 @@ class PlainUpdates:
 
     def finish(self) -> float:
         """Clip, step and clear the gradients; a non-finite norm (a NaN/inf gradient with a finite loss)
-        skips the step: such a gradient would turn every weight it touches into NaN."""
+        skips the step: such a gradient would turn every weight it touches into NaN. Without clipping no gradient
+        is rescaled (optim/lowrank_sync.clip_tensors_)."""
         if self.lowrank is None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         else:
             projected = set(self.lowrank.params)
-            others = [p.grad for p in self.model.parameters() if p.grad is not None and p not in projected]
-            norm = clip_tensors_(others + self.lowrank.synchronize(), self.max_norm)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None and p not in projected]
+            grads += self.lowrank.synchronize()
+        norm = clip_tensors_(grads, self.max_norm)
         if math.isfinite(norm):
             self._step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)

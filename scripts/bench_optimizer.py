@@ -16,6 +16,11 @@ Prints
   2. projection refresh: full SVD vs randomized range finder, time and subspace similarity.
   3. optimizer-state bytes of every optimizer vs the formula (AdamW 2mn, GaLore mr + 2nr, ...).
   4. staggered refresh: max / median step time with and without --stagger-refresh.
+  5. the whole model's optimizer step (every parameter, random gradients): aten operations dispatched per
+     normal step (a TorchDispatchMode counts them; on a GPU each is a kernel launch), of them host reads
+     (`aten._local_scalar_dense`), and CPU time: GaLoreAdamW per parameter (foreach=False) vs grouped
+     (foreach=True; the default on CUDA, optim/grouped.py) vs galore-torch vs torch's foreach AdamW.
+     Target: grouped <= 150 at llama_60m.
 Timings are CPU seconds of this process (cpu_seconds), minima over interleaved repetitions
 (fastest_of); one torch thread by default.
 """
@@ -30,10 +35,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +50,7 @@ from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit  # 
 from galore_train.optim.galore_adamw8bit import import_bitsandbytes  # noqa: E402
 from galore_train.optim.layout import EIGHTBIT_BLOCK as BLOCK_SIZE  # noqa: E402
 from galore_train.optim.svd import randomized_svd_top, subspace_similarity, svd_top  # noqa: E402
+from galore_train.optimizers import galore_parameter_split  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("GALORE_TRAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 PAPER_RANKS = {"llama_60m": 128, "llama_130m": 256}
@@ -278,6 +285,86 @@ def bench_stagger(block: Block, rank: int) -> dict[bool, list[float]]:
     return times
 
 
+# --- 5. dispatched operations, whole model ---------------------------------------------------------------
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the aten operations dispatched inside the block, and of them the host reads of a tensor's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.host_reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def model_parameters(model_name: str) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """(GaLore targets, others) of the model, (name, random gradient) each: the shapes from a meta-device model,
+    the values seeded (an optimizer's operation count and normal-step time do not depend on them)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(load_model_config(model_name))
+    generator = torch.Generator().manual_seed(0)
+    galore, plain = galore_parameter_split(model, ["attn", "mlp"])
+    return tuple([(name, torch.randn(p.shape, generator=generator)) for name, p in part] for part in (galore, plain))
+
+
+def whole_model_optimizers(
+    model_name: str, rank: int, names: Optional[list[str]] = None
+) -> dict[str, torch.optim.Optimizer]:
+    """The contenders (`names`, default all), each on its own weights (sharing the gradients, which none of them
+    writes), warmed up with a projection that is never refreshed again: every timed or counted step is normal."""
+    galore, plain = model_parameters(model_name)
+
+    def params(named: list[tuple[str, torch.Tensor]]) -> list[nn.Parameter]:
+        out = []
+        for _, grad in named:
+            p = nn.Parameter(torch.randn_like(grad) * 0.02)
+            p.grad = grad
+            out.append(p)
+        return out
+
+    def groups() -> list[dict]:
+        return [{"params": params(plain)}, *galore_group(params(galore), rank, 10**9)]
+
+    def galore_torch() -> torch.optim.Optimizer:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            import galore_torch
+
+            return galore_torch.GaLoreAdamW(groups(), lr=1e-3, no_deprecation_warning=True)
+
+    builders = {
+        "GaLoreAdamW, per parameter": lambda: GaLoreAdamW(groups(), lr=1e-3, foreach=False),
+        "GaLoreAdamW, grouped": lambda: GaLoreAdamW(groups(), lr=1e-3, foreach=True),
+        "galore-torch GaLoreAdamW": galore_torch,
+        "torch AdamW, foreach": lambda: torch.optim.AdamW(
+            [p for g in groups() for p in g["params"]], lr=1e-3, foreach=True
+        ),
+    }
+    return {name: warmed(build()) for name, build in builders.items() if names is None or name in names}
+
+
+def count_dispatched(step: Callable[[], object]) -> DispatchCount:
+    counter = DispatchCount()
+    with counter:
+        step()
+    return counter
+
+
+def bench_dispatch(model_name: str, rank: int, reps: int) -> dict[str, tuple[int, int, float]]:
+    """Per contender: (aten ops, host reads, CPU seconds) of one normal step of the whole model's optimizer."""
+    optimizers = whole_model_optimizers(model_name, rank)
+    counts = {name: count_dispatched(optimizer.step) for name, optimizer in optimizers.items()}
+    times = fastest_of({name: optimizer.step for name, optimizer in optimizers.items()}, reps)
+    return {name: (counts[name].ops, counts[name].host_reads, times[name]) for name in optimizers}
+
+
 # --- main ---------------------------------------------------------------------------------------------
 
 
@@ -365,6 +452,17 @@ def main() -> None:
                 f"   stagger {'on ' if stagger else 'off'}: max step {max(times[stagger]) * 1e3:8.1f} ms, "
                 f"median {statistics.median(times[stagger]) * 1e3:7.1f} ms, total {sum(times[stagger]):6.2f} s"
             )
+
+        dispatched = bench_dispatch(model_name, rank, max(1, args.reps // 4))
+        galore, plain = model_parameters(model_name)
+        print(
+            f"\n5. whole-model optimizer step ({len(galore)} GaLore matrices + {len(plain)} other parameters),"
+            " a normal step"
+        )
+        print(f"   {'optimizer':<30}{'aten ops':>9}{'host reads':>12}{'CPU ms':>9}{'vs per parameter':>18}")
+        base = dispatched["GaLoreAdamW, per parameter"][2]
+        for name, (ops, reads, seconds) in dispatched.items():
+            print(f"   {name:<30}{ops:9d}{reads:12d}{seconds * 1e3:9.1f}{seconds / base:17.3f}x")
         print()
     print(f"total bench time {time.perf_counter() - started:.0f} s")
 

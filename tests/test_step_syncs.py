@@ -64,3 +64,28 @@ def test_a_layerwise_step_also_checks_each_loss_and_gradient(tiny_config_file, t
     parameters, forwards = 21, 2
     reads = reads_per_step(tiny_config_file, tmp_path / "run", batch_size=2, total_batch_size=4, layerwise=True)
     assert reads == 2 + forwards + forwards + parameters  # + each loss, + a finiteness check per parameter
+
+
+@pytest.mark.parametrize("clipping", [0.0, 0.5])
+def test_the_gradient_norm_rescales_gradients_only_when_clipping(clipping: float) -> None:
+    """clip_grad_norm_(..., inf), the norm without clipping, multiplied every gradient by 1 (a pass over all of
+    them per step; issue 23): now they are not written. With clipping, the values are clip_grad_norm_'s exactly."""
+    from galore_train.updates import PlainUpdates
+
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+    grads = []
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+        grads.append(p.grad)
+    versions, expected = [g._version for g in grads], [g.clone() for g in grads]
+    reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(reference, expected):
+        p.grad = g
+    norm = torch.nn.utils.clip_grad_norm_(reference, clipping or float("inf"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    assert PlainUpdates(model, model, optimizer, grad_clipping=clipping).finish() == float(norm)
+    written = [g._version != v for g, v in zip(grads, versions)]
+    assert written == [bool(clipping)] * len(grads)
+    for g, p in zip(grads, reference):
+        assert torch.equal(g, p.grad)

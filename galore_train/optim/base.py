@@ -75,9 +75,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     scratch buffer that the update may overwrite (it is reused for the next parameter); otherwise it
     is p.grad itself. They finish with `_apply`.
 
-    Why per parameter and not torch's foreach ops: the scratch buffer makes a GaLore step allocate
-    nothing, and on CPU the page faults of fresh low-rank temporaries cost more than the dispatch that
-    foreach saves (scripts/bench_optimizer.py). The buffer (as large as the largest R) is not state.
+    Why per parameter: the scratch buffer makes a GaLore step allocate nothing, and on CPU the page faults of
+    fresh temporaries cost more than the dispatch that foreach ops save (scripts/bench_optimizer.py). The buffer
+    (as large as the largest R) is not state. On CUDA, where each dispatch is a kernel launch, a subclass may
+    step a whole group at once instead (`_step_together`: GaLoreAdamW's grouped step, grouped.py).
     """
 
     # FSDP2: the dim each state tensor created on a row shard is sharded on (default 0), None for replicated
@@ -173,13 +174,22 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             due = [item for item in self._due_refreshes() if item.param not in self._presynced]
             self._refreshed = self._sharing.refresh(due, self.state, self.refresh_stats)
         for group in self.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            stepping = [(name, p) for name, p in zip(names, group["params"]) if p.grad is not None]
+            # The grouped step projects the gradients itself: not for an R handed in (low-rank sync, accumulation).
+            handed_in = any(p in self._presynced or p in self._low_rank for _, p in stepping)
+            if not handed_in and self._step_together(group, stepping):
+                continue
             projector = GaLoreProjector.from_group(group) if "rank" in group else None
-            names = group.get("param_names")
-            for index, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    self._step_parameter(p, group, projector, names[index] if names else None)
+            for name, p in stepping:
+                self._step_parameter(p, group, projector, name)
         self._presynced = {}  # a parameter whose update was not run (layer-wise: poisoned) leaves nothing behind
         return loss
+
+    def _step_together(self, group: dict[str, Any], params: list[tuple[Optional[str], Tensor]]) -> bool:
+        """Step these (name, parameter) pairs of `group` in one grouped step if the optimizer has one (GaLoreAdamW:
+        grouped.py); False: step them one by one."""
+        return False
 
     def _step_parameter(
         self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector], name: Optional[str]

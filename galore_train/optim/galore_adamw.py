@@ -21,11 +21,12 @@ formula above; subclasses that follow those authors set EPS_ON_CORRECTED_V = Fal
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from galore_train.optim import grouped
 from galore_train.optim.base import GaLoreOptimizer
 from galore_train.optim.layout import StateTensor, adam_moments
 
@@ -48,6 +49,9 @@ class GaLoreAdamW(GaLoreOptimizer):
         GaLoreAdamW([{"params": others},
                      {"params": matrices, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}],
                     lr=1e-3)
+
+    `foreach`: step each param group's parameters together (grouped.py: batched projections, foreach Adam; the
+    same updates to <= 1e-6): None (default) on CUDA, True on any device, False never (one parameter at a time).
     """
 
     EPS_ON_CORRECTED_V = True  # torch's eps placement (False: the authors' M / (sqrt(V) + eps), see the module)
@@ -59,8 +63,17 @@ class GaLoreAdamW(GaLoreOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        foreach: Optional[bool] = None,
     ) -> None:
-        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay))
+        super().__init__(params, {**adam_defaults(lr, betas, eps, weight_decay), "foreach": foreach})
+
+    def _step_together(self, group: dict[str, Any], params: list[tuple[Optional[str], Tensor]]) -> bool:
+        """The grouped step (grouped.py) where it applies; it computes this class's update, so a subclass that
+        changes `_update` keeps the per-parameter step."""
+        if type(self)._update is not GaLoreAdamW._update or not grouped.applies(group, params):
+            return False
+        grouped.step_group(self, group, params)
+        return True
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         normalized, c1, c2 = self._adam_direction(grad, group, state)

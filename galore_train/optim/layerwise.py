@@ -33,6 +33,17 @@ skips or stops the step as for a non-finite loss. What cannot be undone: paramet
 earlier in this backward (layers nearer the output) keep their update of this step; it was computed
 from finite gradients.
 
+Why the read per parameter stays (issue 23 asked for it to go): the decision must be taken on the host
+before `optimizer.step()`, which changes the weight, the moments and host-side state (step counters,
+projections refreshed at that step). Deciding on the device instead needs either a snapshot of the
+parameter and its state to restore (two more passes over every weight per step, ~13.5 GB of traffic at 7B,
+more than 291 reads cost) or a zeroed gradient (not "not applied": Adam's momentum still moves the weight,
+the counter advances, a refresh would take the basis of a zero matrix). The cheapest correct design that
+removes the pipeline drain is to check one parameter behind: copy the cumulative flag to pinned memory with
+a CUDA event, and step parameter k in hook k + 1 after waiting on that event, which the GPU has normally
+passed already; it holds one more gradient (the peak becomes the largest consecutive pair, an estimator
+change) and needs a GPU to measure. Not done yet (docs/memory.md).
+
 Several processes (data parallel): DDP's wrapper would all-reduce gradients in its own hooks, after
 ours had stepped, so the model is not DDP-wrapped; instead each hook averages its completed gradient
 across ranks (`reduce`, from the training loop) before the update. Every rank then applies the same

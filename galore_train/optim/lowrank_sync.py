@@ -73,12 +73,14 @@ class LowRankSync:
 
 
 def clip_tensors_(tensors: list[Tensor], max_norm: float) -> float:
-    """Scale `tensors` in place so that their joint L2 norm is at most `max_norm` (inf: no clipping, the tensors
-    untouched), with torch's clip_grad_norm_ arithmetic; returns the norm before clipping."""
+    """Scale `tensors` in place so that their joint L2 norm is at most `max_norm`; return the norm before clipping.
+
+    torch's clip_grad_norm_ in its two halves (get_total_norm, then the same clamped factor), so the values are its
+    own bit for bit; with `max_norm` inf nothing is rescaled (clip_grad_norm_(..., inf) multiplies every gradient
+    by 1: a pass over all of them per step)."""
     if not tensors:
         return 0.0
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).float() for t in tensors]))
+    total = torch.nn.utils.get_total_norm(tensors)
     if math.isfinite(max_norm):
-        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(tensors, coefficient)
+        torch._foreach_mul_(tensors, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return float(total)

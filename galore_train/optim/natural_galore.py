@@ -29,8 +29,9 @@ Choices where the paper leaves room, and why:
     float32 copy of the history (s x d) per matrix and step; the stored history stays in bf16;
   * a failed Cholesky factorization (the damped system is positive definite in exact arithmetic, but
     gradients of norm >> 1/lam can make it numerically indefinite) skips the preconditioner for that
-    step: the plain GaLore-AdamW step, with a RuntimeWarning (Python shows it once per process). Reading
-    the factorization status costs one device sync per matrix and step (a single int);
+    step: the plain GaLore-AdamW step, chosen on the device (torch.where on the factorization status, so
+    no device sync per matrix and step); the fallbacks are counted on the device and read once per log
+    (`svd_metrics()["fisher_fallbacks_total"]`, with a RuntimeWarning when the count grew);
   * only GaLore groups are preconditioned: a full-rank history of an embedding would cost s times its
     size; plain groups run AdamW exactly as GaLore-AdamW does.
 
@@ -63,19 +64,19 @@ FISHER_HISTORY = 20  # the authors' code keeps 20 projected gradients
 FISHER_DAMPING = 1e-3  # and damps with 1e-3
 
 
-def woodbury_solve(gram: Tensor, hg: Tensor, damping: float) -> Tensor | None:
-    """y = (k lam I + H H^T)^{-1} H g for a k x d history H, from gram = H H^T and hg = H g (float64).
+def woodbury_solve(gram: Tensor, hg: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """(y, failed): y = (k lam I + H H^T)^{-1} H g for a k x d history H, from gram = H H^T and hg = H g (float64).
 
-    Then lam F^{-1} g = g - H^T y (module docstring). None when the Cholesky factorization of a finite
-    system fails (numerically indefinite). Non-finite gradients give non-finite output, not None or an
-    exception, so the training loop's non-finite guards see them like any other poisoned update.
+    Then lam F^{-1} g = g - H^T y (module docstring). `failed`, a boolean on the device (no host read): the
+    Cholesky factorization of a finite system failed (numerically indefinite); y is then meaningless. Non-finite
+    gradients give non-finite output and failed False, so the training loop's non-finite guards see them like
+    any other poisoned update.
     """
     k = gram.shape[0]
     system = gram + (k * damping) * torch.eye(k, dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(system)
-    if info.item() != 0 and bool(torch.isfinite(system).all()):
-        return None
-    return torch.cholesky_solve(hg.unsqueeze(1), factor).squeeze(1)
+    failed = (info != 0) & torch.isfinite(system).all()
+    return torch.cholesky_solve(hg.unsqueeze(1), factor).squeeze(1), failed
 
 
 def _check_history_follows_rows(name: str, shape: tuple[int, int], world: int) -> None:
@@ -114,6 +115,8 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             "fisher_history": fisher_history,
             "fisher_damping": fisher_damping,
         }
+        self._fisher_fallbacks: Tensor | int = 0  # indefinite systems since construction, a device tensor once stepped
+        self._fisher_fallbacks_warned = 0
         GaLoreOptimizer.__init__(self, params, defaults)
 
     STATE_SHARDING = {"fisher_grads": 1, "fisher_gram": None}  # FSDP2: H by columns, H H^T replicated
@@ -147,14 +150,16 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if "rank" in group and group["fisher_history"] > 0:
-            self._natural_gradient_(grad, group, state, self._shard)
+            failed = self._natural_gradient_(grad, group, state, self._shard)
+            self._fisher_fallbacks = self._fisher_fallbacks + failed  # on the device: no host read per matrix
         super()._update(p, grad, group, state)
 
     @staticmethod
     def _natural_gradient_(
         grad: Tensor, group: dict[str, Any], state: dict[str, Any], shard: Optional[RowShard] = None
-    ) -> None:
-        """grad <- lam F^{-1} grad, in place (grad is the projected gradient's scratch buffer; FSDP: its rows)."""
+    ) -> Tensor:
+        """grad <- lam F^{-1} grad, in place (grad is the projected gradient's scratch buffer; FSDP: its rows).
+        Returns the device-side flag of a numerically indefinite system, where grad is left as it was."""
         size = group["fisher_history"]
         g = grad.view(-1)
         if "fisher_grads" not in state:
@@ -175,13 +180,24 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         gram_buffer[slot, :k] = hg
         gram_buffer[:k, slot] = hg
         state["fisher_count"] += 1
-        y = woodbury_solve(gram_buffer[:k, :k], hg, group["fisher_damping"])
-        if y is None:
+        y, failed = woodbury_solve(gram_buffer[:k, :k], hg, group["fisher_damping"])
+        natural = torch.addmv(g_precise, history.mT, y.to(precise), alpha=-1.0)
+        g.copy_(torch.where(failed, g_precise, natural))  # failed: the plain GaLore-AdamW step
+        return failed
+
+    def svd_metrics(self) -> dict[str, float]:
+        """GaLoreOptimizer's, plus fisher_fallbacks_total: the steps whose damped Fisher system was numerically
+        indefinite (plain GaLore-AdamW steps instead; counted on the device, read here once per log, with a
+        RuntimeWarning when it grew)."""
+        metrics = super().svd_metrics()
+        total = int(self._fisher_fallbacks) if isinstance(self._fisher_fallbacks, Tensor) else 0
+        if total > self._fisher_fallbacks_warned:
             warnings.warn(
-                "Natural GaLore: the damped Fisher system is numerically indefinite (gradients too large "
-                "for fisher_damping?); plain GaLore-AdamW step instead",
+                f"Natural GaLore: {total - self._fisher_fallbacks_warned} damped Fisher system(s) numerically "
+                "indefinite (gradients too large for fisher_damping?); plain GaLore-AdamW steps instead",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return
-        g.copy_(g_precise.addmv_(history.mT, y.to(precise), alpha=-1.0))
+            self._fisher_fallbacks_warned = total
+        metrics["fisher_fallbacks_total"] = total
+        return metrics

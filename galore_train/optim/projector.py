@@ -214,9 +214,7 @@ class GaLoreProjector:
         (shared refresh, refresh_sharing.py); None: refresh here if due.
         Returns None when the gradient is unusable (non-finite at a refresh): skip this update.
         """
-        if refreshed is None:
-            refreshed = self._refresh_if_due(grad, state, step, stats, name)
-        if not refreshed:
+        if not self.ready(grad, state, step, stats, name, refreshed):
             return None
         side = self.side(grad.shape)
         projection = self.matrix(state, "projection", grad.shape, grad.dtype)
@@ -227,6 +225,22 @@ class GaLoreProjector:
         return torch.mm(
             projection.mT @ grad, self.matrix(state, "projection_right", grad.shape, grad.dtype).mT, out=out
         )
+
+    def ready(
+        self,
+        grad: Tensor,
+        state: dict[str, Any],
+        step: int,
+        stats: RefreshStats,
+        name: Optional[str] = None,
+        refreshed: Optional[bool] = None,
+    ) -> bool:
+        """Refresh the projection if due (unless the caller already has: `refreshed`, as in `project`);
+        False when this update must be skipped (non-finite gradient at a refresh). The grouped step
+        (grouped.py) runs this per matrix, then projects all of them at once."""
+        if refreshed is None:
+            refreshed = self._refresh_if_due(grad, state, step, stats, name)
+        return refreshed
 
     def project_back_add_(
         self, param: Tensor, update: Tensor, state: dict[str, Any], alpha: float, beta: float = 1.0
