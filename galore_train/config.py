@@ -44,11 +44,6 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
     return int(round(float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2)]))
 
 
-# Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
-RESUME_FIXED = frozenset(
-    "model optimizer eightbit layerwise rank proj_type galore_targets proj_bits proj_group_size"
-    " fisher_history relora_warm_start moments_dtype apollo_proj int8_weights int8_group_size".split()
-)
 # The TrainConfig fields the memory estimate reads beyond model, optimizer, rank and --8bit (galore_train/fit.py,
 # and the flags of `galore-train memory`).
 ESTIMATE_OPTIONS = tuple(
@@ -58,16 +53,6 @@ ESTIMATE_OPTIONS = tuple(
 )
 # Settings newer than some checkpoints: what a saved config without them ran with.
 ABSENT_MEANS = {"moments_dtype": "param", "int8_weights": False, "int8_group_size": 256}
-# Settings of run control and logging that a resumed run may change freely.
-RESUME_FREE = frozenset(
-    "eval_every eval_batch_size eval_tokens eval_data_files save_every keep_last output_dir resume"
-    " resume_from log_every wandb_project run_name tags wandb_mode skip_nonfinite spike_threshold"
-    " max_spikes recipe compile activation_checkpointing distributed dist_timeout allow_data_change"
-    " lowrank_sync skip_fit_check".split()
-)
-# Settings that define the training stream: a checkpoint's data position is a position in this data, read
-# this way; a resume that changes one is refused unless --allow-data-change (resume.check_compatible).
-RESUME_DATA = ("data_files", "dataset", "dataset_config", "tokenizer", "max_length", "pack")
 
 
 # ReLoRA's scripts re-warm for 100 steps after each restart, with restarts every 1000 or more steps.
@@ -355,27 +340,6 @@ class TrainConfig:
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
-
-    def resume_differences(self, saved: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """(fatal, changed): settings that differ from the checkpoint's `saved` config, as "name: old -> new".
-
-        Fatal ones lay out the saved state (a different rank cannot load the saved moments; a different
-        group size would misread quantized projections). Changed ones take effect and make the continuation
-        differ from an uninterrupted run (lr, gap, data, ...): allowed, and worth a warning. Settings of
-        logging, saving, evaluation and parallelism (FSDP and DDP checkpoints are interchangeable) are neither.
-        `--8bit` with adamw is the same run as adam8bit: compare resolved names before calling this. The
-        trainer compares the model and dtype as built (the checkpoint's config.json) when it can.
-        """
-        fatal, changed = [], []
-        ours, theirs = self.to_dict(), {**self.to_dict(), **ABSENT_MEANS, **saved}
-        for values in (ours, theirs):  # a derived default compares as the value it stands for
-            values["restart_warmup_steps"] = restart_warmup(values["restart_warmup_steps"], values["relora_reset"])
-        for name, new in ours.items():
-            old = theirs[name]
-            if name in RESUME_FREE or old == new or (name == "galore_targets" and sorted(old) == sorted(new)):
-                continue
-            (fatal if name in RESUME_FIXED else changed).append(f"{name}: {old!r} -> {new!r}")
-        return fatal, changed
 
     def validate(self) -> "TrainConfig":
         """Check everything that can be checked without the model or the data; raise UserError."""

@@ -20,16 +20,55 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaConfig
 
 from galore_train import checkpoint, distributed, fsdp, manifest
-from galore_train.config import RESUME_DATA, TrainConfig
+from galore_train.config import ABSENT_MEANS, TrainConfig, restart_warmup
 from galore_train.errors import UserError
 from galore_train.model import architecture_differences, dtype_name
 from galore_train.registry import resolve_optimizer_name
+from galore_train.weights import stepping
 from galore_train.weights.export import int8_state_files
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained splits large models (transformers 4: > 5 GB)
+
+# Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
+RESUME_FIXED = frozenset(
+    "model optimizer eightbit layerwise rank proj_type galore_targets proj_bits proj_group_size"
+    " fisher_history relora_warm_start moments_dtype apollo_proj int8_weights int8_group_size".split()
+)
+# Settings of run control and logging that a resumed run may change freely.
+RESUME_FREE = frozenset(
+    "eval_every eval_batch_size eval_tokens eval_data_files save_every keep_last output_dir resume"
+    " resume_from log_every wandb_project run_name tags wandb_mode skip_nonfinite spike_threshold"
+    " max_spikes recipe compile activation_checkpointing distributed dist_timeout allow_data_change"
+    " lowrank_sync skip_fit_check".split()
+)
+# Settings that define the training stream: a checkpoint's data position is a position in this data, read
+# this way; a resume that changes one is refused unless --allow-data-change (resume.check_compatible).
+RESUME_DATA = ("data_files", "dataset", "dataset_config", "tokenizer", "max_length", "pack")
+
+
+def config_differences(cfg: TrainConfig, saved: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(fatal, changed): settings of `cfg` that differ from the checkpoint's `saved` config, as "name: old -> new".
+
+    Fatal ones lay out the saved state (a different rank cannot load the saved moments; a different
+    group size would misread quantized projections). Changed ones take effect and make the continuation
+    differ from an uninterrupted run (lr, gap, data, ...): allowed, and worth a warning. Settings of
+    logging, saving, evaluation and parallelism (FSDP and DDP checkpoints are interchangeable) are neither.
+    `--8bit` with adamw is the same run as adam8bit: compare resolved names before calling this. The
+    trainer compares the model and dtype as built (the checkpoint's config.json) when it can.
+    """
+    fatal, changed = [], []
+    ours, theirs = cfg.to_dict(), {**cfg.to_dict(), **ABSENT_MEANS, **saved}
+    for values in (ours, theirs):  # a derived default compares as the value it stands for
+        values["restart_warmup_steps"] = restart_warmup(values["restart_warmup_steps"], values["relora_reset"])
+    for name, new in ours.items():
+        old = theirs[name]
+        if name in RESUME_FREE or old == new or (name == "galore_targets" and sorted(old) == sorted(new)):
+            continue
+        (fatal if name in RESUME_FIXED else changed).append(f"{name}: {old!r} -> {new!r}")
+    return fatal, changed
 
 
 def find_checkpoint(cfg: TrainConfig, output_dir: Path, env: distributed.DistEnv) -> Optional[Path]:
@@ -143,7 +182,7 @@ def check_compatible(path: Path, cfg: TrainConfig, model_config: LlamaConfig, dt
     built_differently = _built_differently(path, model_config, dtype)
     if built_differently is not None:  # compared as built, not as spelled: llama_9m == configs/llama_9m.json
         saved.update(model=cfg.model, dtype=cfg.dtype)
-    fatal, changed = cfg.resume_differences(saved)
+    fatal, changed = config_differences(cfg, saved)
     fatal = (built_differently or []) + fatal
     if fatal:
         recipe = (
@@ -267,3 +306,29 @@ def restore_rng(states: dict[str, Any], rank: int, device: torch.device) -> None
     torch.set_rng_state(mine["torch"])
     if device.type == "cuda" and mine["cuda"] is not None:
         torch.cuda.set_rng_state(mine["cuda"], device)
+
+
+def restore_trainer(trainer: Any, state: dict[str, Any], data_states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Put the checkpoint's state back into `trainer` (a train.Trainer): weights (or a method's wrapped model),
+    optimizer and schedule, random and rounding state, loss guard, token count and data position (unless
+    --allow-data-change restarts it). Returns the restore's memory peaks: a restore can peak above a step."""
+    t = trainer
+    if len(data_states) != t.env.world_size:
+        raise UserError(
+            f"checkpoint {t.resume_dir} was written by {len(data_states)} process(es); resume with the same number"
+        )
+    with t.memory.track():
+        if t.method.changes_model:
+            t.model.load_state_dict(state["model"])
+            t.method.load_state_dict(state["method"])
+        else:
+            load_weights(t.model, t.resume_dir)
+        restore_optimizer(t.model, t.optimizer, t.scheduler, state)
+        restore_rng(state["rng"], t.env.rank, t.device)
+        stepping.restore_rounding(t.int8, state.get("int8"))
+        t.tokens_seen = state["tokens_seen"]
+        t.guard.load_state_dict(state["guard"])
+        if not t.data_restarts:
+            restore_data_position(t.train_stream, data_states[t.env.rank], t.resume_dir)
+    peaks = t.memory.read_and_reset()
+    return {f"restore_{key}": value for key, value in {**peaks, **distributed.rank_metrics(peaks, t.env)}.items()}

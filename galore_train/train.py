@@ -30,7 +30,7 @@ from galore_train.data import (
     load_tokenizer,
     pin_batches,
 )
-from galore_train.errors import TrainingStopped, UserError
+from galore_train.errors import TrainingStopped
 from galore_train.evaluate import eval_batch_size, evaluate, summed_loss, target_count, to_device
 from galore_train.guard import LossGuard
 from galore_train.meter import MemoryMeter
@@ -83,9 +83,7 @@ class Trainer:
         )
         self.method = build_method(cfg)  # LoRA/ReLoRA/low-rank rewrite the model; FullModel leaves it as built
         self.model = self._build_model()
-        self.int8 = stepping.Int8Weights.for_run(
-            self.model, cfg
-        )  # --int8-weights: the rounding generator, the update hooks
+        self.int8 = stepping.Int8Weights.for_run(self.model, cfg)  # --int8-weights: rounding generator, update hooks
         self._build_optimizer()
         self.train_stream = PretrainingStream(
             lambda: document_source(
@@ -117,7 +115,7 @@ class Trainer:
         )
         self.eval_batches = distributed.lockstep_batches(self.eval_batches, self.model, self.env)
         self.memory = MemoryMeter(self.model, self.optimizer, self.device)  # before the restore, which it measures
-        self.restore_memory = self._restore(saved_state, data_states) if self.resume_dir is not None else {}
+        self.restore_memory = resume.restore_trainer(self, saved_state, data_states) if self.resume_dir else {}
         if self.env.is_main:
             storage.warn_if_too_small(self.checkpoint_root, cfg, self.model_config, self.model, self.dtype)
 
@@ -196,31 +194,6 @@ class Trainer:
             checkpoint.save_trainer_state(directory, trainer_state, [data for data, _ in per_rank])
 
         return storage.save_or_stop(self.checkpoint_root, self.step, write, self.cfg.keep_last, self.env)
-
-    def _restore(self, state: dict[str, Any], data_states: list[dict[str, Any]]) -> dict[str, Any]:
-        """Put the checkpoint's state back; return the restore's memory peaks (it can peak above a step)."""
-        if len(data_states) != self.env.world_size:
-            raise UserError(
-                f"checkpoint {self.resume_dir} was written by {len(data_states)} process(es); resume with the same"
-                " number"
-            )
-        with self.memory.track():
-            if self.method.changes_model:
-                self.model.load_state_dict(state["model"])
-                self.method.load_state_dict(state["method"])
-            else:
-                resume.load_weights(self.model, self.resume_dir)
-            resume.restore_optimizer(self.model, self.optimizer, self.scheduler, state)
-            resume.restore_rng(state["rng"], self.env.rank, self.device)
-            stepping.restore_rounding(self.int8, state.get("int8"))
-            self.tokens_seen = state["tokens_seen"]
-            self.guard.load_state_dict(state["guard"])
-            if not self.data_restarts:
-                resume.restore_data_position(self.train_stream, data_states[self.env.rank], self.resume_dir)
-        peaks = self.memory.read_and_reset()
-        return {
-            f"restore_{key}": value for key, value in {**peaks, **distributed.rank_metrics(peaks, self.env)}.items()
-        }
 
     def _stop_without_saving(self, reason: str) -> None:
         latest = checkpoint.latest_checkpoint(self.checkpoint_root)

@@ -2,6 +2,7 @@ import pytest
 
 from galore_train.config import TrainConfig, parse_token_count
 from galore_train.errors import UserError
+from galore_train.resume import config_differences
 
 
 @pytest.mark.parametrize(
@@ -65,19 +66,19 @@ def test_round_trip_through_dict():
 )
 def test_resume_differences_sort_fatal_from_warned(changes, fatal, changed):
     saved = TrainConfig(galore_targets=["attn", "mlp"])
-    assert saved.replace(**changes).resume_differences(saved.to_dict()) == (fatal, changed)
+    assert config_differences(saved.replace(**changes), saved.to_dict()) == (fatal, changed)
 
 
 def test_resume_from_a_checkpoint_saved_with_the_old_fixed_warmup_default():
     """Checkpoints from before the derived default hold restart_warmup_steps=100: the same run, no warning."""
     saved = {**TrainConfig().to_dict(), "restart_warmup_steps": 100}
-    assert TrainConfig().resume_differences(saved) == ([], [])
+    assert config_differences(TrainConfig(), saved) == ([], [])
     changed = ["restart_warmup_steps: 100 -> 50"]  # an old run with 500-step cycles re-warmed for 100: now 50
-    assert TrainConfig(relora_reset=500).resume_differences({**saved, "relora_reset": 500}) == ([], changed)
+    assert config_differences(TrainConfig(relora_reset=500), {**saved, "relora_reset": 500}) == ([], changed)
 
 
 def test_resume_from_a_checkpoint_saved_before_moments_dtype():
     """Older checkpoints have no moments_dtype: their moments are in the weights' dtype, i.e. 'param'."""
     saved = {name: value for name, value in TrainConfig().to_dict().items() if name != "moments_dtype"}
-    assert TrainConfig().resume_differences(saved) == ([], [])
-    assert TrainConfig(moments_dtype="fp32").resume_differences(saved) == (["moments_dtype: 'param' -> 'fp32'"], [])
+    assert config_differences(TrainConfig(), saved) == ([], [])
+    assert config_differences(TrainConfig(moments_dtype="fp32"), saved) == (["moments_dtype: 'param' -> 'fp32'"], [])
