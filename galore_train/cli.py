@@ -236,8 +236,8 @@ def memory(compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) ->
     """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup:
     the same flags and defaults as `pretrain` (--dtype auto is estimated as bf16, the GPU case); with --comm, its
     gradient traffic per step under DDP instead."""
-    from galore_train.fit import estimate_config
-    from galore_train.memory_tables import compare_table, memory_table, paper_table2
+    from galore_train.memory.fit import estimate_config
+    from galore_train.memory.tables import compare_table, memory_table, paper_table2
     from galore_train.model import load_model_config
 
     if paper:
@@ -246,7 +246,7 @@ def memory(compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) ->
     cfg = TrainConfig(**_split_targets(values))
     config = load_model_config(cfg.model)
     if comm:
-        from galore_train.comm_estimate import comm_table, estimate_comm
+        from galore_train.memory.comm import comm_table, estimate_comm
 
         settings = {name: getattr(cfg, name) for name in ("eightbit", "dtype", "proj_type", "galore_targets")}
         console.print(comm_table(estimate_comm(config, cfg.optimizer, cfg.rank, nproc=nproc, gap=cfg.gap, **settings)))
@@ -294,7 +294,7 @@ def report_runs(
     title: Optional[str] = typer.Option(None, help="Title of the report."),
 ) -> None:
     """Table-2-style report of runs: validation perplexity and memory per method and model, plus plots."""
-    from galore_train.report import report
+    from galore_train.reporting.report import report
 
     text = report(run_dirs or [], output=output, csv=csv, plots_dir=plots_dir, wandb_csv=wandb_csv, title=title)
     if output is None:

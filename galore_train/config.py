@@ -44,7 +44,7 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
     return int(round(float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2)]))
 
 
-# The TrainConfig fields the memory estimate reads beyond model, optimizer, rank and --8bit (galore_train/fit.py,
+# The TrainConfig fields the memory estimate reads beyond model, optimizer, rank and --8bit (galore_train/memory/fit.py,
 # and the flags of `galore-train memory`).
 ESTIMATE_OPTIONS = tuple(
     "layerwise dtype batch_size max_length activation_checkpointing galore_targets proj_type proj_bits proj_group_size"

@@ -2,7 +2,7 @@
 
 A save writes the new checkpoint beside the kept ones before pruning, so a run needs room for
 `keep_last + 1` checkpoints at its peak. At start, one estimated from the model and its optimizer state
-(galore_train.memory's estimator, the numbers `galore-train memory` prints) is compared with the free space;
+(galore_train.memory.estimate's estimator, the numbers `galore-train memory` prints) is compared with the free space;
 a folder too small gets a warning then, not a failed save after a day of training.
 
 A save that fails stops the run (exit 74, EX_IOERR): the previous checkpoint and `latest` are untouched, so
@@ -36,7 +36,7 @@ ESTIMATE_OPTIONS = ("galore_targets", "proj_type", "proj_bits", "proj_group_size
 def checkpoint_bytes(cfg: TrainConfig, model_config: LlamaConfig, model: nn.Module, dtype: torch.dtype) -> int:
     """About what one checkpoint of this run takes on disk: the weights (twice when a method keeps wrapped
     weights beside the merged ones) and the optimizer state with GaLore's projections."""
-    from galore_train.memory import estimate_memory
+    from galore_train.memory.estimate import estimate_memory
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from galore_train import checkpoint, distributed, fit, fsdp, resume, storage
+from galore_train import checkpoint, distributed, fsdp, resume, storage
 from galore_train.config import TrainConfig
 from galore_train.data import (
     BAD_LINES,
@@ -33,7 +33,8 @@ from galore_train.data import (
 from galore_train.errors import TrainingStopped
 from galore_train.evaluate import eval_batch_size, evaluate, summed_loss, target_count, to_device
 from galore_train.guard import LossGuard
-from galore_train.meter import MemoryMeter
+from galore_train.memory import fit
+from galore_train.memory.meter import MemoryMeter
 from galore_train.methods import METHOD_NAMES, build_method, scheduler_kwargs
 from galore_train.metrics import MetricsSink
 from galore_train.model import build_model, dtype_name, load_model_config, load_pretrained_llama, resolve_dtype

@@ -77,7 +77,7 @@ mini_method_run() {
 
 # finished_run DIR: whether DIR holds a finished run.
 finished_run() {
-  python -c 'import sys; from pathlib import Path; from galore_train.runs import load_run
+  python -c 'import sys; from pathlib import Path; from galore_train.reporting.runs import load_run
 sys.exit(load_run(Path(sys.argv[1])).status != "finished")' "$1"
 }
 
@@ -88,7 +88,7 @@ best_lr() {
 import re
 import sys
 from pathlib import Path
-from galore_train.runs import load_run
+from galore_train.reporting.runs import load_run
 runs = [(r, p) for p in sys.argv[1:] if (r := load_run(Path(p))).status == "finished" and r.val_perplexity]
 print(re.fullmatch(r".*-lr(.+)-s\d+", Path(min(runs, key=lambda rp: rp[0].val_perplexity)[1]).name)[1] if runs else "")
 EOF

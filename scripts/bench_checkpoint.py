@@ -10,7 +10,7 @@ extra read of the newest checkpoint). At 7B sizes that is tens of GB per save: t
 Measured side by side in one process, in CPU seconds (process time: other processes on a shared machine do
 not count): torch.save of a float32 tensor of --megabytes, and manifest.file_crc32 of the file it wrote
 (page cache: what the save pays), the median of --rounds. The checkpoint sizes of the 1B and 7B rows come
-from galore_train.memory's estimator (weights + optimizer state + GaLore projections); their seconds are
+from galore_train.memory.estimate's estimator (weights + optimizer state + GaLore projections); their seconds are
 size / measured throughput, i.e. the CPU cost of one pass. On a resume from a cold cache the read is
 bounded by the disk too: a disk slower than the CRC rate makes the read, not the check, the limit.
 """
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from galore_train.manifest import file_crc32  # noqa: E402
-from galore_train.memory import estimate_memory  # noqa: E402
+from galore_train.memory.estimate import estimate_memory  # noqa: E402
 from galore_train.model import load_model_config  # noqa: E402
 
 # (model, --optimizer, --rank, extra estimate_memory options): the paper's 1B and 7B settings.

@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from galore_train.config import TrainConfig
-from galore_train.memory import estimate_memory
-from galore_train.meter import GIB, MemoryMeter
+from galore_train.memory.estimate import estimate_memory
+from galore_train.memory.meter import GIB, MemoryMeter
 from galore_train.model import build_model, load_model_config
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.optimizers import build_optimizer

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from itertools import groupby
 
-from galore_train import fit, implied
+from galore_train import implied
 from galore_train.cli import MEMORY_FIELDS
 from galore_train.config import TrainConfig, flag
+from galore_train.memory import fit
 from galore_train.recipes import common_settings, recipe_rows
 from galore_train.registry import OPTIMIZERS
 
@@ -27,7 +28,7 @@ def reference() -> str:
         "",
         "## What a command line implies",
         "",
-        # the rules' one statement: galore_train/implied.py's docstring, and fit.py's for the GPU memory check
+        # the rules' one statement: galore_train/implied.py's docstring, and memory/fit.py's for the GPU memory check
         implied.__doc__.split("\n\n", 1)[1].strip(),
         "",
         "Each filled-in value is printed at start (`note: ...`, with its source), each ignored flag as one "

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny LLaMA of the test suite, for
 from conftest import EVAL_FILES, TINY_LLAMA, TOKENIZER, TRAIN_FILES  # noqa: E402
 
 from galore_train.cli import app  # noqa: E402
-from galore_train.memory import estimate_memory  # noqa: E402
-from galore_train.meter import GIB  # noqa: E402
+from galore_train.memory.estimate import estimate_memory  # noqa: E402
+from galore_train.memory.meter import GIB  # noqa: E402
 from galore_train.model import build_model, load_model_config, target_linear_modules  # noqa: E402
 
 DRY_RUN = os.environ.get("GPU_CHECK_DRY_RUN") == "1"

@@ -1,6 +1,6 @@
 """The tuned comparison's table and plot (scripts/mini_tuned.sh): per model and method, the lr grid it was
 given and its seed-0 perplexities, the best lr and whether it lies strictly inside the grid, the perplexity of
-each seed at the best lr, and the optimizer-state bytes (galore_train.memory's estimator, which equals the
+each seed at the best lr, and the optimizer-state bytes (galore_train.memory.estimate's estimator, which equals the
 measured state: tests/test_memory.py) beside it; plus perplexity against optimizer-state memory as a plot.
 
     python scripts/tuned_summary.py OUTPUT.md PLOT.png SWEEP_DIR... -- FINAL_DIR...
@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from galore_train.runs import GIB, Run, estimated_memory, load_run
+from galore_train.reporting.runs import GIB, Run, estimated_memory, load_run
 
 NAME = re.compile(r"(?P<model>llama_\w+?)-(?P<method>\w+)-lr(?P<lr>[\d.e-]+)-s(?P<seed>\d+)")
 

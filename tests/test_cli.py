@@ -88,10 +88,10 @@ def test_memory_takes_pretrains_flags_and_defaults():
     import inspect
 
     from galore_train.cli import MEMORY_FIELDS
-    from galore_train.memory import estimate_memory
+    from galore_train.memory.estimate import estimate_memory
 
     keywords = [name for name, p in inspect.signature(estimate_memory).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    own = {"nproc", "gap"}  # --nproc: memory's own; --gap: read by its --comm view (comm_estimate.py)
+    own = {"nproc", "gap"}  # --nproc: memory's own; --gap: read by its --comm view (memory/comm.py)
     assert set(MEMORY_FIELDS) | own == {"model", "optimizer", "rank", *keywords, *own}
     result = cli("memory")
     assert result.returncode == 0, result.stderr

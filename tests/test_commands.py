@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from galore_train.cli import app, resolve_from_cli
 from galore_train.errors import UserError
 from galore_train.implied import Resolved, fields_read, optimizer_only_fields
-from galore_train.memory import estimate_memory
+from galore_train.memory.estimate import estimate_memory
 from galore_train.model import load_model_config
 from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 

@@ -21,7 +21,7 @@ from galore_train import distributed
 from galore_train.config import TrainConfig
 from galore_train.data import PretrainingStream, Tokenize, document_source, load_tokenizer, pin_batches
 from galore_train.evaluate import to_device
-from galore_train.meter import GIB, MemoryMeter
+from galore_train.memory.meter import GIB, MemoryMeter
 from galore_train.model import bf16_native, build_model, resolve_dtype
 from galore_train.optim import GaLoreAdamW, GaLoreAdamW8bit
 from galore_train.optimizers import build_optimizer

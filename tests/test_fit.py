@@ -1,4 +1,4 @@
-"""Before the first step on a GPU: the memory estimate against the card's free memory (galore_train/fit.py).
+"""Before the first step on a GPU: the memory estimate against the card's free memory (galore_train/memory/fit.py).
 No GPU here: torch.cuda's two queries are monkeypatched, the device is a torch.device("cuda", 0) never used."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from galore_train import fit
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
+from galore_train.memory import fit
 from galore_train.model import load_model_config
 
 GiB = 2**30

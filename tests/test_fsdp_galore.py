@@ -30,7 +30,7 @@ from test_distributed import (
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 
-from galore_train.memory import estimate_memory
+from galore_train.memory.estimate import estimate_memory
 from galore_train.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW, projector
 from galore_train.optim.galore_adamw8bit import _check_blocks_follow_rows
 from galore_train.optim.natural_galore import _check_history_follows_rows

@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.meter import MemoryMeter
+from galore_train.memory.meter import MemoryMeter
 from galore_train.model import build_model
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.optimizers import build_optimizer

@@ -22,10 +22,10 @@ from conftest import ROOT, TINY_LLAMA
 from test_cli import assert_one_line_error, cli
 from test_distributed import GALORE, LOSS_RTOL, losses, rank_dumps, records, run_args, states_equal
 
-from galore_train.comm_estimate import estimate_comm
 from galore_train.config import TrainConfig
 from galore_train.distributed import DistEnv
 from galore_train.errors import UserError
+from galore_train.memory.comm import estimate_comm
 from galore_train.model import load_model_config
 from galore_train.optim import GaLoreAdamW, traffic
 from galore_train.optim.lowrank_sync import LowRankSync

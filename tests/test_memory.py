@@ -10,9 +10,9 @@ from transformers import LlamaConfig
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.memory import estimate_memory
-from galore_train.memory_tables import compare_table, memory_table, paper_table2, render_text, table2_rows
-from galore_train.meter import GIB, MemoryMeter, StorageLedger, optimizer_state_tensors, unique_nbytes
+from galore_train.memory.estimate import estimate_memory
+from galore_train.memory.meter import GIB, MemoryMeter, StorageLedger, optimizer_state_tensors, unique_nbytes
+from galore_train.memory.tables import compare_table, memory_table, paper_table2, render_text, table2_rows
 from galore_train.methods import build_method
 from galore_train.model import build_model, load_model_config
 from galore_train.optim.layerwise import LayerwiseUpdater

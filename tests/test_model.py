@@ -143,7 +143,7 @@ def test_init_from_a_hub_id_goes_to_the_hub(tmp_path, monkeypatch, hub_id):
 
 def test_a_bf16_model_is_built_in_bf16_with_the_fp32_seeded_values():
     """No fp32 copy on the host first (7B: 27 GB per process), and the same weights as fp32-then-cast."""
-    from galore_train.meter import StorageLedger, _RecordOutputs
+    from galore_train.memory.meter import StorageLedger, _RecordOutputs
 
     config = LlamaConfig(**TINY_LLAMA)
     ledger = StorageLedger()

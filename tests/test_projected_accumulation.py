@@ -9,8 +9,8 @@ from transformers import LlamaConfig
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.memory import estimate_memory
-from galore_train.meter import unique_nbytes
+from galore_train.memory.estimate import estimate_memory
+from galore_train.memory.meter import unique_nbytes
 from galore_train.model import build_model
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.optimizers import build_optimizer

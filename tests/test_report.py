@@ -13,8 +13,8 @@ import pytest
 
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
-from galore_train.report import report
-from galore_train.runs import load_run
+from galore_train.reporting.report import report
+from galore_train.reporting.runs import load_run
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -224,7 +224,7 @@ def test_a_finished_and_an_unfinished_seed(tmp_path: Path) -> None:
 
 
 def test_memory_measured_and_estimated(tmp_path: Path) -> None:
-    from galore_train.memory import estimate_memory
+    from galore_train.memory.estimate import estimate_memory
     from galore_train.model import load_model_config
 
     run = write_run(tmp_path, "galore", optimizer="galore_adamw", lr=0.01, weights_gb=0.25, optimizer_gb=0.5)
@@ -254,7 +254,7 @@ def test_reserved_memory_is_shown_beside_the_allocated_peak(tmp_path: Path) -> N
 
 
 def test_the_estimate_follows_apollos_stored_projection(tmp_path: Path) -> None:
-    from galore_train.memory import estimate_memory
+    from galore_train.memory.estimate import estimate_memory
     from galore_train.model import load_model_config
 
     run = write_run(tmp_path, "apollo", optimizer="apollo_adamw", apollo_proj="svd", norm_growth_limit=0)
@@ -268,7 +268,7 @@ def test_the_estimate_follows_apollos_stored_projection(tmp_path: Path) -> None:
 
 
 def test_dtype_auto_is_estimated_with_the_dtype_the_run_resolved(tmp_path: Path) -> None:
-    from galore_train.memory import estimate_memory
+    from galore_train.memory.estimate import estimate_memory
     from galore_train.model import load_model_config
 
     finished = write_run(tmp_path, "auto", dtype="auto")

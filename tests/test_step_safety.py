@@ -211,7 +211,7 @@ def test_collectives_wait_as_long_as_asked(monkeypatch):
 
 
 def test_cuda_peaks_include_reserved_memory_and_leave_evaluations_out(monkeypatch):
-    from galore_train.meter import MemoryMeter
+    from galore_train.memory.meter import MemoryMeter
 
     peaks = {"allocated": 0, "reserved": 0}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from galore_train import checkpoint, cli, manifest, resume
 from galore_train.distributed import DistEnv
-from galore_train.runs import load_run
+from galore_train.reporting.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_3, STEP_6 = "step_00000003", "step_00000006"

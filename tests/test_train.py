@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import galore_train.train as train_module
 from galore_train.config import TrainConfig
 from galore_train.errors import TrainingStopped, UserError
-from galore_train.meter import GIB
+from galore_train.memory.meter import GIB
 from galore_train.train import Trainer
 
 

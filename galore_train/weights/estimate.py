@@ -1,5 +1,5 @@
 """The estimator's (`galore-train memory`) checks of the weight-storage options: the same refusals as
-`pretrain` (options.py), on the estimator's arguments. The bytes themselves are counted in memory.py
+`pretrain` (options.py), on the estimator's arguments. The bytes themselves are counted in memory/estimate.py
 from weights/int8.py's formula."""
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from rich.table import Table
 from transformers import LlamaConfig
 
 from galore_train.errors import UserError
-from galore_train.memory import DTYPE_BYTES, parameter_shapes
-from galore_train.meter import GIB
+from galore_train.memory.estimate import DTYPE_BYTES, parameter_shapes
+from galore_train.memory.meter import GIB
 from galore_train.optim.projector import GaLoreProjector
 from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 

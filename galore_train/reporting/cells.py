@@ -10,7 +10,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from galore_train.runs import ROW_ORDER, SETTING_FIELDS, Run
+from galore_train.reporting.runs import ROW_ORDER, SETTING_FIELDS, Run
 
 
 @dataclass

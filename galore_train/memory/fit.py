@@ -1,4 +1,4 @@
-"""Will this run fit on this GPU? Checked before the model is built: the memory estimate (memory.py) of the
+"""Will this run fit on this GPU? Checked before the model is built: the memory estimate (memory/estimate.py) of the
 configuration against the card's free memory (torch.cuda.mem_get_info), so a run that cannot fit stops in one
 line, with the flags that would make it fit, instead of a CUDA out-of-memory traceback minutes later.
 
@@ -15,7 +15,7 @@ import torch
 
 from galore_train.config import ESTIMATE_OPTIONS, TrainConfig, flag
 from galore_train.errors import UserError
-from galore_train.memory import MemoryEstimate, estimate_memory
+from galore_train.memory.estimate import MemoryEstimate, estimate_memory
 from galore_train.registry import EIGHTBIT_VARIANTS
 
 GiB = 2**30

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from galore_train.cells import group_cells, known_mean
-from galore_train.runs import COMPONENTS, ESTIMATE_PARTS, Run
+from galore_train.reporting.cells import group_cells, known_mean
+from galore_train.reporting.runs import COMPONENTS, ESTIMATE_PARTS, Run
 
 
 def plot_perplexity(runs: list[Run], path: Path) -> Optional[Path]:

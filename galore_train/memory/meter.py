@@ -15,7 +15,7 @@ and `torch.cuda` tools use the same binary unit).
     temporaries, projected gradients) is "other". Not seen: scratch memory inside a kernel and
     tensors created outside `track()` that the model and optimizer do not own (e.g. the data batch).
 
-The estimate of the same quantities from a model config alone is galore_train/memory.py.
+The estimate of the same quantities from a model config alone is galore_train/memory/estimate.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Runs -> the paper's tables: what `galore-train report RUN_DIR...` prints (markdown, or CSV per run).
 
-The runs are read by galore_train.runs and grouped into Table 2's cells by galore_train.cells (runs that
-differ only by seed share a cell: mean and spread); galore_train.plots draws the plots the report links.
+The runs are read by runs.py and grouped into Table 2's cells by cells.py (runs that differ only by seed share a
+cell: mean and spread); plots.py draws the plots the report links (all three in galore_train/reporting/).
 A run directory that is missing or whose run did not finish is shown as such: the report never fails
 on a run that is still going.
 """
@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from galore_train.cells import Cell, group_cells, known_mean, model_key
 from galore_train.errors import UserError
-from galore_train.plots import plot_memory, plot_perplexity
-from galore_train.runs import MEASURED, Run, estimated_memory, load_run, load_wandb_csv
+from galore_train.reporting.cells import Cell, group_cells, known_mean, model_key
+from galore_train.reporting.plots import plot_memory, plot_perplexity
+from galore_train.reporting.runs import MEASURED, Run, estimated_memory, load_run, load_wandb_csv
 
 # GaLore paper (Zhao et al. 2024, arXiv 2403.03507), Table 2: validation perplexity on C4.
 PAPER_TABLE2_PERPLEXITY = {

@@ -1,5 +1,5 @@
 """The tables `galore-train memory` prints: one setup part by part, every optimizer side by side, and the
-GaLore paper's Table 2 memory column reproduced by the estimator (memory.py), with deviations. GiB."""
+GaLore paper's Table 2 memory column reproduced by the estimator (memory/estimate.py), with deviations. GiB."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig
 
-from galore_train.memory import MemoryEstimate, estimate_memory
-from galore_train.meter import GIB
+from galore_train.memory.estimate import MemoryEstimate, estimate_memory
+from galore_train.memory.meter import GIB
 from galore_train.model import load_model_config
 from galore_train.registry import FSDP_NAMES, MOMENTS_NAMES, OPTIMIZERS
 from galore_train.weights.options import accumulates_projected

@@ -27,7 +27,7 @@ from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
 GIB = 2**30
 COMPONENTS = ("weights", "grads", "optimizer_state", "other")  # the measured parts in metrics.jsonl
 # Every measured peak: allocated ("memory"), the CUDA allocator's reserved bytes (what must fit on the card; CUDA
-# runs only, galore_train/meter.py), and the parts.
+# runs only, galore_train/memory/meter.py), and the parts.
 MEASURED = ("memory", "reserved", *COMPONENTS)
 
 # Row names of the paper, by the optimizer actually built (after --8bit).
@@ -86,7 +86,7 @@ class Run:
     data_wait_share: Optional[float] = None  # of the logged steps' time, the part spent waiting for batches
     comm_bytes: Optional[float] = None  # gradient bytes each process sent per step, mean of the logged steps
     model_config_path: Optional[Path] = None  # the checkpoint's config.json, for the estimator
-    estimate: Optional[dict[str, float]] = None  # GiB from galore_train.memory, filled by report()
+    estimate: Optional[dict[str, float]] = None  # GiB from galore_train.memory.estimate, filled by report()
 
     @property
     def model(self) -> str:
@@ -301,7 +301,7 @@ def load_wandb_csv(path: Path) -> list[Run]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Estimated memory (galore_train.memory), per run
+# Estimated memory (galore_train.memory.estimate), per run
 # ---------------------------------------------------------------------------------------------
 
 # The estimator's part that corresponds to each measured component.
@@ -333,7 +333,7 @@ TRAIN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "fp32": "fp32", "bf16": "
 
 
 def estimated_memory(run: Run) -> Optional[dict[str, float]]:
-    """GiB by part from galore_train.memory's estimator for the run's configuration, plus
+    """GiB by part from galore_train.memory.estimate's estimator for the run's configuration, plus
     weights_and_states (the paper's Table 2 quantity, with GaLore's projections as in the measurement)
     and total; None when it cannot say (dtype 'auto' of a run without a summary, an unknown model,
     another estimator interface)."""
@@ -342,7 +342,7 @@ def estimated_memory(run: Run) -> Optional[dict[str, float]]:
     if dtype is None or not run.config.get("optimizer"):
         return None
     try:
-        from galore_train.memory import estimate_memory
+        from galore_train.memory.estimate import estimate_memory
         from galore_train.model import load_model_config
 
         c = run.config

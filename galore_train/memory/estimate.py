@@ -5,8 +5,8 @@ updates and one micro-batch per step), optimizer states as each optimizer descri
 `state_layout`, galore_train/optim/layout.py: the estimator adds up, it knows no optimizer's internals),
 GaLore's projection matrices (part of that layout, reported apart), and activations from a documented
 per-token formula. Units: bytes here, GiB (2**30) in the
-tables (memory_tables.py, with the paper's Table 2). Formulas in docs/memory.md; what a run really uses is
-measured by galore_train/meter.py.
+tables (memory/tables.py, with the paper's Table 2). Formulas in docs/memory.md; what a run really uses is
+measured by galore_train/memory/meter.py.
 """
 
 from __future__ import annotations
