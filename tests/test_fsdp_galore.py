@@ -74,9 +74,9 @@ def runs(work: Path, config_file: str, shared_data) -> dict[str, Path]:  # noqa:
     args = lambda name, mode, **more: run_args(  # noqa: E731
         out[name], config_file, num_training_steps=STEPS, save_every=4, eval_every=4, distributed=mode, **more
     )
-    # The reference is DDP's full all-reduce: with low-rank sync (the DDP default, tests/test_lowrank_sync.py) the
-    # sum order differs, and 8-bit moments can turn that rounding into a different quantization code (measured:
-    # 1.06e-4 relative at step 7 of "8bit-4bit-lazy").
+    # DDP here is the full all-reduce, the reference FSDP is compared with: with low-rank sync (the DDP default,
+    # tests/test_lowrank_sync.py) the sum order differs, and 8-bit moments can turn that rounding into a different
+    # quantization code (measured: 1.06e-4 relative at step 7 of "8bit-4bit-lazy").
     full = {"ddp": {"lowrank_sync": False}, "fsdp": {}}
     plan = [
         {"config": args(f"{mode}-{name}", mode, **settings, **full[mode]), "dump": str(out[f"{mode}-{name}"])}
@@ -84,7 +84,10 @@ def runs(work: Path, config_file: str, shared_data) -> dict[str, Path]:  # noqa:
         for mode in ("ddp", "fsdp")
     ]
     plan += [
-        {"config": args(name, mode, **EIGHTBIT, resume_from=step_four(out[source])), "dump": str(out[name])}
+        {
+            "config": args(name, mode, **EIGHTBIT, **full[mode], resume_from=step_four(out[source])),
+            "dump": str(out[name]),
+        }
         for name, (mode, source) in resumes.items()
     ]
     run_workers(work, plan)
