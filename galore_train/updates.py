@@ -66,6 +66,7 @@ class PlainUpdates:
         self.optimizer = optimizer
         self.max_norm = grad_clipping if grad_clipping > 0 else float("inf")
         self.lowrank = lowrank
+        self._synced_as_r = set(lowrank.params) if lowrank is not None else set()  # fixed at wrap time
         self._step = step or (lambda optimizer: optimizer.step())
 
     def accumulating(self) -> ContextManager[None]:
@@ -76,11 +77,8 @@ class PlainUpdates:
         """Clip, step and clear the gradients; a non-finite norm (a NaN/inf gradient with a finite loss)
         skips the step: such a gradient would turn every weight it touches into NaN. Without clipping no gradient
         is rescaled (optim/lowrank_sync.clip_tensors_)."""
-        if self.lowrank is None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        else:
-            projected = set(self.lowrank.params)
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None and p not in projected]
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None and p not in self._synced_as_r]
+        if self.lowrank is not None:
             grads += self.lowrank.synchronize()
         norm = clip_tensors_(grads, self.max_norm)
         if math.isfinite(norm):
