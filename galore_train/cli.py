@@ -66,14 +66,19 @@ def _split_targets(values: dict[str, Any]) -> dict[str, Any]:
 def resolve_from_cli(values: dict[str, Any], context: typer.Context) -> Resolved:
     """The TrainConfig `pretrain` runs, with what the command line implies filled in (galore_train/implied.py):
     flags typed on `context`'s command line are explicit and always win."""
+    resolved = _resolve(values, context)
+    resolved.config.validate()
+    return resolved
+
+
+def _resolve(values: dict[str, Any], context: typer.Context) -> Resolved:
+    """`values` with what they imply (galore_train/implied.py), before validation (`memory` needs no budget)."""
     from galore_train.implied import resolve_command
 
     # The command's own context, and the source compared by name: typer >= 0.2x runs a private copy of
     # click, whose context stack and ParameterSource are not the `click` package's.
     explicit = {name for name in values if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
-    resolved = resolve_command(_split_targets(values), explicit)
-    resolved.config.validate()
-    return resolved
+    return resolve_command(_split_targets(values), explicit)
 
 
 def config_from_cli(values: dict[str, Any], context: typer.Context) -> TrainConfig:
@@ -232,10 +237,10 @@ _MEMORY_EXTRAS = [
 ]
 
 
-def memory(compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) -> None:
+def memory(ctx: typer.Context, compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) -> None:
     """Estimated memory (weights, gradients, optimizer states, projections, activations) of a training setup:
-    the same flags and defaults as `pretrain` (--dtype auto is estimated as bf16, the GPU case); with --comm, its
-    gradient traffic per step under DDP instead."""
+    the run `pretrain` would start with the same flags (their defaults and what they imply, printed as notes;
+    --dtype auto is estimated as bf16, the GPU case); with --comm, its gradient traffic per step under DDP."""
     from galore_train.memory.fit import estimate_config
     from galore_train.memory.tables import compare_table, memory_table, paper_table2
     from galore_train.model import load_model_config
@@ -243,7 +248,10 @@ def memory(compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) ->
     if paper:
         console.print(paper_table2())
         return
-    cfg = TrainConfig(**_split_targets(values))
+    resolved = _resolve(values, ctx)
+    for line in (*(f"note: {n}" for n in resolved.notes), *(f"warning: {w}" for w in resolved.warnings)):
+        print(line, file=sys.stderr)
+    cfg = resolved.config
     config = load_model_config(cfg.model)
     if comm:
         from galore_train.memory.comm import comm_table, estimate_comm
@@ -257,7 +265,7 @@ def memory(compare: bool, paper: bool, comm: bool, nproc: int, **values: Any) ->
         console.print(memory_table(estimate_config(cfg, config, nproc)))
 
 
-memory.__signature__ = inspect.Signature(_config_parameters(MEMORY_FIELDS) + _MEMORY_EXTRAS)
+memory.__signature__ = inspect.Signature([_context, *_config_parameters(MEMORY_FIELDS), *_MEMORY_EXTRAS])
 app.command("memory", context_settings={"max_content_width": 120})(memory)
 
 

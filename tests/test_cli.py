@@ -100,6 +100,14 @@ def test_memory_takes_pretrains_flags_and_defaults():
     assert_one_line_error(bad, "--8bit has no variant of 'galore_adafactor'")
 
 
+def test_memory_estimates_the_run_pretrain_would_start() -> None:
+    """The users' 7B line, typed to `memory`: the 8-bit GaLore layer-wise run `pretrain` starts, not 8-bit Adam."""
+    result = cli("memory", "--model", "llama_7b", "--8bit", "--layerwise")
+    assert result.returncode == 0, result.stderr
+    assert "galore_adamw8bit rank 1024" in result.stdout and "batch 16x256" in result.stdout
+    assert "note: --optimizer galore_adamw: implied by the paper's run" in result.stderr
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
