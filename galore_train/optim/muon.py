@@ -156,7 +156,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch replaces the group dicts and the state on load: re-link the inner AdamW to the new ones. The
-        8-bit momentum's float32 block maxima are put back as saved (torch would cast them to a bf16 weight's dtype)."""
+        8-bit momentum is put back as saved (torch casts its codes and block maxima to the weight's dtype)."""
         super().load_state_dict(state_dict)
-        muon_momentum.restore_absmax(self, state_dict)
+        muon_momentum.restore_quantized(self, state_dict)
         self._link()

@@ -86,11 +86,13 @@ def advance(p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any
     return update
 
 
-def restore_absmax(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    """After torch's load (which casts floating state to the parameter's dtype): each 8-bit momentum's block
-    maxima as saved, float32. Saved parameter ids are matched by position, as torch does."""
+def restore_quantized(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """After torch's load, which casts every state tensor to its parameter's dtype (uint8 codes to float, float32
+    block maxima to a bf16 weight's dtype): each 8-bit momentum's codes and maxima as saved. Saved parameter ids
+    are matched by position, as torch does."""
     saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
     params = dict(zip(saved_ids, (p for group in optimizer.param_groups for p in group["params"])))
     for index, saved in state_dict["state"].items():
         if ABSMAX in saved:
-            optimizer.state[params[index]][ABSMAX] = saved[ABSMAX].to(device=params[index].device)
+            for key in (BUFFER, ABSMAX):
+                optimizer.state[params[index]][key] = saved[key].to(device=params[index].device)
