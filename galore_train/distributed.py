@@ -256,9 +256,12 @@ def share_projection_refresh(optimizer: torch.optim.Optimizer, cfg: Any, env: Di
     """Several processes with a GaLore optimizer (DDP, layer-wise DDP, FSDP2): each matrix's projection refresh
     is computed by one process, its owner, and broadcast to the others (galore_train/optim/refresh_sharing.py),
     instead of every process running the same SVD; under FSDP the owner gathers the gradient's row shards
-    first (FSDP on one process too: row-sharded GaLore refreshes through it). Nothing single-process."""
+    first (FSDP on one process too: row-sharded GaLore refreshes through it). Nothing single-process. Muon the
+    same way: each matrix's Newton-Schulz on its owner (galore_train/optim/orthogonalize.py)."""
     if env.launched and hasattr(optimizer, "share_refresh"):
         optimizer.share_refresh()
+    if env.launched and hasattr(optimizer, "share_orthogonalization"):
+        optimizer.share_orthogonalization()
 
 
 def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:

@@ -4,7 +4,9 @@ Each decoder layer and the root are `fully_shard`-ed: weights, gradients and opt
 DTensors, all-gathered per layer for forward/backward. The optimizers marked fsdp in the registry run on
 shards: adamw, adam (elementwise), adafactor, and GaLore-AdamW, its 8-bit variant, GaLore-Adafactor and Natural
 GaLore with right-side projections (row-local between refreshes, up to a few small all-reduces; a refresh gathers
-one matrix's gradient to its owner: galore_train/optim/row_shards.py). Others are refused.
+one matrix's gradient to its owner: galore_train/optim/row_shards.py), and Muon (its 8-bit variant too: each
+matrix's momentum rows gathered to its owner for Newton-Schulz, the result's rows scattered back:
+galore_train/optim/orthogonalize.py). Others are refused.
 With --layerwise each parameter is updated inside backward, from the gradient hook FSDP2 runs on its
 reduce-scattered shard (`runs_sharded_gradient_hooks`; galore_train/optim/layerwise.py).
 
@@ -38,7 +40,7 @@ def check_fsdp_supported(cfg: Any) -> None:
     if built not in FSDP_NAMES:  # FSDP-capable in the registry: correct on row shards
         chosen = f"{cfg.optimizer}{' --8bit' if cfg.eightbit else ''}"
         raise UserError(
-            f"--distributed fsdp supports --optimizer {', '.join(FSDP_NAMES)} (--8bit: galore_adamw) for now; "
+            f"--distributed fsdp supports --optimizer {', '.join(FSDP_NAMES)} (--8bit: galore_adamw, muon) for now; "
             f"{chosen} does not run on sharded weights yet: use --distributed ddp"
         )
     if OPTIMIZERS[built].galore and cfg.proj_type != "right":

@@ -180,6 +180,7 @@ OPTIMIZER_RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "muon": {model: Recipe(_galore_protocol(model, **_MUON), _MUON_SOURCE) for model in _TABLE2_SIZES},
 }
+OPTIMIZER_RECIPES["muon8bit"] = OPTIMIZER_RECIPES["muon"]  # the same Muon, its momentum in 8 bits
 
 
 def _one_gpu_run(model: str, optimizer: str) -> bool:

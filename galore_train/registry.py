@@ -305,10 +305,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "muon",
             "Muon",
-            "mn momentum (torch.optim.Muon: no step count); AdamW's moments + a float32 step elsewhere",
+            "mn momentum (torch.optim.Muon's: no step count); AdamW's moments + a float32 step elsewhere",
             "galore_train.optim:MuonAdamW",
             _adam,
+            eightbit="muon8bit",
             matrix_group=lambda cfg: {"muon": True},
+            fsdp=True,
+        ),
+        OptimizerSpec(
+            "muon8bit",
+            "8-bit Muon",
+            "mn bytes of momentum + fp32 absmax per 256 values (fp32 below 4096 values); AdamW's moments elsewhere",
+            "galore_train.optim:MuonAdamW",
+            _adam,
+            eightbit="muon8bit",
+            matrix_group=lambda cfg: {"muon": True, "momentum_bits": 8},
+            fsdp=True,
         ),
         OptimizerSpec(
             "swan",
@@ -380,10 +392,8 @@ def moments_group(name: str, moments_dtype: str) -> dict[str, Any]:
     if moments_dtype == "param":
         return {}
     if not OPTIMIZERS[name].moments:
-        raise UserError(
-            f"--moments-dtype {moments_dtype} applies to the low-rank Adam moments of "
-            f"{listing(MOMENTS_NAMES)}, not to {name}"
-        )
+        message = f"--moments-dtype {moments_dtype} applies to the low-rank Adam moments of {listing(MOMENTS_NAMES)}"
+        raise UserError(f"{message}, not to {name}")
     import torch
 
     return {"moment_dtype": torch.float32}

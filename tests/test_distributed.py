@@ -485,7 +485,7 @@ def test_total_batch_must_divide_micro_batch_times_processes(tiny_config_file, t
 
 @pytest.mark.parametrize(
     "optimizer, eightbit",
-    [(name, False) for name in ("fira_adamw", "apollo_adamw", "muon", "swan", "sinkgd", "lora")] + [("adamw", True)],
+    [(name, False) for name in ("fira_adamw", "apollo_adamw", "swan", "sinkgd", "lora")] + [("adamw", True)],
 )
 def test_fsdp_refuses_optimizers_that_need_whole_matrices(optimizer, eightbit):
     with pytest.raises(UserError, match="--distributed ddp"):
@@ -667,6 +667,7 @@ def _worker(plan_file: str) -> None:
                 "states": optimizer_states(trainer),
                 "blank_eval_batches": blank,
                 "state_bytes": trainer.memory.ledger.live["optimizer_state"],  # the meter's, this rank's
+                "newton_schulz_calls": getattr(trainer.optimizer, "newton_schulz_calls", 0),  # Muon's, this rank's
             }
             Path(run["dump"]).mkdir(parents=True, exist_ok=True)
             torch.save(dump, Path(run["dump"]) / f"rank{rank}.pt")

@@ -358,10 +358,16 @@ def test_bad_choices_are_refused_with_the_config(flag, value):
         _cfg("adamw", **{flag: value}).validate()
 
 
-def test_muon_needs_torch_optim_muon(monkeypatch):
-    monkeypatch.delattr(torch.optim, "Muon")
-    with pytest.raises(UserError, match=r"--optimizer muon needs torch.optim.Muon \(torch >= 2.9\)"):
-        build_optimizer(build_model(SMALL_LLAMA, seed=0), _cfg("muon"))
+def test_muon_runs_without_torch_optim_muon(monkeypatch):
+    """MuonAdamW steps its Muon groups itself (optim/orthogonalize.py): torches before 2.9 run it too."""
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    model = build_model(SMALL_LLAMA, seed=0)
+    optimizer = build_optimizer(model, _cfg("muon"))
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
 # --- end to end ----------------------------------------------------------------------------------------

@@ -238,6 +238,7 @@ def test_traffic_counter_reads_bytes_per_step_and_resets():
         "comm_bytes_projected_matrices": 20.0,
         "comm_bytes_other_gradients": 0.0,
         "comm_bytes_refresh": 12.0,
+        "comm_bytes_orthogonalized": 0.0,
         "comm_bytes": 32.0,
     }
     assert counter.read(6) == {}

@@ -205,6 +205,8 @@ def test_registry_is_the_one_list_of_names() -> None:
         "galore_adafactor",
         "galore_adamw8bit",
         "natural_galore_adamw",
+        "muon",
+        "muon8bit",
     )
     assert len({spec.label for spec in OPTIMIZERS.values()}) == len(OPTIMIZERS)
     for spec in OPTIMIZERS.values():

@@ -7,13 +7,15 @@ sync, the layer-wise averager, shared refresh's broadcasts), and DDP's own bucke
 
 What is counted: the payload of each collective this process issues, in bytes: an all-reduce counts its tensor
 (a ring all-reduce moves about 2 (N-1)/N times that over each process's link), a broadcast counts its tensor on
-the source process only (the others receive). The loss/token scalars and evaluation are not gradient
+the source process only (the others receive), a gather the tensor each process other than the destination
+sends, a scatter the blocks its source sends to the others. The loss/token scalars and evaluation are not gradient
 synchronisation and are not counted.
 
 Kinds (`KINDS`): "projected_matrices", the gradients of GaLore-family matrices however they are synced (R under
 low-rank sync, the full gradient at their refreshes or through DDP's buckets without it; the bytes of a DDP bucket
 are split by parameter); "other_gradients", every other gradient (DDP's buckets; under --layerwise every gradient,
-which its averager cannot tell apart); "refresh", shared refresh's headers and singular vectors.
+which its averager cannot tell apart); "refresh", shared refresh's headers and singular vectors; "orthogonalized",
+Muon's momentum rows gathered to their owner and its Newton-Schulz results sent back (optim/orthogonalize.py).
 
 One process-wide counter (`TRAFFIC`): collectives are issued from DDP's hooks, the optimizer and the update
 drivers, which share nothing else; the training loop reads and resets it once per logged step.
@@ -27,7 +29,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 from torch import Tensor
 
-KINDS = ("projected_matrices", "other_gradients", "refresh")
+KINDS = ("projected_matrices", "other_gradients", "refresh", "orthogonalized")
 
 
 class TrafficCounter:
@@ -68,6 +70,24 @@ def broadcast(tensor: Tensor, src: int, kind: str, group: Optional[Any] = None, 
     if dist.get_rank() == src:
         TRAFFIC.add(kind, tensor)
     return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+
+
+def gather(tensor: Tensor, blocks: Optional[list[Tensor]], dst: int, kind: str, group: Optional[Any] = None) -> Any:
+    """`dist.gather` (asynchronous) into `blocks` on `dst` (None elsewhere), counted on the senders."""
+    if dist.get_rank() != dst:
+        TRAFFIC.add(kind, tensor)
+    return dist.gather(tensor, blocks, dst=dst, group=group, async_op=True)
+
+
+def scatter(tensor: Tensor, blocks: Optional[list[Tensor]], src: int, kind: str, group: Optional[Any] = None) -> Any:
+    """`dist.scatter` (asynchronous) of `blocks` on `src` (None elsewhere) into `tensor`, counted on the source
+    (the blocks it sends to the others)."""
+    if blocks is not None:
+        own = dist.get_rank(group) if group is not None else dist.get_rank()
+        for rank, block in enumerate(blocks):
+            if rank != own:
+                TRAFFIC.add(kind, block)
+    return dist.scatter(tensor, blocks, src=src, group=group, async_op=True)
 
 
 def counting_allreduce_hook(group, bucket):  # noqa: ANN001, ANN201 (DDP rejects string annotations on hooks)
