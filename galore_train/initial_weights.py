@@ -3,8 +3,8 @@
 `model.meta_llama` allocates nothing; `fill_weights` gives every tensor storage on the target device (`to_empty`)
 and writes the values transformers' `PreTrainedModel._init_weights` gives LLaMA (transformers 5): normal(0,
 initializer_range) for Linear and Embedding weights with the Embedding's padding row zero, ones for RMSNorm weights,
-zeros for biases; the rotary embedding's non-persistent buffers (`inv_freq`) are recomputed on the host, as a
-host-built model has them (a few hundred floats), then copied.
+zeros for biases (a tied lm_head is the embedding, filled once); the rotary embedding's non-persistent buffers
+(`inv_freq`) are recomputed on the host, as a host-built model has them (a few hundred floats), then copied.
 
 Each parameter draws from its own generator on the target device, seeded from (run seed, parameter name), so the
 values depend neither on the fill order nor on sharding: under FSDP2 (parameters are DTensors) each rank generates
@@ -36,7 +36,7 @@ def fill_weights(model: nn.Module, device: torch.device, seed: int) -> nn.Module
     Also seeds the global generator with `seed`, for what draws from it after the build (LoRA's adapters,
     low-rank factors), as building on the host did."""
     torch.manual_seed(seed)
-    model.to_empty(device=device)
+    _to_empty_keeping_ties(model, device)
     std = model.config.initializer_range or 0.02  # transformers' fallback
     for name, module, param in _owned_parameters(model):
         full = _full_tensor(param)
@@ -45,6 +45,22 @@ def fill_weights(model: nn.Module, device: torch.device, seed: int) -> nn.Module
         _keep_shard(param, full)
     _recompute_buffers(model)
     return model
+
+
+def _to_empty_keeping_ties(model: nn.Module, device: torch.device) -> None:
+    """`to_empty` gives each module its own new parameter: a tied weight (`tie_word_embeddings`: lm_head is
+    embed_tokens) would come back as two. The ties are put back."""
+    first: dict[int, tuple[nn.Module, str]] = {}
+    ties = []
+    for module in model.modules():
+        for local_name, param in module.named_parameters(recurse=False):
+            if id(param) in first:
+                ties.append((module, local_name, *first[id(param)]))
+            else:
+                first[id(param)] = (module, local_name)
+    model.to_empty(device=device)
+    for module, local_name, owner, owner_name in ties:
+        setattr(module, local_name, getattr(owner, owner_name))
 
 
 def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:

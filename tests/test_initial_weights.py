@@ -36,6 +36,13 @@ def test_values_follow_transformers_init_for_llama():
     assert (model.model.embed_tokens.weight[config.pad_token_id] == 0).all()
 
 
+def test_tied_embeddings_stay_one_parameter():
+    """`to_empty` alone would untie lm_head from embed_tokens (two tensors, lm_head never filled)."""
+    model = build_model(LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True}), seed=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert (model.lm_head.weight[0] == 0).all() and model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def test_rotary_buffers_equal_a_host_built_models():
     config = LlamaConfig(**{**TINY_LLAMA, "rope_theta": 500000.0})
     host = LlamaForCausalLM._from_config(LlamaConfig(**{**TINY_LLAMA, "rope_theta": 500000.0}))
