@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_train.checkpoint import resolve_checkpoint
 from galore_train.errors import UserError
+from galore_train.initial_weights import fill_weights
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Installed wheels carry the configs inside the package; an editable checkout reads the top-level folder.
@@ -77,13 +78,21 @@ def load_model_config(model: str) -> LlamaConfig:
     return config
 
 
-def build_model(model_config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Random-init LLaMA (seeded) with SDPA attention, in the given dtype."""
-    torch.manual_seed(seed)
+def meta_llama(model_config: LlamaConfig, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """LLaMA with SDPA attention in `dtype` on the meta device: shapes only, no storage, no values."""
     model_config._attn_implementation = "sdpa"
-    # Built in `dtype` directly: a 7B model in fp32 first would take 27 GB of host RAM per process, then a
-    # bf16 copy on top. The seeded values are the same as fp32-then-cast (tests/test_model.py).
-    return LlamaForCausalLM._from_config(model_config, dtype=dtype)
+    with torch.device("meta"):
+        return LlamaForCausalLM._from_config(model_config, dtype=dtype)
+
+
+def build_model(
+    model_config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> LlamaForCausalLM:
+    """Random-init LLaMA (seeded) with SDPA attention, in `dtype` on `device`: built on the meta device and
+    filled there (galore_train/initial_weights.py), so a 7B model never passes through the host.
+
+    Built in `dtype` directly: the bf16 values equal the fp32 ones cast (tests/test_model.py)."""
+    return fill_weights(meta_llama(model_config, dtype), torch.device(device), seed)
 
 
 ARCHITECTURE_FIELDS = (
@@ -159,9 +168,7 @@ def load_pretrained_llama(source: str, expected: LlamaConfig, dtype: torch.dtype
 
 def count_parameters(model_config: LlamaConfig) -> int:
     """Parameter count without allocating weights (meta device)."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(model_config)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_llama(model_config).parameters())
 
 
 def target_patterns(targets: Iterable[str]) -> list[re.Pattern]:

@@ -33,11 +33,12 @@ from galore_train.data import (
 from galore_train.errors import TrainingStopped
 from galore_train.evaluate import eval_batch_size, evaluate, summed_loss, target_count, to_device
 from galore_train.guard import LossGuard
+from galore_train.initial_weights import fill_weights
 from galore_train.memory import fit
 from galore_train.memory.meter import MemoryMeter
 from galore_train.methods import METHOD_NAMES, build_method, scheduler_kwargs
 from galore_train.metrics import MetricsSink
-from galore_train.model import build_model, dtype_name, load_model_config, load_pretrained_llama, resolve_dtype
+from galore_train.model import dtype_name, load_model_config, load_pretrained_llama, meta_llama, resolve_dtype
 from galore_train.optimizers import build_optimizer
 from galore_train.plan import plan_steps
 from galore_train.registry import OPTIMIZERS, resolve_optimizer_name
@@ -122,17 +123,27 @@ class Trainer:
 
     # --- construction --------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
+        """Built on the meta device and filled on this rank's device (galore_train/initial_weights.py): no
+        process holds the whole model on the host. Methods that rewrite layers from their weights (LoRA, ReLoRA,
+        low-rank) and --int8-weights need values first; the plain model is filled after FSDP2 sharding, each
+        rank writing only its shards (docs/distributed.md)."""
         cfg = self.cfg
-        if cfg.init_from:
-            model = load_pretrained_llama(cfg.init_from, self.model_config, self.dtype)
+        built_here = not cfg.init_from
+        if built_here:
+            model = meta_llama(self.model_config, self.dtype)
         else:
-            model = build_model(self.model_config, cfg.seed, self.dtype)
+            model = load_pretrained_llama(cfg.init_from, self.model_config, self.dtype)
+        fill_first = built_here and (self.method.changes_model or cfg.int8_weights)
+        if fill_first:
+            fill_weights(model, self.device, cfg.seed)
         model = stepping.quantize_targets(self.method.prepare(model, self.step), cfg)  # --int8-weights
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Shard before moving: FSDP2 moves each decoder layer to the GPU as it shards it, so no rank ever
-        # holds the whole model on its device (--distributed fsdp under torchrun; otherwise as is).
+        # Sharded before it is filled (or, --init-from, moved layer by layer): no rank ever holds the whole
+        # model on its device (--distributed fsdp under torchrun; otherwise as is).
         model = fsdp.shard_model(model.train(), cfg, self.env)
+        if built_here and not fill_first:
+            fill_weights(model, self.device, cfg.seed)
         return model.to(self.device)
 
     def _build_optimizer(self, start_step: int = 0) -> None:

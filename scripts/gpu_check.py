@@ -117,7 +117,7 @@ def bare_galore_torch(model_name: str, rank: int) -> dict[str, Any]:
     device = torch.device("cpu" if DRY_RUN else "cuda")
     dtype = torch.float32 if DRY_RUN else torch.bfloat16
     config = load_model_config(model_name)
-    model = build_model(config, seed=0, dtype=dtype).to(device)
+    model = build_model(config, seed=0, dtype=dtype, device=device)  # the weights galore-train starts from there
     targets = {module.weight for module in target_linear_modules(model, ["attn", "mlp"]).values()}
     groups = [
         {"params": [p for p in model.parameters() if p not in targets]},

@@ -1,6 +1,6 @@
 """The scripts behind the measured numbers in the docs (bench_loop.py, bench_memory.py, bench_svd.py,
-bench_checkpoint.py) still run: each once, at a tiny size, exiting 0 and printing its table. Their timings are
-not checked (CPU timing is noise)."""
+bench_checkpoint.py, bench_model_init.py) still run: each once, at a tiny size, exiting 0 and printing its table.
+Their timings are not checked (CPU timing is noise)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,12 @@ def test_bench_checkpoint_prints_its_table() -> None:
     rows = [line.split() for line in out.splitlines() if line.startswith(("llama_1b", "llama_7b"))]
     assert [row[0] for row in rows] == ["llama_1b", "llama_1b", "llama_7b", "llama_7b"]
     assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows)  # GB, CPU seconds
+
+
+@pytest.mark.slow
+def test_bench_model_init_prints_its_table() -> None:
+    out = bench("bench_model_init.py", "--models", "llama_9m")
+    rows = {row.split(" | ")[1]: row.split(" | ") for row in out.splitlines() if row.startswith("| llama_9m |")}
+    assert list(rows) == ["host", "meta -> cpu", "meta -> meta", "CPU time host / meta -> cpu"]
+    host_growth, gpu_target_growth = float(rows["host"][3]), float(rows["meta -> meta"][3])
+    assert gpu_target_growth < host_growth  # weights off the host: the host holds less than the model

@@ -125,6 +125,17 @@ def test_8bit_galore_keeps_uint8_moments_on_the_gpu():
     assert all(bool(torch.isfinite(p).all()) and not torch.equal(p, b) for p, b in zip(params, before))
 
 
+def test_the_model_is_filled_on_the_gpu_with_the_fp32_values_cast_to_bf16():
+    """Built on the meta device and filled on the GPU (galore_train/initial_weights.py): bf16 holds fp32's values
+    cast, as on the CPU (tests/test_model.py), and the rotary buffers are a host build's."""
+    fp32 = build_model(CONFIG, seed=0, device=CUDA)
+    bf16 = build_model(CONFIG, seed=0, dtype=torch.bfloat16, device=CUDA)
+    assert {p.device for p in bf16.parameters()} == {CUDA}
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(fp32.parameters(), bf16.parameters()))
+    host = dict(build_model(CONFIG, seed=0).named_buffers())
+    assert all(torch.equal(b.cpu(), host[name]) for name, b in bf16.named_buffers())
+
+
 def test_bitsandbytes_adamw8bit_on_the_gpu():
     model = build_model(CONFIG, seed=0, dtype=torch.bfloat16).to(CUDA)
     optimizer = build_optimizer(model, TrainConfig(optimizer="adam8bit", lr=1e-3))

@@ -116,7 +116,7 @@ def test_the_trainer_checks_before_it_builds_the_model(monkeypatch: pytest.Monke
         pass
 
     built = []
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(train, "meta_llama", lambda *a, **k: built.append(a))
     monkeypatch.setattr(train.fit, "check_fits", lambda *a: (_ for _ in ()).throw(Checked()))
     with pytest.raises(Checked):
         train.Trainer(TrainConfig(model=tiny_config_file, num_training_steps=2, tokenizer="unused"))

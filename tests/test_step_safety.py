@@ -126,23 +126,38 @@ def test_load_weights_reads_a_checkpoint_split_into_shards(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
 
 
-def test_the_model_is_sharded_before_it_is_moved_to_the_device(tiny_config_file, tmp_path, monkeypatch, shared_data):
-    """FSDP2 moves each layer to the GPU as it shards it: moving the whole model first would put all of it on
-    every rank's device (7B: 13.5 GB) before sharding. Stand-ins record the order on CPU."""
+@pytest.mark.parametrize(
+    "optimizer, expected",
+    [
+        ("adamw", ["meta build", "shard", "fill", "to device"]),
+        ("low_rank", ["meta build", "fill", "shard", "to device"]),
+    ],
+)
+def test_the_model_is_sharded_before_it_is_filled_or_moved(
+    tiny_config_file, tmp_path, monkeypatch, shared_data, optimizer, expected
+):
+    """Built on the meta device; FSDP2 shards it before each rank fills its shards (or, --init-from, moves each
+    layer to the GPU as it shards it): filling or moving the whole model first would put all of it on every
+    rank's device (7B: 13.5 GB) before sharding. A method that rewrites layers from their values (low-rank,
+    LoRA, ReLoRA) is filled first. Stand-ins record the order on CPU."""
     import galore_train.fsdp as fsdp_module
+    import galore_train.train as train_module
 
     events = []
-    real_to = torch.nn.Module.to
+    real_to, real_fill, real_meta = torch.nn.Module.to, train_module.fill_weights, train_module.meta_llama
 
     def record_to(self, *args, **kwargs):
         if any(isinstance(a, torch.device) for a in (*args, *kwargs.values())):
             events.append("to device")
         return real_to(self, *args, **kwargs)
 
+    monkeypatch.setattr(train_module, "meta_llama", lambda *a: events.append("meta build") or real_meta(*a))
+    monkeypatch.setattr(train_module, "fill_weights", lambda *a: events.append("fill") or real_fill(*a))
     monkeypatch.setattr(fsdp_module, "shard_model", lambda model, cfg, env: events.append("shard") or model)
     monkeypatch.setattr(torch.nn.Module, "to", record_to)
-    Trainer(TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run"))).train_stream.close()
-    assert events[:2] == ["shard", "to device"]
+    cfg = TrainConfig(**tiny_run_args(tiny_config_file, tmp_path / "run", optimizer=optimizer))
+    Trainer(cfg).train_stream.close()
+    assert events[:4] == expected
 
 
 # --- GPU paths, simulated on CPU ------------------------------------------------------------------
