@@ -13,8 +13,9 @@ fraction. So E[round(x)] = x, and tiny updates accumulate in expectation instead
 (Gupta et al. 2015, arXiv 1502.02551; Zamirai et al. 2020, arXiv 2010.06192, for bf16 weights).
 
 The noise comes from a torch.Generator (weights/stepping.py owns it and saves it in checkpoints). Values are
-rounded over blocks of rows (`ROW_BLOCK_ELEMENTS` values at a time, as int8.py), so the int32 noise stays
-small beside the matrix. Non-finite values (NaN, inf) are left to the ordinary cast.
+rounded in place in blocks of `ROW_BLOCK_ELEMENTS` values (as int8.py): the only temporaries are a block's int32
+noise and NaN mask, `TEMPORARY_BYTES` per value (the estimator counts them). Infinities stay themselves (their
+low bits are zero) and NaNs stay NaN.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from galore_train.weights.int8 import ROW_BLOCK_ELEMENTS
 
 LOW_BITS = 16  # the fp32 mantissa bits that bf16 drops
 HIGH_MASK = -(1 << LOW_BITS)  # 0xFFFF0000 as an int32
+TEMPORARY_BYTES = 4 + 1  # per value of a block: the int32 noise and the NaN mask
+
+
+def rounding_scratch_bytes(numel: int) -> int:
+    """Bytes alive while a parameter of `numel` values is stepped and rounded: its fp32 copy and one block's
+    temporaries."""
+    return 4 * numel + TEMPORARY_BYTES * min(numel, ROW_BLOCK_ELEMENTS)
 
 
 def stochastic_round_to_bf16_(source: Tensor, target: Tensor, generator: torch.Generator) -> Tensor:
@@ -36,9 +44,9 @@ def stochastic_round_to_bf16_(source: Tensor, target: Tensor, generator: torch.G
     flat, out = source.view(-1), target.view(-1)
     for start in range(0, flat.numel(), ROW_BLOCK_ELEMENTS):
         block = flat[start : start + ROW_BLOCK_ELEMENTS]
-        finite = torch.isfinite(block)
+        nan = torch.isnan(block)  # a NaN's payload could round to inf; infinities stay themselves
         bits = block.view(torch.int32)
         noise = torch.randint(0, 1 << LOW_BITS, bits.shape, generator=generator, device=bits.device, dtype=torch.int32)
-        rounded = bits.add(noise).bitwise_and_(HIGH_MASK).view(torch.float32)
-        out[start : start + ROW_BLOCK_ELEMENTS].copy_(torch.where(finite, rounded, block))
+        bits.add_(noise).bitwise_and_(HIGH_MASK)
+        out[start : start + ROW_BLOCK_ELEMENTS].copy_(block.masked_fill_(nan, float("nan")))
     return target
