@@ -33,7 +33,6 @@ from galore_train.optim.projector import PROJ_TYPES, GaLoreProjector
 from galore_train.optim.quantize import QUANT_BITS
 from galore_train.plan import plan_steps
 from galore_train.registry import OPTIMIZERS, OptimizerSpec, moments_group, resolve_optimizer_name
-from galore_train.weights.bf16 import rounding_scratch_bytes
 from galore_train.weights.estimate import check_weight_estimate
 from galore_train.weights.int8 import int8_nbytes
 
@@ -250,8 +249,8 @@ def estimate_memory(
     hold every gradient (FSDP: every shard) between micro-batches; with `accumulate_projected` (GaLore family)
     a target matrix's held gradient is its low-rank R. `int8_weights`: the target weights as INT8 codes and
     per-group fp32 scales (weights/int8.py), plus one dequantized matrix at a time (`dequantized`).
-    `stochastic_rounding` (--dtype bf16): each update steps an fp32 copy of one parameter (the largest counted,
-    with its rounding's temporaries: weights/bf16.py).
+    `stochastic_rounding` (--dtype bf16): each update steps an fp32 copy of one parameter, the largest counted
+    (the rounding's own temporaries are step temporaries, not counted: weights/bf16.py).
     """
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
     if dtype not in DTYPE_BYTES:
@@ -337,7 +336,7 @@ def estimate_memory(
         gradients=max(trainable) if one_gradient else held + max(trainable) if accumulate_projected else sum(trainable),
         dequantized=max((t.numel * e for t in tensors if t.int8), default=0)
         + (
-            max((rounding_scratch_bytes(t.numel) for t in tensors if t.trainable), default=0)
+            max((t.numel * DTYPE_BYTES["fp32"] for t in tensors if t.trainable), default=0)
             if stochastic_rounding
             else 0
         ),

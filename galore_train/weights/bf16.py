@@ -14,8 +14,9 @@ fraction. So E[round(x)] = x, and tiny updates accumulate in expectation instead
 
 The noise comes from a torch.Generator (weights/stepping.py owns it and saves it in checkpoints). Values are
 rounded in place in blocks of `ROW_BLOCK_ELEMENTS` values (as int8.py): the only temporaries are a block's int32
-noise and NaN mask, `TEMPORARY_BYTES` per value (the estimator counts them). Infinities stay themselves (their
-low bits are zero) and NaNs stay NaN.
+noise and NaN mask (5 bytes a value, at most 5 MiB), step temporaries like the optimizer's own, which the
+estimator does not count (it counts the fp32 copy: weights/stepping.py). Infinities stay themselves (their low
+bits are zero) and NaNs stay NaN.
 """
 
 from __future__ import annotations
@@ -27,13 +28,6 @@ from galore_train.weights.int8 import ROW_BLOCK_ELEMENTS
 
 LOW_BITS = 16  # the fp32 mantissa bits that bf16 drops
 HIGH_MASK = -(1 << LOW_BITS)  # 0xFFFF0000 as an int32
-TEMPORARY_BYTES = 4 + 1  # per value of a block: the int32 noise and the NaN mask
-
-
-def rounding_scratch_bytes(numel: int) -> int:
-    """Bytes alive while a parameter of `numel` values is stepped and rounded: its fp32 copy and one block's
-    temporaries."""
-    return 4 * numel + TEMPORARY_BYTES * min(numel, ROW_BLOCK_ELEMENTS)
 
 
 def stochastic_round_to_bf16_(source: Tensor, target: Tensor, generator: torch.Generator) -> Tensor:
