@@ -49,10 +49,10 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
 ESTIMATE_OPTIONS = tuple(
     "layerwise dtype batch_size max_length activation_checkpointing galore_targets proj_type proj_bits proj_group_size"
     " beta1 fisher_history moments_dtype norm_growth_limit apollo_proj distributed total_batch_size int8_weights"
-    " int8_group_size accumulate_projected".split()
+    " int8_group_size accumulate_projected stochastic_rounding".split()
 )
 # Settings newer than some checkpoints: what a saved config without them ran with.
-ABSENT_MEANS = {"moments_dtype": "param", "int8_weights": False, "int8_group_size": 256}
+ABSENT_MEANS = {"moments_dtype": "param", "int8_weights": False, "int8_group_size": 256, "stochastic_rounding": False}
 
 
 # ReLoRA's scripts re-warm for 100 steps after each restart, with restarts every 1000 or more steps.
@@ -148,6 +148,9 @@ class TrainConfig:
     int8_weights: bool = option(False, "Store the target linear weights as INT8 with per-group scales (docs/int8.md).")
     int8_group_size: int = option(256, "Values per INT8 weight scale, within a row (must divide the row length).")
     int8_rounding: str = option("stochastic", "How updated INT8 weights are requantized: stochastic or nearest.")
+    stochastic_rounding: bool = option(
+        False, "--dtype bf16: round each updated weight to bf16 stochastically, not to nearest (docs/int8.md)."
+    )
     accumulate_projected: bool = option(
         False, "--layerwise, GaLore family: sum the low-rank P^T G over micro-batches, not the full gradient G."
     )

@@ -35,7 +35,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained splits large m
 # Settings that shape a checkpoint's model and optimizer state: a resumed run must keep them.
 RESUME_FIXED = frozenset(
     "model optimizer eightbit layerwise rank proj_type galore_targets proj_bits proj_group_size"
-    " fisher_history relora_warm_start moments_dtype apollo_proj int8_weights int8_group_size".split()
+    " fisher_history relora_warm_start moments_dtype apollo_proj int8_weights int8_group_size"
+    " stochastic_rounding".split()
 )
 # Settings of run control and logging that a resumed run may change freely.
 RESUME_FREE = frozenset(
@@ -325,7 +326,7 @@ def restore_trainer(trainer: Any, state: dict[str, Any], data_states: list[dict[
             load_weights(t.model, t.resume_dir)
         restore_optimizer(t.model, t.optimizer, t.scheduler, state)
         restore_rng(state["rng"], t.env.rank, t.device)
-        stepping.restore_rounding(t.int8, state.get("int8"))
+        stepping.restore_rounding(t.rounded, state.get("rounding", state.get("int8")))  # "int8": older INT8 runs
         t.tokens_seen = state["tokens_seen"]
         t.guard.load_state_dict(state["guard"])
         if not t.data_restarts:

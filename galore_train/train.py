@@ -85,7 +85,7 @@ class Trainer:
         )
         self.method = build_method(cfg)  # LoRA/ReLoRA/low-rank rewrite the model; FullModel leaves it as built
         self.model = self._build_model()
-        self.int8 = stepping.Int8Weights.for_run(self.model, cfg)  # --int8-weights: rounding generator, update hooks
+        self.rounded = stepping.rounded_weights_for_run(self.model, cfg)  # INT8, --stochastic-rounding
         self._build_optimizer()
         self.train_stream = PretrainingStream(
             lambda: document_source(
@@ -166,7 +166,7 @@ class Trainer:
             **scheduler_kwargs(cfg),
         )
         # DDP-wrapped under torchrun; with --layerwise the optimizer steps inside backward, from gradient hooks.
-        module, self.updates = wrap_with_updates(self.model, self.optimizer, name, cfg, self.env, self.int8)
+        module, self.updates = wrap_with_updates(self.model, self.optimizer, name, cfg, self.env, self.rounded)
         self.train_model = torch.compile(module) if cfg.compile else module
 
     def _rebuild_optimizer(self) -> None:
@@ -192,7 +192,7 @@ class Trainer:
             "guard": self.guard.state_dict(),
             "optimizer": fsdp.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
-            "int8": self.int8 and self.int8.state_dict(),
+            "rounding": self.rounded and self.rounded.state_dict(),
         }
         if self.method.changes_model:
             trainer_state["method"] = self.method.state_dict()

@@ -27,7 +27,7 @@ from galore_train.optim.base import GaLoreOptimizer
 from galore_train.optim.layerwise import GradientReduce, LayerwiseUpdater
 from galore_train.optim.lowrank_sync import LowRankSync, clip_tensors_
 from galore_train.registry import OPTIMIZERS
-from galore_train.weights.stepping import Int8Weights
+from galore_train.weights.stepping import RoundedWeights
 
 Stepper = Optional[Callable[[Optimizer], None]]  # how a plain update steps (default: optimizer.step())
 
@@ -133,14 +133,15 @@ def build_updates(
     cfg: Any,
     *,
     lowrank: Optional[LowRankSync] = None,
-    int8: Optional[Int8Weights] = None,
+    rounded: Optional[RoundedWeights] = None,
 ) -> WeightUpdates:
     """`module` runs forward and backward (`distributed.wrap_model`); `cfg` a TrainConfig (--layerwise,
     --grad-clipping, --accumulate-projected). Layer-wise under torchrun: with DDP the hooks average each gradient
-    across ranks (the model is not DDP-wrapped); FSDP2 hands them reduce-scattered shards. `int8`: the model's
-    INT8 weights, each dequantized, stepped and requantized on its own (weights/stepping.py)."""
-    if int8 is not None:
-        int8.attach(optimizer)
+    across ranks (the model is not DDP-wrapped); FSDP2 hands them reduce-scattered shards. `rounded`: the model's
+    INT8 weights or bf16 weights with stochastic rounding, each opened, stepped and rounded back on its own
+    (weights/stepping.py)."""
+    if rounded is not None:
+        rounded.attach(optimizer)
     if cfg.layerwise:
         reduce = None if distributed.is_sharded(model) else distributed.gradient_averager(env)
         if lowrank is not None:  # GaLore matrices: averaged as R (one matrix per hook), the rest as before
@@ -148,12 +149,12 @@ def build_updates(
         return LayerwiseUpdater(
             model, optimizer, grad_clipping=cfg.grad_clipping, reduce=reduce, projected=cfg.accumulate_projected
         )
-    step = int8.step if int8 is not None else None
+    step = rounded.step if rounded is not None else None
     return PlainUpdates(model, module, optimizer, grad_clipping=cfg.grad_clipping, lowrank=lowrank, step=step)
 
 
 def wrap_with_updates(
-    model: nn.Module, optimizer: Optimizer, name: str, cfg: Any, env: DistEnv, int8: Optional[Int8Weights] = None
+    model: nn.Module, optimizer: Optimizer, name: str, cfg: Any, env: DistEnv, rounded: Optional[RoundedWeights] = None
 ) -> tuple[nn.Module, WeightUpdates]:
     """The module forward and backward run through (`distributed.wrap_model`) and how updates reach the weights,
     for optimizer `name` (as built): low-rank sync's matrices are left out of DDP's buckets (averaged as R here)."""
@@ -162,4 +163,4 @@ def wrap_with_updates(
     traffic.TRAFFIC.projected_params = set(projected)  # their gradient bytes are counted apart, synced either way
     synced_elsewhere = lowrank.params if lowrank else ()
     module = distributed.wrap_model(model, env, layerwise=cfg.layerwise, synced_elsewhere=synced_elsewhere)
-    return module, build_updates(model, module, optimizer, env, cfg, lowrank=lowrank, int8=int8)
+    return module, build_updates(model, module, optimizer, env, cfg, lowrank=lowrank, rounded=rounded)

@@ -11,7 +11,7 @@ from galore_train.memory.meter import GIB, MemoryMeter
 from galore_train.model import build_model, load_model_config
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.optimizers import build_optimizer
-from galore_train.weights.stepping import Int8Weights, quantize_targets
+from galore_train.weights.stepping import quantize_targets, rounded_weights_for_run
 
 RANK = 64
 BATCH, TOKENS = 4, 64  # activations above a gradient plus the plain Adam step's temporaries (not estimated)
@@ -26,7 +26,7 @@ def test_measured_int8_weights_and_states_equal_the_estimate(model_name: str) ->
     cfg = cfg.replace(int8_group_size=GROUPS[model_name])
     model = quantize_targets(build_model(config, seed=0), cfg)
     optimizer = build_optimizer(model, cfg)
-    Int8Weights.for_run(model, cfg).attach(optimizer)
+    rounded_weights_for_run(model, cfg).attach(optimizer)
     LayerwiseUpdater(model, optimizer)
     meter = MemoryMeter(model, optimizer, "cpu")
     ids = torch.randint(0, config.vocab_size, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))

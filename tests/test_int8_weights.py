@@ -22,7 +22,7 @@ from galore_train.train import Trainer
 from galore_train.weights.export import INT8_FILE
 from galore_train.weights.int8 import dequantize_rows, int8_nbytes, quantize_rows_
 from galore_train.weights.int8_linear import Int8Linear, int8_linears
-from galore_train.weights.stepping import Int8Weights, quantize_targets
+from galore_train.weights.stepping import Int8Weights, quantize_targets, rounded_weights_for_run
 
 CONFIG = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 256})
 GROUP = 32  # divides hidden 64 and intermediate 160
@@ -115,7 +115,7 @@ def test_every_matrix_optimizer_trains_int8_weights(name: str, eightbit: bool) -
     cfg = _cfg(optimizer=name, eightbit=eightbit)
     model = quantize_targets(build_model(CONFIG, seed=0), cfg)
     optimizer = build_optimizer(model, cfg)
-    int8 = Int8Weights.for_run(model, cfg)
+    int8 = rounded_weights_for_run(model, cfg)
     int8.attach(optimizer)
     codes = {name: layer.weight_int8.clone() for name, layer in int8_linears(model)}
     ids = torch.randint(0, CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -68,7 +68,7 @@ class MemoryEstimate:
         """Whether the gradients are alive beside the activations (accumulation, DDP's buckets)."""
         return self.accumulating or self.ddp_buckets
 
-    dequantized: int = 0  # INT8 weights: the one matrix dequantized at a time (forward, backward, update)
+    dequantized: int = 0  # INT8 weights: the one matrix dequantized at a time; --stochastic-rounding: its fp32 copy
 
     @property
     def total(self) -> int:
@@ -234,6 +234,7 @@ def estimate_memory(
     int8_weights: bool = False,
     int8_group_size: int = 256,
     accumulate_projected: bool = False,
+    stochastic_rounding: bool = False,
 ) -> MemoryEstimate:
     """Memory of training `model_config` with `optimizer` (a --optimizer name: optimizer or method).
 
@@ -248,6 +249,8 @@ def estimate_memory(
     hold every gradient (FSDP: every shard) between micro-batches; with `accumulate_projected` (GaLore family)
     a target matrix's held gradient is its low-rank R. `int8_weights`: the target weights as INT8 codes and
     per-group fp32 scales (weights/int8.py), plus one dequantized matrix at a time (`dequantized`).
+    `stochastic_rounding` (--dtype bf16): each update steps an fp32 copy of one parameter, the largest counted
+    (the rounding's own temporaries are step temporaries, not counted: weights/bf16.py).
     """
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
     if dtype not in DTYPE_BYTES:
@@ -264,7 +267,17 @@ def estimate_memory(
         check_norm_growth_limit(norm_growth_limit or None)
     except ValueError as err:
         raise UserError(str(err)) from None
-    check_weight_estimate(optimizer, eightbit, int8_weights, int8_group_size, accumulate_projected, layerwise, nproc)
+    check_weight_estimate(
+        optimizer,
+        eightbit,
+        int8_weights,
+        int8_group_size,
+        accumulate_projected,
+        layerwise,
+        nproc,
+        dtype=dtype,
+        stochastic_rounding=stochastic_rounding,
+    )
     if nproc < 1 or distributed not in ("ddp", "fsdp"):
         raise UserError(f"--nproc must be positive and --distributed ddp or fsdp; got {nproc}, {distributed!r}")
     if nproc > 1 and distributed == "fsdp":
@@ -316,11 +329,17 @@ def estimate_memory(
         [f"accumulation {accumulation}{' in the projected space' * accumulate_projected}"] if accumulation > 1 else []
     )
     label += [f"INT8 weights (groups of {int8_group_size})"] if int8_weights else []
+    label += ["stochastic rounding"] if stochastic_rounding else []
     estimate = MemoryEstimate(
         label=", ".join(label + [f"batch {batch_size}x{max_length}"]),
         weights=sum(_weight_bytes(t, e, int8_group_size) for t in tensors),
         gradients=max(trainable) if one_gradient else held + max(trainable) if accumulate_projected else sum(trainable),
-        dequantized=max((t.numel * e for t in tensors if t.int8), default=0),
+        dequantized=max((t.numel * e for t in tensors if t.int8), default=0)
+        + (
+            max((t.numel * DTYPE_BYTES["fp32"] for t in tensors if t.trainable), default=0)
+            if stochastic_rounding
+            else 0
+        ),
         accumulating=accumulation > 1,
         optimizer_states=states,
         projections=projections,

@@ -103,7 +103,7 @@ def memory_table(estimate: MemoryEstimate, title: str | None = None) -> Table:
         ("activations (estimated)", estimate.activations),
     ]
     parts += [("FSDP unsharded units", estimate.distributed)] if estimate.distributed else []
-    parts += [("one dequantized INT8 matrix", estimate.dequantized)] if estimate.dequantized else []
+    parts += [("one dequantized INT8 matrix / fp32 update copy", estimate.dequantized)] if estimate.dequantized else []
     for name, nbytes in parts:
         table.add_row(name, f"{nbytes / GIB:.3f}")
     table.add_row("total (sum of parts)", f"{estimate.total / GIB:.3f}")

@@ -326,7 +326,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         if decay != 1.0:
             p.mul_(decay)
-        p.add_(update.to(p.dtype), alpha=-step_size)
+        widens = torch.promote_types(update.dtype, p.dtype) == p.dtype  # an exact cast: add without a full-size copy
+        p.add_(update if widens else update.to(p.dtype), alpha=-step_size)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the groups through torch, then each state tensor once, in its own dtype, on its parameter's device.

@@ -247,14 +247,14 @@ class GaLoreProjector:
     ) -> None:
         """param <- beta * param + alpha * back(update), as one fused matmul-accumulate (no m x n temporary)."""
         side = self.side(param.shape)
-        projection = self.matrix(state, "projection", param.shape, param.dtype)
+        projection = self.matrix(state, "projection", param.shape, param.dtype).to(param.dtype)  # fp32: bf16 rounding
         update = update.to(param.dtype)
         if side == "left":
             param.addmm_(projection, update, beta=beta, alpha=alpha)
         elif side == "right":
             param.addmm_(update, projection, beta=beta, alpha=alpha)
         else:
-            right = self.matrix(state, "projection_right", param.shape, param.dtype)
+            right = self.matrix(state, "projection_right", param.shape, param.dtype).to(param.dtype)
             param.addmm_(projection @ update, right, beta=beta, alpha=alpha)
 
     def matrix(self, state: dict[str, Any], key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:

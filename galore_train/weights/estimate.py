@@ -18,6 +18,9 @@ def check_weight_estimate(
     accumulate_projected: bool,
     layerwise: bool,
     nproc: int,
+    *,
+    dtype: str = "bf16",
+    stochastic_rounding: bool = False,
 ) -> None:
     """UserError for an estimate of a run that `pretrain` would refuse."""
     check_weight_options(
@@ -30,6 +33,8 @@ def check_weight_estimate(
             accumulate_projected=accumulate_projected,
             layerwise=layerwise,
             distributed="ddp",
+            dtype=dtype,
+            stochastic_rounding=stochastic_rounding,
         )
     )
     if accumulate_projected and nproc > 1:

@@ -23,8 +23,30 @@ def accumulates_projected(optimizer: str, eightbit: bool = False) -> bool:
     return spec.galore and getattr(spec.load(), "ACCUMULATES_PROJECTED", False)
 
 
+def _steps_in_bitsandbytes(optimizer: str, eightbit: bool) -> bool:
+    """Whether the optimizer (a method's: its base) is bitsandbytes' own, which writes the weight in its kernel."""
+    spec = OPTIMIZERS.get(optimizer)
+    if spec is None:
+        return False
+    name = resolve_optimizer_name(spec.base or optimizer, eightbit)
+    return name in OPTIMIZERS and "bitsandbytes" in OPTIMIZERS[name].build
+
+
 def check_weight_options(cfg: Any) -> None:
-    """UserError for --int8-weights / --accumulate-projected combinations that cannot work."""
+    """UserError for --int8-weights / --stochastic-rounding / --accumulate-projected combinations that cannot work."""
+    if cfg.stochastic_rounding and cfg.dtype != "bf16":
+        raise UserError(
+            f"--stochastic-rounding rounds updated weights to bf16; it needs --dtype bf16 (got {cfg.dtype})"
+        )
+    if cfg.stochastic_rounding and cfg.int8_weights:
+        raise UserError("--stochastic-rounding is for bf16 weights; --int8-weights rounds its own (--int8-rounding)")
+    if cfg.stochastic_rounding and _steps_in_bitsandbytes(cfg.optimizer, cfg.eightbit):
+        raise UserError(
+            f"--stochastic-rounding steps an fp32 copy of each weight; bitsandbytes' {cfg.optimizer} --8bit steps"
+            " the weight in its own kernel: use galore_adamw --8bit or drop --8bit"
+        )
+    if cfg.stochastic_rounding and cfg.distributed == "fsdp":
+        raise UserError("--stochastic-rounding does not run under --distributed fsdp (docs/int8.md); use ddp")
     if cfg.int8_rounding not in INT8_ROUNDINGS:
         raise UserError(f"--int8-rounding must be one of {', '.join(INT8_ROUNDINGS)}; got {cfg.int8_rounding!r}")
     if cfg.int8_group_size <= 0:
