@@ -269,12 +269,17 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 return
         local = local_state(state)
         local["step"] = state.get("step", 0) + 1
-        self._shard = RowShard(p.shape[0], p.device_mesh.get_group())
+        self._shard = RowShard(p.shape[0], p.device_mesh.get_group(), p.grad.to_local())
         try:
             self._update(p.to_local(), grad, group, local)
         finally:
             self._shard = None
         keep_local_state(state, local, p, self.STATE_SHARDING)
+
+    def _gradient_rows(self, p: Tensor) -> Tensor:
+        """The unprojected gradient of the weight `_update` works on: p.grad, or under FSDP2 this rank's rows of it
+        (`p` is then the local shard, which has no .grad). For updates that read G itself (Fira, APOLLO)."""
+        return p.grad if self._shard is None else self._shard.grad
 
     def _due_refreshes(self) -> list[DueRefresh]:
         """The parameters (with a gradient) whose projection this step refreshes, in optimizer order."""
