@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LLAMA
 from test_distributed import (
     LOSS_RTOL,
     WEIGHT_ATOL,
@@ -27,9 +28,11 @@ from test_distributed import (
     weights,
     work,  # noqa: F401 (fixture)
 )
-from test_fsdp_galore import STEPS, replicated, step_four
+from test_fsdp_galore import MATRICES, STEPS, replicated, step_four
 from torch.distributed.tensor import DTensor
+from transformers import LlamaConfig
 
+from galore_train.memory.estimate import estimate_memory
 from galore_train.optim import ApolloAdamW, FiraAdamW
 
 RIGHT = dict(rank=8, gap=3, proj_type="right")  # refreshes at steps 0, 3, 6
@@ -95,12 +98,40 @@ def test_fsdp_rank_holds_half_the_optimizer_state(runs, name):
     """The meter's optimizer-state bytes on each FSDP rank: what it keeps whole (Fira's projections, the limiters'
     float32 norms) plus half of the rest of what a DDP rank holds (a 1-process run's state: the same tensors)."""
     ddp_dumps, fsdp_dumps = rank_dumps(runs[f"ddp-{name}"]), rank_dumps(runs[f"fsdp-{name}"])
-    whole = ddp_dumps[0]["state_bytes"]
+    whole, ddp_states = ddp_dumps[0]["state_bytes"], ddp_dumps[0]["states"]
     assert ddp_dumps[1]["state_bytes"] == whole
     for dump in fsdp_dumps:
         kept_whole = whole_bytes(dump["states"])
         assert kept_whole < whole / 20
         assert dump["state_bytes"] == pytest.approx(kept_whole + (whole - kept_whole) / 2, rel=1e-3)
+        moments = {  # the projected matrices' (most bytes above are the embeddings' and lm_head's AdamW moments)
+            (param, key): value
+            for param, state in dump["states"].items()
+            for key, value in state.items()
+            if key.startswith("exp_avg") and "norm_growth_prev" in state
+        }
+        assert len(moments) == 2 * MATRICES
+        for (param, key), value in moments.items():
+            assert isinstance(value, DTensor) and 2 * value.to_local().numel() == ddp_states[param][key].numel()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHODS))
+def test_per_gpu_estimate_is_the_measured_state(runs, name):
+    """`galore-train memory --nproc 2 --distributed fsdp`: states + projections per GPU = the meter's bytes on each
+    rank, up to the limiters' float32 norms (kept whole on every rank; the estimate halves them: 14 x 2 bytes)."""
+    settings = METHODS[name]
+    estimate = estimate_memory(
+        LlamaConfig(**TINY_LLAMA),
+        settings["optimizer"],
+        settings["rank"],
+        dtype="fp32",
+        proj_type="right",
+        nproc=2,
+        distributed="fsdp",
+    )
+    for dump in rank_dumps(runs[f"fsdp-{name}"]):
+        assert estimate.optimizer_states + estimate.projections == dump["state_bytes"] - MATRICES * 4 // 2
 
 
 @pytest.mark.slow
