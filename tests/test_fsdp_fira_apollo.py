@@ -4,8 +4,8 @@ gloo, 2 processes.
 As in test_fsdp_galore.py, each FSDP run is compared with the plain 2-process DDP run of the same settings (same
 global batches): the same losses up to fp32 summation order, for 8 steps with refreshes at steps 0, 3 and 6 (Fira:
 a shared SVD; APOLLO: a new random projection). Their norms over rows (the limiters' whole-matrix norms, APOLLO-Mini's
-tensor-wise scale) are all-reduced sums of squares (row_shards.sum_over_rows). One torchrun launch runs them all,
-in plan order: the step-4 checkpoints of earlier runs are resumed by later ones, in FSDP and across modes.
+tensor-wise scale) are all-reduced sums of squares (row_shards.sum_over_rows). The straight runs share one torchrun
+launch; a second one (for the resume test only) resumes their step-4 checkpoints in FSDP and across modes.
 """
 
 from __future__ import annotations
@@ -48,29 +48,50 @@ RESUMES = {  # run -> (mode, the run whose step-4 checkpoint it resumes)
 }
 
 
+def output(folder: Path, run: str, name: str) -> Path:
+    return folder / f"fira-apollo-{run}-{name}"
+
+
+def launch(folder: Path, config: str, runs: dict[tuple[str, str], dict]) -> None:
+    """One 2-process launch of these (run, method) -> extra settings, 8 steps each, checkpoints at 4 and 8."""
+    run_workers(
+        folder,
+        [
+            {
+                "config": run_args(
+                    output(folder, run, name),
+                    config,
+                    num_training_steps=STEPS,
+                    save_every=4,
+                    eval_every=4,
+                    **METHODS[name],
+                    **settings,
+                ),
+                "dump": str(output(folder, run, name)),
+            }
+            for (run, name), settings in runs.items()
+        ],
+    )
+
+
 @pytest.fixture(scope="module")
 def runs(work: Path, config_file: str, shared_data) -> dict[str, Path]:  # noqa: F811
-    """One launch: each method under DDP and under FSDP (8 steps, checkpoints at 4 and 8); then each resumed from
-    step 4 in FSDP (from FSDP) and across modes (FSDP -> DDP, DDP -> FSDP)."""
-    out = {f"{run}-{name}": work / f"fira-apollo-{run}-{name}" for name in METHODS for run in ("ddp", "fsdp", *RESUMES)}
-    args = lambda name, mode, **more: run_args(  # noqa: E731
-        out[name], config_file, num_training_steps=STEPS, save_every=4, eval_every=4, distributed=mode, **more
-    )
-    plan = [
-        {"config": args(f"{mode}-{name}", mode, **settings), "dump": str(out[f"{mode}-{name}"])}
-        for name, settings in METHODS.items()
-        for mode in ("ddp", "fsdp")
-    ]
-    plan += [
-        {
-            "config": args(f"{run}-{name}", mode, **settings, resume_from=step_four(out[f"{source}-{name}"])),
-            "dump": str(out[f"{run}-{name}"]),
-        }
-        for name, settings in METHODS.items()
+    """One launch: each method under DDP and under FSDP."""
+    launch(work, config_file, {(mode, name): {"distributed": mode} for name in METHODS for mode in ("ddp", "fsdp")})
+    return {f"{mode}-{name}": output(work, mode, name) for name in METHODS for mode in ("ddp", "fsdp")}
+
+
+@pytest.fixture(scope="module")
+def resumed(runs: dict[str, Path], work: Path, config_file: str) -> dict[str, Path]:  # noqa: F811
+    """A second launch (each stays well inside torchrun's time limit on this machine): each method resumed from
+    its step-4 checkpoint in FSDP (from FSDP) and across modes (FSDP -> DDP, DDP -> FSDP)."""
+    plan = {
+        (run, name): {"distributed": mode, "resume_from": step_four(runs[f"{source}-{name}"])}
+        for name in METHODS
         for run, (mode, source) in RESUMES.items()
-    ]
-    run_workers(work, plan)
-    return out
+    }
+    launch(work, config_file, plan)
+    return {**runs, **{f"{run}-{name}": output(work, run, name) for run, name in plan}}
 
 
 @pytest.mark.slow
@@ -136,16 +157,16 @@ def test_per_gpu_estimate_is_the_measured_state(runs, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
-def test_resumes_bit_exactly_under_fsdp_and_across_modes(runs, name):
+def test_resumes_bit_exactly_under_fsdp_and_across_modes(resumed, name):
     """4 steps + resume + 4 steps equals 8 straight steps bit for bit under FSDP; a checkpoint written under one
     mode resumes under the other (the same format), giving that mode's straight run within fp32 summation order."""
-    resumed, straight = runs[f"fsdp-resumed-{name}"], runs[f"fsdp-{name}"]
-    assert losses(resumed) == {s: losses(straight)[s] for s in range(5, STEPS + 1)}
-    a, b = weights(resumed, STEPS), weights(straight, STEPS)
+    again, straight = resumed[f"fsdp-resumed-{name}"], resumed[f"fsdp-{name}"]
+    assert losses(again) == {s: losses(straight)[s] for s in range(5, STEPS + 1)}
+    a, b = weights(again, STEPS), weights(straight, STEPS)
     assert all(torch.equal(a[k], b[k]) for k in a)
     for crossed, mode in (("ddp-from-fsdp", "ddp"), ("fsdp-from-ddp", "fsdp")):
-        expected = {s: losses(runs[f"{mode}-{name}"])[s] for s in range(5, STEPS + 1)}
-        assert losses(runs[f"{crossed}-{name}"]) == pytest.approx(expected, rel=LOSS_RTOL)
+        expected = {s: losses(resumed[f"{mode}-{name}"])[s] for s in range(5, STEPS + 1)}
+        assert losses(resumed[f"{crossed}-{name}"]) == pytest.approx(expected, rel=LOSS_RTOL)
 
 
 @pytest.mark.parametrize(
