@@ -128,7 +128,6 @@ class ApolloAdamW(GaLoreAdamW):
         proj_seed: int = 0,
     ) -> None:
         self._positions: dict[Tensor, int] = {}  # parameter -> position in the optimizer (seeds)
-        self._proj_seeds: dict[Tensor, int] = {}  # parameter with a random projection -> its group's proj_seed
         self._host_projections: dict[Tensor, tuple[int, Tensor]] = {}  # accelerators: (window, CPU matrix)
         defaults = {
             **adam_defaults(lr, betas, eps, weight_decay),
@@ -153,8 +152,6 @@ class ApolloAdamW(GaLoreAdamW):
         check_norm_growth_limit(group["norm_growth_limit"])
         if "rank" not in group:
             return
-        if group["proj"] == "random":
-            self._proj_seeds.update((p, group["proj_seed"]) for p in group["params"])
         check_one_sided(group, "APOLLO")
         if group["proj"] == "random" and (group["adaptive_gap"] or group["proj_bits"] != 32 or group["svd"] != "full"):
             raise ValueError(
@@ -177,23 +174,23 @@ class ApolloAdamW(GaLoreAdamW):
         return "rank" in group and group["proj"] == "svd"
 
     def _project(
-        self, p: Tensor, grad: Tensor, state: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
+        self, p: Tensor, grad: Tensor, group: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
     ) -> Optional[Tensor]:
         """R of `grad` (p's gradient, or under FSDP2 this rank's rows of it) in this window's random projection
         (a scratch buffer, as GaLore's); with proj "svd", GaLore's projection. The matrix is drawn for p's whole
         shape, so a right one (r x n) is the same for every rank's rows."""
-        if p not in self._proj_seeds:
-            return super()._project(p, grad, state, projector, name)
-        side = projector.side(p.shape)
+        if group["proj"] != "random":
+            return super()._project(p, grad, group, projector, name)
+        state, side = self.state[p], projector.side(p.shape)
         window = (state.get("step", 0) + state.get("refresh_offset", 0)) // projector.update_proj_gap
-        matrix = self._projection(p, grad, side, projector.rank, window)
+        matrix = self._projection(p, grad, side, projector.rank, group["proj_seed"], window)
         out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
         return torch.mm(matrix.mT, grad, out=out) if side == "left" else torch.mm(grad, matrix.mT, out=out)
 
-    def _projection(self, p: Tensor, grad: Tensor, side: str, rank: int, window: int) -> Tensor:
+    def _projection(self, p: Tensor, grad: Tensor, side: str, rank: int, proj_seed: int, window: int) -> Tensor:
         """This window's Gaussian projection of `p`, on the gradient's device and in its dtype (module docstring)."""
         device, dtype = grad.device, grad.dtype
-        seed = projection_seed(self._proj_seeds[p], self._positions[p], window)
+        seed = projection_seed(proj_seed, self._positions[p], window)
         if device.type == "cpu":
             return gaussian_projection(p.shape, side, rank, seed, device, dtype)
         cached = self._host_projections.get(p)
