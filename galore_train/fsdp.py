@@ -2,11 +2,11 @@
 
 Each decoder layer and the root are `fully_shard`-ed: weights, gradients and optimizer state become row-block
 DTensors, all-gathered per layer for forward/backward. The optimizers marked fsdp in the registry run on
-shards: adamw, adam (elementwise), adafactor, and GaLore-AdamW, its 8-bit variant, GaLore-Adafactor and Natural
-GaLore with right-side projections (row-local between refreshes, up to a few small all-reduces; a refresh gathers
-one matrix's gradient to its owner: galore_train/optim/row_shards.py), and Muon (its 8-bit variant too: each
-matrix's momentum rows gathered to its owner for Newton-Schulz, the result's rows scattered back:
-galore_train/optim/orthogonalize.py). Others are refused.
+shards: adamw, adam (elementwise), adafactor, and GaLore-AdamW, its 8-bit variant, GaLore-Adafactor, Natural
+GaLore, Fira, APOLLO and APOLLO-Mini with right-side projections (row-local between refreshes, up to a few small
+all-reduces; a refresh gathers one matrix's gradient to its owner: galore_train/optim/row_shards.py), and Muon (its
+8-bit variant too: each matrix's momentum rows gathered to its owner for Newton-Schulz, the result's rows scattered
+back: galore_train/optim/orthogonalize.py). Others are refused.
 With --layerwise each parameter is updated inside backward, from the gradient hook FSDP2 runs on its
 reduce-scattered shard (`runs_sharded_gradient_hooks`; galore_train/optim/layerwise.py).
 

@@ -279,6 +279,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             galore=True,
             matrix_group=_limited,
             options=_FIRA,
+            fsdp=True,
         ),
         OptimizerSpec(
             "apollo_adamw",
@@ -290,6 +291,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             galore=True,
             matrix_group=_apollo_matrices,
             options=_APOLLO,
+            fsdp=True,
         ),
         OptimizerSpec(
             "apollo_mini",
@@ -301,6 +303,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             matrix_group=lambda cfg: _apollo_matrices(cfg, mini=True),
             options=tuple(name for name in _APOLLO if name != "apollo_scale_type"),
             rank=1,
+            fsdp=True,
         ),  # always tensor-wise, always rank 1
         OptimizerSpec(
             "muon",

@@ -245,7 +245,7 @@ def test_layerwise_under_fsdp_holds_one_unit_shard_or_every_shard_when_accumulat
         ({"nproc": 0}, "--nproc must be positive"),
         ({"nproc": 2, "distributed": "zero"}, "--distributed ddp or fsdp"),
         (
-            {"nproc": 2, "distributed": "fsdp", "optimizer": "fira_adamw"},
+            {"nproc": 2, "distributed": "fsdp", "optimizer": "adam8bit"},
             "--distributed fsdp supports --optimizer adamw",
         ),
         ({"nproc": 2, "distributed": "fsdp", "optimizer": "galore_adamw"}, "use --proj-type right"),
@@ -364,6 +364,6 @@ def test_tables_render_every_part_and_optimizer() -> None:
     assert "apollo_mini (rank 1)" in comparison and "apollo_adamw (rank" not in comparison  # the rank it uses
     assert estimate_memory(CONFIG, "apollo_mini", RANK).label.startswith("apollo_mini rank 1,")
     sharded = render_text(compare_table(CONFIG, RANK, dtype="fp32", nproc=4, distributed="fsdp"))
-    assert "ddp/fsdp" in sharded and "galore_adamw8bit" in sharded and "fira_adamw" not in sharded  # FSDP_NAMES
+    assert "ddp/fsdp" in sharded and "fira_adamw" in sharded and "adam8bit" not in sharded  # FSDP_NAMES
     paper = render_text(paper_table2())
     assert all(cell in paper for cell in ("0.36", "0.24", "2.06", "1.22", "7.80", "4.38"))

@@ -205,6 +205,9 @@ def test_registry_is_the_one_list_of_names() -> None:
         "galore_adafactor",
         "galore_adamw8bit",
         "natural_galore_adamw",
+        "fira_adamw",
+        "apollo_adamw",
+        "apollo_mini",
         "muon",
         "muon8bit",
     )

@@ -42,6 +42,11 @@ gradient scale factor. The authors' package square-roots its `scale` (it multipl
 `scale 128` is our sqrt(128), their 130M APOLLO-Mini script's 192 our sqrt(192)); here `scale` is the
 factor itself.
 
+FSDP2 (row shards, row_shards.py; right projections only): each rank projects its rows of G with the same Q
+(drawn for the whole shape), so R's rows, the moments' rows and per-row ("channel") factors are local; the
+sums over rows go through one all-reduce per matrix and step: the limiter's squared norm (channel), or the
+three squared norms of R, N' and G (tensor, APOLLO-Mini). Each rank keeps its rows of the moments.
+
 State per APOLLO parameter: the two moments (r x n or m x r, gradient dtype), the limiter's float32
 scalar and, with proj "svd" only, the projection. APOLLO-Mini: 2 max(m, n) + 1 values (O(m + n)).
 """
@@ -58,9 +63,10 @@ from torch import Tensor
 from galore_train.optim.base import GALORE_GROUP_DEFAULTS, GaLoreOptimizer
 from galore_train.optim.fira import (
     channel_dim,
-    channel_norms,
+    channel_squares,
     check_one_sided,
     norm_ratio,
+    whole_over_rows,
 )
 from galore_train.optim.galore_adamw import GaLoreAdamW, adam_defaults
 from galore_train.optim.layout import StateTensor
@@ -71,6 +77,7 @@ from galore_train.optim.norm_growth import (
     norm_growth_factor,
 )
 from galore_train.optim.projector import GaLoreProjector
+from galore_train.optim.row_shards import sum_over_rows
 
 PROJECTIONS = ("random", "svd")
 SCALE_TYPES = ("channel", "tensor")
@@ -166,28 +173,23 @@ class ApolloAdamW(GaLoreAdamW):
     def _uses_projector(self, group: dict[str, Any]) -> bool:
         return "rank" in group and group["proj"] == "svd"
 
-    def _step_parameter(
-        self, p: Tensor, group: dict[str, Any], projector: Optional[GaLoreProjector], name: Optional[str]
-    ) -> None:
-        if projector is None or group["proj"] == "svd":
-            super()._step_parameter(p, group, projector, name)
-            return
-        state = self.state[p]
-        step = state.get("step", 0)
-        side = projector.side(p.shape)
-        window = (step + state.get("refresh_offset", 0)) // projector.update_proj_gap
-        matrix = self._projection(p, side, projector.rank, group["proj_seed"], window)
-        out = self._scratch_buffer(projector.low_rank_shape(p.shape), p.grad)
-        if side == "left":
-            torch.mm(matrix.mT, p.grad, out=out)
-        else:
-            torch.mm(p.grad, matrix.mT, out=out)
-        state["step"] = step + 1
-        self._update(p, out, group, state)
+    def _project(
+        self, p: Tensor, grad: Tensor, group: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
+    ) -> Optional[Tensor]:
+        """R of `grad` (p's gradient, or under FSDP2 this rank's rows of it) in this window's random projection
+        (a scratch buffer, as GaLore's); with proj "svd", GaLore's projection. The matrix is drawn for p's whole
+        shape, so a right one (r x n) is the same for every rank's rows."""
+        if group["proj"] != "random":
+            return super()._project(p, grad, group, projector, name)
+        state, side = self.state[p], projector.side(p.shape)
+        window = (state.get("step", 0) + state.get("refresh_offset", 0)) // projector.update_proj_gap
+        matrix = self._projection(p, grad, side, projector.rank, group["proj_seed"], window)
+        out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
+        return torch.mm(matrix.mT, grad, out=out) if side == "left" else torch.mm(grad, matrix.mT, out=out)
 
-    def _projection(self, p: Tensor, side: str, rank: int, proj_seed: int, window: int) -> Tensor:
-        """This window's Gaussian projection of `p`, on p's device in the gradient's dtype (module docstring)."""
-        device, dtype = p.grad.device, p.grad.dtype
+    def _projection(self, p: Tensor, grad: Tensor, side: str, rank: int, proj_seed: int, window: int) -> Tensor:
+        """This window's Gaussian projection of `p`, on the gradient's device and in its dtype (module docstring)."""
+        device, dtype = grad.device, grad.dtype
         seed = projection_seed(proj_seed, self._positions[p], window)
         if device.type == "cpu":
             return gaussian_projection(p.shape, side, rank, seed, device, dtype)
@@ -201,14 +203,19 @@ class ApolloAdamW(GaLoreAdamW):
             super()._update(p, grad, group, state)
             return
         dim = channel_dim(GaLoreProjector.from_group(group).side(p.shape)) if group["scale_type"] == "channel" else None
-        projected_norms = channel_norms(grad, dim)  # before the Adam direction overwrites R's buffer
+        gradient, limit = self._gradient_rows(p), group["norm_growth_limit"]
+        projected = channel_squares(grad, dim)  # before the Adam direction overwrites R's buffer
         normalized, c1, c2 = self._adam_direction(grad, group, state)  # N', before the bias correction
-        factors = norm_ratio(channel_norms(normalized, dim), projected_norms) * group["scale"]
-        limit = group["norm_growth_limit"]
-        if limit is not None:
-            update_norm = torch.linalg.vector_norm(factors * channel_norms(p.grad, dim))
-            factors = factors * norm_growth_factor(update_norm, state, limit)
+        limited = limit is not None
+        squares = (projected, channel_squares(normalized, dim)) + ((channel_squares(gradient, dim),) if limited else ())
+        projected, adam, *full = whole_over_rows(self._shard, dim, *squares)  # one all-reduce under FSDP2 at most
+        factors = norm_ratio(adam.sqrt_(), projected.sqrt_()) * group["scale"]
+        if limited:  # ||G diag(s)||^2 = sum_j s_j^2 ||G[:, j]||^2
+            update_square = full[0].mul(factors.square()).sum()
+            if dim == 1:  # per-row factors: this rank's rows' part of the sum
+                (update_square,) = sum_over_rows(self._shard, update_square)
+            factors = factors * norm_growth_factor(update_square.sqrt(), state, limit)
         decay = 1.0 - group["lr"] * group["weight_decay"]
         if decay != 1.0:
             p.mul_(decay)
-        p.addcmul_(p.grad, factors.to(p.dtype), value=-group["lr"] * c2 / c1)  # bias correction after the limiter
+        p.addcmul_(gradient, factors.to(p.dtype), value=-group["lr"] * c2 / c1)  # bias correction after the limiter

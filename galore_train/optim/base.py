@@ -203,17 +203,19 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         if projector is not None:
             presynced = p in self._presynced
-            grad = self._presynced.pop(p) if presynced else self._project(p, grad, state, projector, name)
+            grad = self._presynced.pop(p) if presynced else self._project(p, grad, group, projector, name)
             if grad is None:  # non-finite gradient at a refresh: skip this parameter's update
                 return
         state["step"] = state.get("step", 0) + 1
         self._update(p, grad, group, state)
 
     def _project(
-        self, p: Tensor, grad: Tensor, state: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
+        self, p: Tensor, grad: Tensor, group: dict[str, Any], projector: GaLoreProjector, name: Optional[str]
     ) -> Optional[Tensor]:
-        """The low-rank gradient (None: non-finite at a refresh), in a scratch buffer reused across parameters;
-        or the R summed over micro-batches that `use_low_rank` handed in."""
+        """The low-rank gradient of `grad` (p's, or under FSDP2 this rank's rows of it; None: non-finite at a
+        refresh), in a scratch buffer reused across parameters; or the R summed over micro-batches that
+        `use_low_rank` handed in."""
+        state = self.state[p]
         if p in self._low_rank:
             return self._low_rank.pop(p)
         out = self._scratch_buffer(projector.low_rank_shape(grad.shape), grad)
@@ -262,19 +264,24 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 f"GaLore on row-sharded {name or 'parameters'} needs proj_type 'right' and share_refresh()"
             )
         state = self.state[p]
-        grad = p.grad.to_local()
+        grad = rows = p.grad.to_local()
         if projector is not None:
-            grad = self._project(p, grad, state, projector, name)
+            grad = self._project(p, rows, group, projector, name)
             if grad is None:
                 return
         local = local_state(state)
         local["step"] = state.get("step", 0) + 1
-        self._shard = RowShard(p.shape[0], p.device_mesh.get_group())
+        self._shard = RowShard(p.shape[0], p.device_mesh.get_group(), rows)
         try:
             self._update(p.to_local(), grad, group, local)
         finally:
             self._shard = None
         keep_local_state(state, local, p, self.STATE_SHARDING)
+
+    def _gradient_rows(self, p: Tensor) -> Tensor:
+        """The unprojected gradient of the weight `_update` works on: p.grad, or under FSDP2 this rank's rows of it
+        (`p` is then the local shard, which has no .grad). For updates that read G itself (Fira, APOLLO)."""
+        return p.grad if self._shard is None else self._shard.grad
 
     def _due_refreshes(self) -> list[DueRefresh]:
         """The parameters (with a gradient) whose projection this step refreshes, in optimizer order."""

@@ -28,6 +28,10 @@ so with scale 0.25 three quarters of the in-subspace gradient also take the phi-
 what produced the published perplexities, so it is the default ("code"); "paper" gives the equation. At
 scale 1 the two coincide, and on gradients inside the subspace Fira is then GaLore-AdamW (tested).
 
+FSDP2 (row shards, row_shards.py; right projections only): R's rows, the residual's rows and phi (one per
+row) are local; the limiter's whole-matrix norm sums the ranks' squares (one float32 all-reduced per matrix
+and step). So each rank keeps its rows of the moments, the projection whole and the limiter's scalar.
+
 State per GaLore parameter: GaLore-AdamW's (moments of R, the projection) plus one float32 scalar for the
 limiter. S is an m x n temporary of each step, not state. Plain groups run AdamW (the authors' eps placement).
 """
@@ -49,6 +53,7 @@ from galore_train.optim.norm_growth import (
     limiter_layout,
 )
 from galore_train.optim.projector import GaLoreProjector
+from galore_train.optim.row_shards import RowShard, sum_over_rows
 
 RESIDUALS = ("code", "paper")
 
@@ -59,11 +64,19 @@ def channel_dim(side: str) -> int:
     return 0 if side == "left" else 1
 
 
-def channel_norms(t: Tensor, dim: Optional[int]) -> Tensor:
-    """float32 L2 norms over `dim`, kept 2-D so they broadcast against G (dim None: the whole tensor, 1 x 1)."""
+def channel_squares(t: Tensor, dim: Optional[int]) -> Tensor:
+    """float32 squared L2 norms over `dim`, kept 2-D so they broadcast against G (dim None: the whole tensor,
+    1 x 1). Under FSDP2 `t` is this rank's rows: see `whole_over_rows`."""
     if dim is None:
-        return torch.linalg.vector_norm(t, dtype=torch.float32).reshape(1, 1)
-    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=torch.float32)
+        return torch.linalg.vector_norm(t, dtype=torch.float32).reshape(1, 1).square_()
+    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=torch.float32).square_()
+
+
+def whole_over_rows(shard: Optional[RowShard], dim: Optional[int], *squares: Tensor) -> tuple[Tensor, ...]:
+    """`channel_squares(·, dim)` of a rank's rows made whole: per-row ones (dim 1) already are; those that sum
+    over the rows (per column, dim 0, or whole-matrix, None) are summed over the ranks, all in one all-reduce
+    (row_shards.sum_over_rows; nothing without a shard)."""
+    return squares if dim == 1 else sum_over_rows(shard, *squares)
 
 
 def norm_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -127,13 +140,14 @@ class FiraAdamW(GaLoreAdamW):
             return
         projector = GaLoreProjector.from_group(group)
         dim = channel_dim(projector.side(p.shape))
-        projected_norms = channel_norms(grad, dim)  # before the Adam direction overwrites R's buffer
-        residual = p.grad.clone(memory_format=torch.contiguous_format)
+        projected = channel_squares(grad, dim)  # before the Adam direction overwrites R's buffer
+        residual = self._gradient_rows(p).clone(memory_format=torch.contiguous_format)
         coefficient = 1.0 if group["residual"] == "paper" else group["scale"]
         projector.project_back_add_(residual, grad, state, alpha=-coefficient)
         normalized, c1, c2 = self._adam_direction(grad, group, state)  # N', before the bias correction
-        phi = norm_ratio(channel_norms(normalized, dim), projected_norms)
-        limit_norm_growth_(residual.mul_(phi.to(residual.dtype)), state, group["norm_growth_limit"])
+        projected, adam = whole_over_rows(self._shard, dim, projected, channel_squares(normalized, dim))
+        phi = norm_ratio(adam.sqrt_(), projected.sqrt_())
+        limit_norm_growth_(residual.mul_(phi.to(residual.dtype)), state, group["norm_growth_limit"], self._shard)
         step_size = group["lr"] * c2 / c1  # the bias correction, after the limiter (as the authors)
         self._apply(p, normalized, group, state, step_size=step_size)
         p.add_(residual, alpha=-step_size)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from galore_train.optim.layout import StateTensor
+from galore_train.optim.row_shards import RowShard, sum_over_rows
 
 PREVIOUS_NORM = "norm_growth_prev"  # the state key: ||U_{t-1}|| after limiting, float32 scalar
 DEFAULT_LIMIT = 1.01  # Fira's and APOLLO's gamma
@@ -70,7 +71,12 @@ def norm_growth_factor(norm: Tensor, state: dict[str, Any], limit: Optional[floa
     return factor
 
 
-def limit_norm_growth_(update: Tensor, state: dict[str, Any], limit: Optional[float]) -> Tensor:
-    """`update`, scaled in place so its norm grows by at most `limit` per step (see the module docstring)."""
-    factor = norm_growth_factor(torch.linalg.vector_norm(update, dtype=torch.float32), state, limit)
-    return update if factor is None else update.mul_(factor.to(update.dtype))
+def limit_norm_growth_(
+    update: Tensor, state: dict[str, Any], limit: Optional[float], shard: Optional[RowShard] = None
+) -> Tensor:
+    """`update`, scaled in place so its norm grows by at most `limit` per step (see the module docstring).
+    Under FSDP2 `update` is this rank's rows (`shard`): the norm is the whole matrix's (one all-reduce)."""
+    if limit is None:
+        return update
+    (square,) = sum_over_rows(shard, torch.linalg.vector_norm(update, dtype=torch.float32).square())
+    return update.mul_(norm_growth_factor(square.sqrt_(), state, limit).to(update.dtype))

@@ -13,7 +13,10 @@ from the shape, which a shard does not have (docs/distributed.md measures that t
 Every row-sharded parameter, projected or not, is updated on its local rows (`RowShard` tells the update
 which rows it has). Elementwise updates need nothing more; the reductions some updates make over the rows
 go through `RowShard.sum`, an all-reduce: Adafactor's column statistics and update RMS (r + 2 values per
-matrix per step), Natural GaLore's Fisher products H g (at most s values).
+matrix per step), Natural GaLore's Fisher products H g (at most s values), and the norms of Fira and APOLLO
+(`sum_over_rows`: whole-matrix or per-column sums of squares, batched into one all-reduce per matrix and step;
+their per-row norms are local). `RowShard.grad` gives the update this rank's rows of the unprojected gradient,
+which Fira and APOLLO read (the local weight it is handed has no `.grad`).
 
 State: tensors an update creates on its shard become DTensors (torch's full-state gathering then concatenates
 them, and re-shards them on load), sharded on dim 0 unless the optimizer's STATE_SHARDING says otherwise
@@ -70,6 +73,7 @@ class RowShard:
 
     rows: int
     group: dist.ProcessGroup
+    grad: Optional[Tensor] = None  # this rank's rows of the parameter's (unprojected) gradient
 
     def sum(self, t: Tensor) -> Tensor:
         """`t` summed over the ranks, in place (collective)."""
@@ -79,6 +83,17 @@ class RowShard:
     def numel(self, local: Tensor) -> int:
         """Elements of the whole tensor whose rows this rank holds `local` of."""
         return self.rows * math.prod(local.shape[1:])
+
+
+def sum_over_rows(shard: Optional[RowShard], *partials: Tensor) -> tuple[Tensor, ...]:
+    """The reduce hook of sums over the rows (sums of squares for norms): under FSDP2 each of `partials` was
+    summed over this rank's rows only and the returned tensors are their sums over the ranks, all in one
+    all-reduce (flattened into one float32 buffer: one scalar or one vector per matrix and step); without a
+    shard (one process, DDP) the partials are already whole and come back as they are."""
+    if shard is None:
+        return partials
+    flat = shard.sum(torch.cat([t.reshape(-1).to(torch.float32) for t in partials]))
+    return tuple(part.view(t.shape).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in partials]), partials))
 
 
 def local_state(state: dict[str, Any]) -> dict[str, Any]:
