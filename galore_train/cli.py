@@ -202,7 +202,7 @@ def list_models() -> None:
 
 
 # The TrainConfig fields `memory` takes: the estimator's arguments (tests/test_cli.py keeps them in step).
-MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", "gap", *ESTIMATE_OPTIONS)
+MEMORY_FIELDS = ("model", "optimizer", "rank", "eightbit", *ESTIMATE_OPTIONS)
 _MEMORY_EXTRAS = [
     inspect.Parameter(
         "compare",

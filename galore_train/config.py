@@ -49,7 +49,7 @@ def parse_token_count(text: str | int | None) -> Optional[int]:
 ESTIMATE_OPTIONS = tuple(
     "layerwise dtype batch_size max_length activation_checkpointing galore_targets proj_type proj_bits proj_group_size"
     " beta1 fisher_history moments_dtype norm_growth_limit apollo_proj distributed total_batch_size int8_weights"
-    " int8_group_size accumulate_projected stochastic_rounding".split()
+    " int8_group_size accumulate_projected stochastic_rounding gap stagger_refresh".split()
 )
 # Settings newer than some checkpoints: what a saved config without them ran with.
 ABSENT_MEANS = {"moments_dtype": "param", "int8_weights": False, "int8_group_size": 256, "stochastic_rounding": False}
@@ -184,7 +184,8 @@ class TrainConfig:
     )
     stagger_refresh: bool = option(
         False,
-        "Spread the SVD refreshes of different matrices over the gap window.",
+        "Spread the SVD refreshes of different matrices over the gap window (implied by --accumulate-projected).",
+        flag="--stagger-refresh/--no-stagger-refresh",
         section="GaLore and low-rank methods",
     )
     proj_bits: int = option(

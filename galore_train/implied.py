@@ -12,6 +12,9 @@ paper names them, each stated once here and reported at start (docs/cli.md, "Wha
 3. **FSDP's projection side.** GaLore under `--distributed fsdp` needs `--proj-type right`: unset, it becomes
    right; given as anything else, a one-line error.
 4. **Flags that mean nothing** for the optimizer that will be built (`--rank` with adamw): one warning line.
+5. **Projected accumulation refreshes a few matrices at a time.** `--accumulate-projected` holds the full gradient
+   of the matrices whose projection a step refreshes (optim/layerwise.py): all of them at once without staggering,
+   which is the memory the option removes. So it implies `--stagger-refresh` unless that flag is given either way.
 """
 
 from __future__ import annotations
@@ -105,6 +108,12 @@ def resolve_command(values: dict[str, Any], explicit: set[str]) -> Resolved:
         if cfg.proj_type != "right":
             resolved.notes.append("--proj-type right: GaLore under --distributed fsdp projects gradient rows")
             cfg = cfg.replace(proj_type="right")
+    if cfg.accumulate_projected and not cfg.stagger_refresh and "stagger_refresh" not in explicit:
+        resolved.notes.append(
+            "--stagger-refresh: implied by --accumulate-projected (a refreshing matrix holds its full gradient for "
+            "that step; staggered, a few at a time); --no-stagger-refresh refreshes all together"
+        )
+        cfg = cfg.replace(stagger_refresh=True)
     if spec is not None:
         ignored = (explicit & optimizer_only_fields()) - spec.fields_read(cfg)
         if ignored:

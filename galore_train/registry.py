@@ -1,14 +1,12 @@
 """The --optimizer names: one table of every optimizer and method, which everything that lists names reads.
 
-An entry says what the name builds (a "module:attribute" path, imported on first use, so this table costs
-nothing to import and can feed TrainConfig's help text), the constructor's keywords from a TrainConfig,
-where its state layout comes from (the memory estimator's source), its 8-bit variant, its row name in
-reports, whether it is GaLore-family (projected param group) or runs under FSDP, the target group's own keys
-and the config fields only it reads, and its state per weight as `galore-train optimizers` prints it.
-Methods (LoRA, ReLoRA, low-rank) change the model, not the optimizer: their entry names the Method class and
-the optimizer that trains their parameters.
-
-Adding an optimizer: write its class (galore_train/optim/, with a `state_layout`), add one entry here.
+An entry says what the name builds (a "module:attribute" path, imported on first use, so this table costs nothing
+to import and can feed TrainConfig's help text), the constructor's keywords from a TrainConfig, where its state
+layout comes from (the memory estimator's source), its 8-bit variant, its row name in reports, whether it is
+GaLore-family (projected param group) or runs under FSDP, the target group's own keys and the config fields only it
+reads, and its state per weight as `galore-train optimizers` prints it. Methods (LoRA, ReLoRA, low-rank) change the
+model, not the optimizer: their entry names the Method class and the optimizer that trains their parameters. Adding
+an optimizer: write its class (galore_train/optim/, with a `state_layout`), add one entry here.
 """
 
 from __future__ import annotations

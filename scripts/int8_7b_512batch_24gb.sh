@@ -6,13 +6,15 @@
 # GPUs: 1 x RTX 4090 / any GPU with >= 24 GB.
 #
 # Expected result: it runs, at the paper's recipe and batch. Estimate (`galore-train memory` with the flags below):
-# 17.17 GiB peak = INT8 weights 6.61 + held gradients 3.75 (low-rank R of the 224 matrices, full gradients of
-# embeddings / lm_head / norms, plus the one being formed) + 8-bit states 3.56 + 4-bit projections 0.45 +
-# activations 2.71 + one dequantized matrix 0.08. Without INT8 weights 25.98 GiB, without projected accumulation
-# 23.03 GiB: it takes both. Not in the estimate: the CUDA context, the allocator's fragmentation and the SVD
-# workspace at a refresh (~0.5 GB), within the 24 GB - 17.17 GiB (18.4 GB) margin.
-# At a refresh step the SVD sees the first micro-batch's gradient (16 sequences), not the 512-sequence sum
-# (docs/int8.md). No gradient clipping (layer-wise updates cannot clip the global norm).
+# 17.24 GiB peak = INT8 weights 6.61 + held gradients 3.81 (low-rank R of the 224 matrices; full gradients of
+# embeddings, lm_head, norms and of the one matrix whose projection the step refreshes, --stagger-refresh being
+# implied; plus the one being formed) + 8-bit states 3.56 + 4-bit projections 0.45 + activations 2.71 + one
+# dequantized matrix 0.08. Without INT8 weights 23.09 GiB, without projected accumulation 25.98 GiB: it takes both.
+# Not in the estimate: the CUDA context, the allocator's fragmentation and the SVD workspace at a refresh (~0.5 GB),
+# within the 24 GB - 17.24 GiB (18.5 GB) margin.
+# Every refresh after the first takes its SVD from the step's whole 512-sequence gradient; the first projection
+# (step 0) from the first micro-batch's 16 sequences (docs/int8.md). No gradient clipping (layer-wise updates
+# cannot clip the global norm).
 #
 # Usage: scripts/int8_7b_512batch_24gb.sh    DRY_RUN=1 scripts/int8_7b_512batch_24gb.sh    MAX_STEPS=20 ...
 

@@ -5,8 +5,10 @@
 #   fp32           full-precision weights (the reference)
 #   int8-sr        --int8-weights, stochastic rounding (groups of 16: the gcd of llama_20m's rows, 256 and 688)
 #   int8-nearest   --int8-weights --int8-rounding nearest (updates below half a code step are lost)
-#   projected      --layerwise, micro-batches of 1 x 4 accumulated as P^T G (--accumulate-projected); the fp32 run
-#                  is its full-gradient reference (batch 4 in one micro-batch = the sum of the 4 micro-batches)
+#   projected      --layerwise, micro-batches of 1 x 4 accumulated as P^T G (--accumulate-projected), refreshes
+#                  from the summed G; the fp32 run is its full-gradient reference (batch 4 in one micro-batch = the
+#                  sum of the 4 micro-batches). --no-stagger-refresh: the reference refreshes every matrix together,
+#                  so only the accumulation differs (staggering, which the option implies, is a schedule change)
 # Writes results/mini_int8.md through `galore-train report`; the comparison is appended by hand.
 #
 # Hardware: CPU, 2 cores, no GPU. Budget: 8 llama_20m runs of 200 steps x 4 x 256 tokens, ~10 CPU-min each.
@@ -31,7 +33,8 @@ dirs=()
 for seed in "${SEEDS[@]}"; do  # seed by seed: an interrupted invocation leaves complete comparisons
   mini_run galore-fp32 "$LR" "$seed" "${galore[@]}"
   mini_run galore-int8-sr "$LR" "$seed" "${galore[@]}" "${int8[@]}"
-  MICRO_BATCH=1 mini_run galore-projected "$LR" "$seed" "${galore[@]}" --layerwise --accumulate-projected
+  MICRO_BATCH=1 mini_run galore-projected "$LR" "$seed" "${galore[@]}" --layerwise --accumulate-projected \
+    --no-stagger-refresh
   mini_run galore-int8-nearest "$LR" "$seed" "${galore[@]}" "${int8[@]}" --int8-rounding nearest
   for name in fp32 int8-sr projected int8-nearest; do
     dirs+=("$RUNS_DIR/galore-$name-lr$LR-s$seed")

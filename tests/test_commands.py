@@ -149,6 +149,16 @@ def test_fsdp_takes_the_working_projection_side_and_says_so() -> None:
         resolve("--optimizer", "galore_adamw", "--distributed", "fsdp", "--proj-type", "std", "--num-training-steps=1")
 
 
+def test_projected_accumulation_staggers_the_refreshes_unless_told() -> None:
+    run = ("--optimizer", "galore_adamw", "--layerwise", "--accumulate-projected", "--num-training-steps", "5")
+    resolved = resolve(*run)
+    assert resolved.config.stagger_refresh
+    assert any(note.startswith("--stagger-refresh: implied by --accumulate-projected") for note in resolved.notes)
+    told = resolve(*run, "--no-stagger-refresh")
+    assert not told.config.stagger_refresh and told.notes == []
+    assert not resolve("--optimizer", "galore_adamw", "--layerwise", "--num-training-steps", "5").config.stagger_refresh
+
+
 @pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
 def test_a_contradiction_is_one_line_printed_by_rank_0_only(rank: str, lines: int) -> None:
     """Every torchrun process parses the same command line: only the first says what is wrong."""

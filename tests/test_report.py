@@ -14,7 +14,7 @@ import pytest
 from galore_train.config import TrainConfig
 from galore_train.errors import UserError
 from galore_train.reporting.report import report
-from galore_train.reporting.runs import load_run
+from galore_train.reporting.runs import load_run, method_label
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -413,3 +413,16 @@ def test_cli_report_command(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t.csv").is_file() and (tmp_path / "p" / "memory.png").is_file()
+
+
+def test_row_names_say_what_changes_a_runs_numbers() -> None:
+    """Runs that differ in weight storage or accumulation must not share a row (results/mini_int8.md)."""
+    base = {"optimizer": "galore_adamw"}
+    assert method_label(base) == "GaLore"
+    assert method_label({**base, "eightbit": True, "layerwise": True}) == "8-bit GaLore (layer-wise)"
+    assert method_label({**base, "layerwise": True, "accumulate_projected": True}) == (
+        "GaLore (layer-wise, projected accumulation)"
+    )
+    assert method_label({**base, "int8_weights": True, "int8_rounding": "stochastic"}) == "GaLore (INT8 weights)"
+    assert method_label({**base, "int8_weights": True, "int8_rounding": "nearest"}) == "GaLore (INT8 weights, nearest)"
+    assert method_label({"optimizer": "adamw", "stochastic_rounding": True}) == "Full-Rank (stochastic rounding)"

@@ -29,7 +29,7 @@ from galore_train.optim.base import GALORE_GROUP_DEFAULTS
 from galore_train.optim.layout import StateTensor
 from galore_train.optim.natural_galore import FISHER_HISTORY
 from galore_train.optim.norm_growth import check_norm_growth_limit
-from galore_train.optim.projector import PROJ_TYPES, GaLoreProjector
+from galore_train.optim.projector import PROJ_TYPES, GaLoreProjector, stagger_offsets
 from galore_train.optim.quantize import QUANT_BITS
 from galore_train.plan import plan_steps
 from galore_train.registry import OPTIMIZERS, OptimizerSpec, moments_group, resolve_optimizer_name
@@ -142,13 +142,22 @@ def _weight_bytes(tensor: _Tensor, itemsize: int, group_size: int) -> int:
     return int8_nbytes(tensor.shape, group_size) + itemsize if tensor.int8 else tensor.numel * itemsize
 
 
-def _held_gradients(tensors: list[_Tensor], itemsize: int, projected_group: dict[str, Any]) -> int:
-    """What layer-wise accumulation holds between micro-batches with --accumulate-projected: each target
-    matrix's low-rank R (the projector's shape), every other trainable parameter's full gradient."""
+def _held_gradients(
+    tensors: list[_Tensor], itemsize: int, projected_group: dict[str, Any], gap: int, stagger: bool
+) -> int:
+    """What layer-wise accumulation holds between micro-batches with --accumulate-projected, at its worst step:
+    each target matrix's low-rank R (the projector's shape) and every other trainable parameter's full gradient,
+    except that the matrices whose projection the step refreshes hold their full gradient (optim/layerwise.py):
+    with --stagger-refresh the largest set sharing a refresh offset, else all of them."""
     projector = GaLoreProjector.from_group({**GALORE_GROUP_DEFAULTS, **projected_group})
-    return sum(
-        math.prod(projector.low_rank_shape(t.shape) if t.matrix else t.shape) * itemsize for t in tensors if t.trainable
-    )
+    matrices = [t for t in tensors if t.trainable and t.matrix]
+    low_rank = sum(math.prod(projector.low_rank_shape(t.shape)) for t in matrices)
+    others = sum(t.numel for t in tensors if t.trainable and not t.matrix)
+    refreshing: dict[int, int] = {}  # refresh offset -> the full-minus-R values of the matrices sharing it
+    offsets = stagger_offsets(len(matrices), gap) if stagger else [0] * len(matrices)
+    for offset, t in zip(offsets, matrices):
+        refreshing[offset] = refreshing.get(offset, 0) + t.numel - math.prod(projector.low_rank_shape(t.shape))
+    return (low_rank + others + max(refreshing.values(), default=0)) * itemsize
 
 
 def _method_tensors(method: Any, shape: tuple[int, ...], rank: int) -> list[_Tensor]:
@@ -235,6 +244,8 @@ def estimate_memory(
     int8_group_size: int = 256,
     accumulate_projected: bool = False,
     stochastic_rounding: bool = False,
+    gap: int = 200,
+    stagger_refresh: bool = False,
 ) -> MemoryEstimate:
     """Memory of training `model_config` with `optimizer` (a --optimizer name: optimizer or method).
 
@@ -247,7 +258,8 @@ def estimate_memory(
     With `nproc` > 1 the estimate is per GPU under `distributed` (see `_per_gpu`). `total_batch_size` (sequences
     per step over all GPUs, as in pretrain) sets the accumulation, which matters with `layerwise` only: its hooks
     hold every gradient (FSDP: every shard) between micro-batches; with `accumulate_projected` (GaLore family)
-    a target matrix's held gradient is its low-rank R. `int8_weights`: the target weights as INT8 codes and
+    a target matrix's held gradient is its low-rank R, except at the step that refreshes its projection (`gap`,
+    `stagger_refresh`: which matrices refresh together). `int8_weights`: the target weights as INT8 codes and
     per-group fp32 scales (weights/int8.py), plus one dequantized matrix at a time (`dequantized`).
     `stochastic_rounding` (--dtype bf16): each update steps an fp32 copy of one parameter, the largest counted
     (the rounding's own temporaries are step temporaries, not counted: weights/bf16.py).
@@ -319,7 +331,7 @@ def estimate_memory(
         layout(t.shape, matrix_group if t.matrix else plain_group, e) for t in tensors if t.trainable
     )
     trainable = [t.numel * e for t in tensors if t.trainable]
-    held = _held_gradients(tensors, e, matrix_group) if accumulate_projected else 0
+    held = _held_gradients(tensors, e, matrix_group, gap, stagger_refresh) if accumulate_projected else 0
     label = [f"{optimizer if method else name} rank {rank}" if spec.galore or method else name, dtype]
     label += ["fp32 moments"] if moments else []
     label += ["layer-wise"] if layerwise else []

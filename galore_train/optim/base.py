@@ -226,8 +226,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     def project_gradient(self, p: Tensor, grad: Tensor) -> Optional[Tensor]:
         """R = P^T G of one micro-batch's `grad` (a new tensor) in the projection of p's next step, for summing
-        micro-batches in the low-rank space. If that step refreshes, the first micro-batch's gradient refreshes
-        it (once per step); NaN after a non-finite gradient at the refresh. None: p has no projection."""
+        micro-batches in the low-rank space. None: sum G instead, because p has no projection or its next step
+        refreshes one it has (that refresh then takes the basis of the summed G, as without projected
+        accumulation). The first projection (no basis yet) comes from the first micro-batch's gradient, once per
+        step: full gradients of every matrix would be held at step 0 otherwise. NaN after a non-finite gradient
+        at that first refresh."""
         for group in self.param_groups:
             if "rank" not in group or not self._uses_projector(group):
                 continue
@@ -235,9 +238,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 if q is p:
                     state, names = self.state[p], group.get("param_names")
                     step = state.get("step", 0)
-                    refreshed = True if self._refreshed_for.get(p) == step else None
-                    name = names[index] if names else None
                     projector = GaLoreProjector.from_group(group)
+                    refreshed = True if self._refreshed_for.get(p) == step else None  # by an earlier micro-batch
+                    if not refreshed and "projection" in state and projector.refresh_due(state, step):
+                        return None
+                    name = names[index] if names else None
                     low_rank = projector.project(grad, state, step, self.refresh_stats, name, refreshed=refreshed)
                     self._refreshed_for[p] = step
                     if low_rank is None:  # non-finite at the refresh: NaN, so the step is not applied

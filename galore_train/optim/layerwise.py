@@ -20,10 +20,14 @@ Accumulation therefore keeps a full gradient set between micro-batches (under FS
 Projected accumulation (`projected=True`, single process, GaLore-family optimizers: their update reads
 only R = P^T G, and R is linear in G): the hooks of earlier micro-batches sum R (r x n) instead of G
 (m x n) for every matrix with a projection (`optimizer.project_gradient`), and the last micro-batch adds
-its own R and hands the sum to the optimizer (`use_low_rank`): the same update as from the summed G. At a
-step that refreshes the projection, the first micro-batch's gradient is the one the SVD sees (the summed
-G does not exist here; docs/int8.md measures what that costs). Other parameters (embeddings, norms) keep
-summing G. The step's norm then counts each projected matrix's summed R: the gradient inside its subspace.
+its own R and hands the sum to the optimizer (`use_low_rank`): the same update as from the summed G. A
+matrix whose projection this step refreshes sums G instead, so the SVD sees the step's whole gradient, as
+without projected accumulation: exact at every step. The cost is that matrix's full gradient while the step
+accumulates, which `--stagger-refresh` (implied by --accumulate-projected) keeps to about count / gap matrices
+per step; the memory estimate adds the largest such set. Only a matrix's first projection (step 0, no basis
+yet) is taken from the first micro-batch's gradient: every matrix refreshes then. Other parameters
+(embeddings, norms) keep summing G. The step's norm counts each projected matrix's summed R: the gradient
+inside its subspace.
 
 Non-finite gradients: each hook checks its gradient's norm before stepping (one device sync per
 parameter, the price of never applying a NaN; under FSDP2 the shards' squared norms are summed over

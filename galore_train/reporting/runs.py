@@ -145,7 +145,8 @@ class Run:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """Paper-style row name: the optimizer actually built, plus ' (layer-wise)'."""
+    """Paper-style row name: the optimizer actually built, plus what else changes the run's numbers in brackets
+    (layer-wise, projected accumulation, INT8 weights and their rounding, bf16 stochastic rounding)."""
     name = str(config.get("optimizer", "?"))
     if config.get("eightbit"):
         try:
@@ -153,7 +154,12 @@ def method_label(config: dict[str, Any]) -> str:
         except UserError:
             pass  # a method (its 8-bit optimizer is no row of its own), an old or a foreign name: as it is
     label = OPTIMIZERS[name].label if name in OPTIMIZERS else name
-    return label + " (layer-wise)" if config.get("layerwise") else label
+    details = ["layer-wise"] if config.get("layerwise") else []
+    details += ["projected accumulation"] if config.get("accumulate_projected") else []
+    if config.get("int8_weights"):
+        details.append("INT8 weights" + (", nearest" if config.get("int8_rounding") == "nearest" else ""))
+    details += ["stochastic rounding"] if config.get("stochastic_rounding") else []
+    return f"{label} ({', '.join(details)})" if details else label
 
 
 def _number(value: Any) -> Optional[float]:
