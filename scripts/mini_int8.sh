@@ -15,7 +15,7 @@
 # Expected (issue 24): int8-sr within 2% of fp32 in held-out perplexity, int8-nearest worse; projected within 1%.
 # Interrupted, it can be rerun: finished runs are reused, an interrupted one resumes.
 #
-# Usage: scripts/mini_int8.sh      DRY_RUN=1 scripts/mini_int8.sh      SEEDS="0" scripts/mini_int8.sh
+# Usage: scripts/mini_int8.sh      DRY_RUN=1 scripts/mini_int8.sh      SEEDS="0" VARIANTS="fp32 projected" scripts/mini_int8.sh
 
 cd "$(dirname "$0")/.."  # the project root: results/ and runs/ are relative to it
 source scripts/_common.sh
@@ -25,18 +25,24 @@ MODEL=llama_20m
 RANK=128  # d_model / 2
 LR=${LR:-0.003}
 read -r -a SEEDS <<< "${SEEDS:-0 1}"
-total_runs=$((4 * ${#SEEDS[@]}))
+read -r -a VARIANTS <<< "${VARIANTS:-fp32 int8-sr projected int8-nearest}"
+total_runs=$((${#VARIANTS[@]} * ${#SEEDS[@]}))
 galore=(--optimizer galore_adamw --rank "$RANK" --gap "$GAP" --scale 0.25)
 int8=(--int8-weights --int8-group-size 16)
 
+declare -A FLAGS=(
+  [fp32]=""
+  [int8-sr]="${int8[*]}"
+  [projected]="--layerwise --accumulate-projected --no-stagger-refresh"
+  [int8-nearest]="${int8[*]} --int8-rounding nearest"
+)
 dirs=()
 for seed in "${SEEDS[@]}"; do  # seed by seed: an interrupted invocation leaves complete comparisons
-  mini_run galore-fp32 "$LR" "$seed" "${galore[@]}"
-  mini_run galore-int8-sr "$LR" "$seed" "${galore[@]}" "${int8[@]}"
-  MICRO_BATCH=1 mini_run galore-projected "$LR" "$seed" "${galore[@]}" --layerwise --accumulate-projected \
-    --no-stagger-refresh
-  mini_run galore-int8-nearest "$LR" "$seed" "${galore[@]}" "${int8[@]}" --int8-rounding nearest
-  for name in fp32 int8-sr projected int8-nearest; do
+  for name in "${VARIANTS[@]}"; do
+    read -r -a flags <<< "${FLAGS[$name]}"
+    micro_batch=4
+    [[ "$name" == projected ]] && micro_batch=1  # 4 micro-batches of 1 sequence, summed in the projected space
+    MICRO_BATCH=$micro_batch mini_run "galore-$name" "$LR" "$seed" "${galore[@]}" "${flags[@]}"
     dirs+=("$RUNS_DIR/galore-$name-lr$LR-s$seed")
   done
 done
