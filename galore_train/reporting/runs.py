@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from galore_train.checkpoint import latest_checkpoint
 from galore_train.config import ABSENT_MEANS, TrainConfig
+from galore_train.config import ESTIMATE_OPTIONS as CONFIG_ESTIMATE_OPTIONS  # the estimator's keywords
 from galore_train.errors import UserError
 from galore_train.metrics import parse_record
 from galore_train.plan import plan_steps
@@ -317,21 +318,11 @@ ESTIMATE_PARTS = {
     "optimizer_state": "optimizer_states",
     "other": "activations",
 }
-# TrainConfig fields the estimator may take as keywords (it is asked only for those it declares).
+# TrainConfig fields the estimator takes as keywords; not dtype (the run's resolved one is passed on its own), nor
+# the batch split over processes (a run's folder does not record how many it had).
 ESTIMATE_OPTIONS = (
     "eightbit",
-    "layerwise",
-    "batch_size",
-    "max_length",
-    "activation_checkpointing",
-    "galore_targets",
-    "proj_type",
-    "beta1",
-    "proj_bits",
-    "proj_group_size",
-    "fisher_history",
-    "norm_growth_limit",
-    "apollo_proj",
+    *(name for name in CONFIG_ESTIMATE_OPTIONS if name not in ("dtype", "total_batch_size", "distributed")),
 )
 
 
