@@ -53,7 +53,7 @@ run galore-train report "${dirs[@]}" --title "INT8 weights and projected accumul
 if [[ "$DRY_RUN" != 1 ]]; then
   {
     mini_setup_notes
-    echo "- GaLore-AdamW at lr $LR, rank $RANK, gap $GAP, scale 0.25, seeds ${SEEDS[*]}: fp32 weights, INT8 weights" \
-      "(groups of 16) with stochastic or nearest rounding, and layer-wise projected accumulation of 4 x 1 sequences."
+    echo "- GaLore-AdamW at lr $LR, rank $RANK, gap $GAP, scale 0.25, seeds ${SEEDS[*]}, variants ${VARIANTS[*]}" \
+      "(INT8: groups of 16; projected: layer-wise, 4 x 1 sequences, --no-stagger-refresh)."
   } >> "$RESULTS/mini_int8.md"
 fi

@@ -78,3 +78,24 @@ def tiny_run_args(config_file: str, output_dir: Path, **overrides) -> dict:
     )
     values.update(overrides)
     return values
+
+
+def run_straight_and_crashed(make_config, crash_after_step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train `make_config("straight")` to its end; train `make_config("split")` until it dies right after optimizer
+    step `crash_after_step` (no handler saves: like kill -9), then resume it with --resume to its end."""
+    from galore_train.train import Trainer
+
+    Trainer(make_config("straight")).run()
+    original = Trainer._train_step
+
+    def crash_after(self):
+        record = original(self)
+        if self.step == crash_after_step:
+            raise KeyboardInterrupt  # no handler saves: the process just dies
+        return record
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_after)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_config("split")).run()
+    monkeypatch.undo()
+    Trainer(make_config("split").replace(resume=True)).run()

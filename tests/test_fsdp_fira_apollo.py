@@ -28,7 +28,7 @@ from test_distributed import (
     weights,
     work,  # noqa: F401 (fixture)
 )
-from test_fsdp_galore import MATRICES, STEPS, replicated, step_four
+from test_fsdp_galore import MATRICES, STEPS, plain_and_row_sharded, replicated, step_four
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 
@@ -196,26 +196,7 @@ def test_row_shard_path_is_the_plain_update(make):
     """In-process, on a 1-rank mesh: DTensor row shards take the FSDP path (local rows, the gradient's rows from
     RowShard, norms through sum_over_rows, moments wrapped as DTensors) and give the plain optimizer's weights and
     state over 4 steps with 2 refreshes."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    mesh = init_device_mesh("cpu", (1,))
-    generator = torch.Generator().manual_seed(0)
-    shapes = [(160, 64), (64,)]
-    start = [torch.randn(shape, generator=generator) for shape in shapes]
-    gradients = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(4)]
-    params = {
-        "plain": [p.clone() for p in start],
-        "sharded": [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(0)])) for p in start],
-    }
-    optimizers = {mode: make(ps) for mode, ps in params.items()}
-    for optimizer in optimizers.values():
-        optimizer.share_refresh()
-    for step_gradients in gradients:
-        for mode, optimizer in optimizers.items():
-            for p, g in zip(params[mode], step_gradients):
-                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]) if mode == "sharded" else g.clone()
-            optimizer.step()
+    params, optimizers = plain_and_row_sharded([(160, 64), (64,)], make)
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
     for plain, sharded in zip(params["plain"], params["sharded"]):
         torch.testing.assert_close(local(sharded.detach()), plain, rtol=1e-6, atol=1e-7)

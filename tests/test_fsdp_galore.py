@@ -9,6 +9,7 @@ written by earlier runs are resumed by later ones, in the same mode and in the o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -209,42 +210,52 @@ def test_natural_galore_history_must_shard_like_the_rows():
         _check_history_follows_rows("up", (5, 2), 2)  # 3 + 2 rows: 6 + 4 values, torch.chunk splits 5 + 5
 
 
+def plain_and_row_sharded(
+    shapes: list[tuple[int, ...]], make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], steps: int = 4
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.optim.Optimizer]]:
+    """The same start and gradients (seed 0) as plain tensors and as row shards on a 1-rank mesh, each set stepped
+    `steps` times by its own optimizer `make(params)` (refreshes shared): ({mode: params}, {mode: optimizer})."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    gradients = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(steps)]
+    params = {
+        "plain": [p.clone() for p in start],
+        "sharded": [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(0)])) for p in start],
+    }
+    optimizers = {mode: make(ps) for mode, ps in params.items()}
+    for optimizer in optimizers.values():
+        optimizer.share_refresh()
+    for step_gradients in gradients:
+        for mode, optimizer in optimizers.items():
+            for p, g in zip(params[mode], step_gradients):
+                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]) if mode == "sharded" else g.clone()
+            optimizer.step()
+    return params, optimizers
+
+
 @pytest.mark.parametrize("optimizer_class", [GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor, NaturalGaLoreAdamW])
 @pytest.mark.usefixtures("one_process_group")
 def test_row_shard_path_is_the_plain_update_with_svd_fallbacks(monkeypatch, optimizer_class):
     """In-process, on a 1-rank mesh: DTensor row shards take the FSDP path (local rows, RowShard sums, state
     wrapped as DTensors, refresh gathered to the owner) and give the plain optimizer's weights and state while
     every SVD fails (first refresh: the randomized fallback; later ones keep the projection)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
 
     def failing_svd(*args, **kwargs):
         raise torch.linalg.LinAlgError("injected")
 
     monkeypatch.setattr(projector, "svd_top", failing_svd)
-    mesh = init_device_mesh("cpu", (1,))
-    generator = torch.Generator().manual_seed(0)
     shapes = [(160, 64), (128, 64), (64,)]  # a GaLore matrix (8-bit: 160 x 32), an 8-bit and an fp32 full-rank one
-    start = [torch.randn(shape, generator=generator) for shape in shapes]
-    gradients = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(4)]
-    params = {
-        "plain": [p.clone() for p in start],
-        "sharded": [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(0)])) for p in start],
-    }
-    optimizers = {
-        mode: optimizer_class(
-            [{"params": ps[:1], "rank": 32, "update_proj_gap": 2, "proj_type": "right"}, {"params": ps[1:]}], lr=1e-2
-        )
-        for mode, ps in params.items()
-    }
-    for optimizer in optimizers.values():
-        optimizer.share_refresh()
+
+    def make(ps: list[torch.Tensor]) -> torch.optim.Optimizer:
+        galore = {"params": ps[:1], "rank": 32, "update_proj_gap": 2, "proj_type": "right"}
+        return optimizer_class([galore, {"params": ps[1:]}], lr=1e-2)
+
     with pytest.warns(RuntimeWarning, match="injected"):
-        for step_gradients in gradients:
-            for mode, optimizer in optimizers.items():
-                for p, g in zip(params[mode], step_gradients):
-                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]) if mode == "sharded" else g.clone()
-                optimizer.step()
+        params, optimizers = plain_and_row_sharded(shapes, make)
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
     for plain, sharded in zip(params["plain"], params["sharded"]):
         torch.testing.assert_close(local(sharded.detach()), plain, rtol=1e-6, atol=1e-7)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, tiny_run_args
+from conftest import TINY_LLAMA, run_straight_and_crashed, tiny_run_args
 from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -155,20 +155,9 @@ def _final(output_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_resume_after_a_crash_is_bit_exact(layerwise, tiny_config_file, tmp_path, monkeypatch, shared_data) -> None:
     """A crash after step 4 (nothing saved since step 3, like kill -9) and --resume: the same codes at step 6."""
-    Trainer(_run_args(tiny_config_file, tmp_path / "straight", layerwise=layerwise)).run()
-    original = Trainer._train_step
-
-    def crash_after_four(self):
-        record = original(self)
-        if self.step == 4:
-            raise KeyboardInterrupt  # no handler saves: the process just dies
-        return record
-
-    monkeypatch.setattr(Trainer, "_train_step", crash_after_four)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_run_args(tiny_config_file, tmp_path / "split", layerwise=layerwise)).run()
-    monkeypatch.undo()
-    Trainer(_run_args(tiny_config_file, tmp_path / "split", layerwise=layerwise).replace(resume=True)).run()
+    run_straight_and_crashed(
+        lambda name: _run_args(tiny_config_file, tmp_path / name, layerwise=layerwise), 4, monkeypatch
+    )
     straight, split = _final(tmp_path / "straight"), _final(tmp_path / "split")
     assert straight.keys() == split.keys() and all(torch.equal(straight[k], split[k]) for k in straight)
 

@@ -242,3 +242,35 @@ def test_traffic_counter_reads_bytes_per_step_and_resets():
         "comm_bytes": 32.0,
     }
     assert counter.read(6) == {}
+
+
+def test_presynced_r_survives_a_step_taken_one_matrix_at_a_time() -> None:
+    """INT8 weights and stochastic rounding call step() once for the other parameters, then once per matrix
+    (weights/stepping.py): each matrix must still update from its averaged R, not from its own gradient (found by
+    tests/test_int8_kill_resume.py: DDP ranks drifted apart and a resume diverged)."""
+    from galore_train.weights.stepping import RoundedWeights
+
+    class SteppedAsItIs(RoundedWeights):  # the one-matrix-at-a-time order, without a working copy
+        def _open(self, p, optimizer):
+            return False
+
+    def setup() -> tuple[GaLoreAdamW, list[torch.nn.Parameter]]:
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(8, 12), (12, 8), (8,)]]
+        galore = {"params": params[:2], "rank": 4, "update_proj_gap": 100, "scale": 0.25, "proj_type": "std"}
+        optimizer = GaLoreAdamW([galore, {"params": params[2:]}], lr=0.1)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()  # the first projections
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        for low_rank in optimizer.project_for_sync().values():
+            low_rank.mul_(3.0)  # as if averaged with other processes: no longer this process's own R
+        return optimizer, params
+
+    reference, expected = setup()
+    reference.step()
+    optimizer, params = setup()
+    SteppedAsItIs(params[:2], stochastic=False, seed=0).step(optimizer)
+    for p, q in zip(params, expected):
+        assert torch.equal(p, q)

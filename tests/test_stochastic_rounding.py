@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, tiny_run_args
+from conftest import TINY_LLAMA, run_straight_and_crashed, tiny_run_args
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
@@ -18,7 +18,6 @@ from galore_train.memory.meter import GIB, MemoryMeter
 from galore_train.model import build_model, load_model_config
 from galore_train.optim.layerwise import LayerwiseUpdater
 from galore_train.optimizers import build_optimizer
-from galore_train.train import Trainer
 from galore_train.weights.bf16 import stochastic_round_to_bf16_
 from galore_train.weights.stepping import BF16StochasticRounding, rounded_weights_for_run
 
@@ -181,20 +180,9 @@ def _run_args(config_file: str, output_dir: Path, **options) -> TrainConfig:
 def test_resume_is_bit_exact(layerwise, tiny_config_file, tmp_path, monkeypatch, shared_data) -> None:
     """A crash after step 3 (nothing saved since step 2) and --resume: the same bf16 weights at step 4 (bf16 matmuls
     are slow on CPUs: a tiny run)."""
-    Trainer(_run_args(tiny_config_file, tmp_path / "straight", layerwise=layerwise)).run()
-    original = Trainer._train_step
-
-    def crash_after_three(self):
-        record = original(self)
-        if self.step == 3:
-            raise KeyboardInterrupt  # no handler saves: the process just dies
-        return record
-
-    monkeypatch.setattr(Trainer, "_train_step", crash_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_run_args(tiny_config_file, tmp_path / "split", layerwise=layerwise)).run()
-    monkeypatch.undo()
-    Trainer(_run_args(tiny_config_file, tmp_path / "split", layerwise=layerwise).replace(resume=True)).run()
+    run_straight_and_crashed(
+        lambda name: _run_args(tiny_config_file, tmp_path / name, layerwise=layerwise), 3, monkeypatch
+    )
     straight, split = (
         load_file(str(d / "checkpoints/step_00000004/model.safetensors"))
         for d in (tmp_path / "straight", tmp_path / "split")

@@ -81,14 +81,18 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(tiny_config_file, tmp_path, monkey
 
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_config_file, tmp_path, shared_data):
-    run(tiny_config_file, tmp_path / "full", batch_size=8, num_training_steps=2, shuffle_buffer=0)
-    run(tiny_config_file, tmp_path / "accum", batch_size=4, total_batch_size=8, num_training_steps=2, shuffle_buffer=0)
+    # fp32 sums in another order differ by ~1e-9. Adam at eps 1e-8 turns that into a sizeable part of lr (3e-3) for
+    # gradient elements near 1e-8 (seen: 3.1e-5 apart after 2 steps, which elements depends on the initial weights);
+    # at eps 1e-6 such an element moves by ~lr * 1e-3, so the 1e-5 bound tests the accumulation, not Adam's eps.
+    settings = {"num_training_steps": 2, "shuffle_buffer": 0, "eps": 1e-6}
+    run(tiny_config_file, tmp_path / "full", batch_size=8, **settings)
+    run(tiny_config_file, tmp_path / "accum", batch_size=4, total_batch_size=8, **settings)
     full = [r["loss"] for r in records(tmp_path / "full") if "loss" in r]
     accum = [r["loss"] for r in records(tmp_path / "accum") if "loss" in r]
     assert accum == pytest.approx(full, rel=1e-5)
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "accum")
-    # fp32 sums in another order: Adam turns ~1e-9 gradient differences into <= 1e-5 weight differences
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, worst
 
 
 def nan_loss_at_step(monkeypatch, step):

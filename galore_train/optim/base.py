@@ -183,7 +183,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             projector = GaLoreProjector.from_group(group) if "rank" in group else None
             for name, p in stepping:
                 self._step_parameter(p, group, projector, name)
-        self._presynced = {}  # a parameter whose update was not run (layer-wise: poisoned) leaves nothing behind
+        # Presynced R of parameters not stepped in this call stay: INT8 weights and stochastic rounding step one
+        # matrix per call (weights/stepping.py). project_for_sync replaces them all, zero_grad forgets them.
         return loss
 
     def _step_together(self, group: dict[str, Any], params: list[tuple[Optional[str], Tensor]]) -> bool:
@@ -338,8 +339,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         if decay != 1.0:
             p.mul_(decay)
-        widens = torch.promote_types(update.dtype, p.dtype) == p.dtype  # an exact cast: add without a full-size copy
-        p.add_(update if widens else update.to(p.dtype), alpha=-step_size)
+        p.add_(update if _widens(update.dtype, p.dtype) else update.to(p.dtype), alpha=-step_size)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the groups through torch, then each state tensor once, in its own dtype, on its parameter's device.
@@ -366,3 +366,10 @@ def _on_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_on_device(item, device) for item in value)
     return value
+
+
+def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every `source` value is exact in `target` (bf16/fp16 -> fp32, ...): then `add_` casts as it adds, with
+    no full-size copy. Compared on the host (torch.promote_types would be one more dispatched op per parameter)."""
+    floats = source.is_floating_point and target.is_floating_point
+    return source == target or (floats and source.itemsize < target.itemsize)
