@@ -572,3 +572,17 @@ class _InProcessPool:
 
     def map(self, fn, *iterables):
         return map(fn, *iterables)
+
+
+def test_an_unreachable_hub_names_the_flag_for_local_files(monkeypatch) -> None:
+    """Offline, the validation split fails in one line that names --eval-data-files, not --data-files."""
+    import datasets
+
+    from galore_train.data.documents import document_source
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match=r"\(validation\) from the hub: .*use --eval-data-files with local shards"):
+        document_source(None, "--eval-data-files", "allenai/c4", "en", "validation")

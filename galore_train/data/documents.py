@@ -21,4 +21,4 @@ def document_source(
         return prepared_documents(data_files, tokenize)
     if data_files:
         return local_documents(expand_data_files(data_files, flag))
-    return hub_documents(dataset, config, split)
+    return hub_documents(dataset, config, split, flag)

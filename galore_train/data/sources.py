@@ -72,12 +72,13 @@ def local_documents(files: list[str]) -> datasets.IterableDataset:
     return datasets.IterableDataset.from_generator(read_c4_lines, gen_kwargs={"files": files})
 
 
-def hub_documents(dataset: str, config: str, split: str) -> datasets.IterableDataset:
+def hub_documents(dataset: str, config: str, split: str, flag: str = "--data-files") -> datasets.IterableDataset:
+    """The split streamed from the hub; `flag` is the option that would give local files instead."""
     try:
         stream = datasets.load_dataset(dataset, config, split=split, streaming=True)
     except Exception as err:
         raise UserError(
             f"cannot stream {dataset}/{config} ({split}) from the hub: {str(err).splitlines()[0]} "
-            "(offline? use --data-files with local shards)"
+            f"(offline? use {flag} with local shards)"
         ) from None
     return stream.select_columns(["text"])
