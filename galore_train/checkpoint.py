@@ -170,8 +170,9 @@ RUNS = Path("runs")  # where runs go without --output-dir, relative to the worki
 
 
 def newest_checkpoint(runs: Path) -> Optional[Path]:
-    """The latest checkpoint of the most recently written run folder under `runs` (`galore-train eval` alone)."""
-    found = [c for run in runs.iterdir() if (c := latest_checkpoint(run / "checkpoints"))] if runs.is_dir() else []
+    """The latest checkpoint of the most recently written run folder under `runs` (`galore-train eval` alone),
+    at any depth: the scripts write runs/<script>/<run>."""
+    found = [c for root in runs.rglob("checkpoints") if (c := latest_checkpoint(root))] if runs.is_dir() else []
     return max(found, key=lambda c: c.stat().st_mtime, default=None)
 
 

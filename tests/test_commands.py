@@ -181,7 +181,8 @@ def test_eval_alone_scores_the_newest_run(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(tmp_path)
     missing = CliRunner().invoke(app, ["eval"])
     assert isinstance(missing.exception, UserError) and "pass --checkpoint DIR" in str(missing.exception)
-    for run, mtime in (("old", 1_000), ("new", 2_000), ("empty", 3_000)):
+    # The scripts put their runs one folder deeper (runs/mini_table2/<run>): those count too.
+    for run, mtime in (("old", 1_000), ("mini/older", 500), ("mini/new", 2_000), ("empty", 3_000)):
         (tmp_path / "runs" / run / "checkpoints").mkdir(parents=True)
         if run != "empty":
             step = tmp_path / "runs" / run / "checkpoints" / "step_5"
@@ -191,7 +192,7 @@ def test_eval_alone_scores_the_newest_run(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(evaluate, "score_checkpoint", lambda path, **_: scored.append(path) or _RESULT)
     result = CliRunner().invoke(app, ["eval"])
     assert result.exit_code == 0, result.output
-    assert scored == [Path("runs/new/checkpoints/step_5")]
+    assert scored == [Path("runs/mini/new/checkpoints/step_5")]
 
 
 _RESULT = {"checkpoint": "x", "val_loss": 1.0, "val_perplexity": 2.7, "val_tokens": 10}
