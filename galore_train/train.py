@@ -222,6 +222,7 @@ class Trainer:
         # Per-rank scale so that DDP's gradient average equals the gradient of the global token mean.
         loss_scale = self.env.world_size / max(global_targets, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the schedule steps after the update)
+        self.updates.take_first_bases(lambda: self._replay(batches, loss_scale), len(batches))  # step 0's projections
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no read per micro-batch
         for index, (batch, count) in enumerate(zip(batches, targets)):
@@ -252,6 +253,11 @@ class Trainer:
         self.tokens_seen += int(global_tokens)
         self.guard.accept(step_loss)
         return {"loss": step_loss, "grad_norm": grad_norm, "lr": lr, "step_tokens": int(global_tokens)}
+
+    def _replay(self, batches: list[dict[str, Any]], loss_scale: float) -> None:
+        """Forward and backward of the step's micro-batches once more: the updates see only gradients."""
+        for batch in batches:
+            (summed_loss(self.train_model, to_device(batch, self.device)) * loss_scale).backward()
 
     def _accumulation_context(self, last_micro_batch: bool):
         """Earlier micro-batches only accumulate: no DDP all-reduce, no layer-wise update."""

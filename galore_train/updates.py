@@ -2,6 +2,7 @@
 
 The training loop drives both through the same calls, so it never asks which one it has:
 
+    updates.take_first_bases(replay, k)  # before a step: layer-wise projected accumulation's first projections
     with updates.accumulating():      # earlier micro-batches: gradients only accumulate (plain: no DDP/FSDP sync)
         loss.backward()
     loss.backward()                   # last micro-batch (layer-wise: the weights change during it)
@@ -34,6 +35,8 @@ Stepper = Optional[Callable[[Optimizer], None]]  # how a plain update steps (def
 
 class WeightUpdates(Protocol):
     applies_in_backward: bool  # the weights change during the last backward (so a loss is checked before it)
+
+    def take_first_bases(self, replay: Callable[[], None], micro_batches: int) -> int: ...
 
     def accumulating(self) -> ContextManager[None]: ...
 
@@ -68,6 +71,10 @@ class PlainUpdates:
         self.lowrank = lowrank
         self._synced_as_r = set(lowrank.params) if lowrank is not None else set()  # fixed at wrap time
         self._step = step or (lambda optimizer: optimizer.step())
+
+    def take_first_bases(self, replay: Callable[[], None], micro_batches: int) -> int:
+        """Nothing to replay: a plain step sums every full gradient before any projection is taken."""
+        return 0
 
     def accumulating(self) -> ContextManager[None]:
         """Earlier micro-batches skip the gradient communication (DDP no_sync, FSDP2's gradient sync off)."""

@@ -225,31 +225,48 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             grad, state, state.get("step", 0), self.refresh_stats, name, out=out, refreshed=refreshed
         )
 
+    def projector_of(self, p: Tensor) -> Optional[tuple[GaLoreProjector, Optional[str]]]:
+        """The projector of p's group and p's name; None for a parameter GaLoreProjector does not project."""
+        for group in self.param_groups:
+            if self._uses_projector(group):
+                for index, q in enumerate(group["params"]):
+                    if q is p:
+                        names = group.get("param_names")
+                        return GaLoreProjector.from_group(group), names[index] if names else None
+        return None
+
     def project_gradient(self, p: Tensor, grad: Tensor) -> Optional[Tensor]:
         """R = P^T G of one micro-batch's `grad` (a new tensor) in the projection of p's next step, for summing
         micro-batches in the low-rank space. None: sum G instead, because p has no projection or its next step
         refreshes one it has (that refresh then takes the basis of the summed G, as without projected
-        accumulation). The first projection (no basis yet) comes from the first micro-batch's gradient, once per
-        step: full gradients of every matrix would be held at step 0 otherwise. NaN after a non-finite gradient
-        at that first refresh."""
-        for group in self.param_groups:
-            if "rank" not in group or not self._uses_projector(group):
-                continue
-            for index, q in enumerate(group["params"]):
-                if q is p:
-                    state, names = self.state[p], group.get("param_names")
-                    step = state.get("step", 0)
-                    projector = GaLoreProjector.from_group(group)
-                    refreshed = True if self._refreshed_for.get(p) == step else None  # by an earlier micro-batch
-                    if not refreshed and "projection" in state and projector.refresh_due(state, step):
-                        return None
-                    name = names[index] if names else None
-                    low_rank = projector.project(grad, state, step, self.refresh_stats, name, refreshed=refreshed)
-                    self._refreshed_for[p] = step
-                    if low_rank is None:  # non-finite at the refresh: NaN, so the step is not applied
-                        return grad.new_full(projector.low_rank_shape(grad.shape), float("nan"))
-                    return low_rank
-        return None
+        accumulation). A first projection (no basis yet) not given by `take_first_projection` comes from the first
+        micro-batch's gradient, once per step. NaN after a non-finite gradient at that first refresh."""
+        found = self.projector_of(p)
+        if found is None:
+            return None
+        (projector, name), state = found, self.state[p]
+        step = state.get("step", 0)
+        refreshed = True if self._refreshed_for.get(p) == step else None  # by an earlier micro-batch
+        if not refreshed and "projection" in state and projector.refresh_due(state, step):
+            return None
+        low_rank = projector.project(grad, state, step, self.refresh_stats, name, refreshed=refreshed)
+        self._refreshed_for[p] = step
+        if low_rank is None:  # non-finite at the refresh: NaN, so the step is not applied
+            return grad.new_full(projector.low_rank_shape(grad.shape), float("nan"))
+        return low_rank
+
+    @torch.no_grad()
+    def take_first_projection(self, p: Tensor, grad: Tensor) -> bool:
+        """p's first projection from `grad`, the next step's whole gradient (summed over its micro-batches by the
+        layer-wise updater's replay); that step's micro-batches then project onto it without refreshing, exactly
+        as full-gradient accumulation. False (no projection): `grad` is not finite."""
+        projector, name = self.projector_of(p)
+        state = self.state[p]
+        step = state.get("step", 0)
+        if projector.project(grad, state, step, self.refresh_stats, name) is None:
+            return False
+        self._refreshed_for[p] = step
+        return True
 
     def use_low_rank(self, p: Tensor, low_rank: Optional[Tensor]) -> None:
         """p's next step uses this R (summed by `project_gradient` over micro-batches) instead of projecting

@@ -24,8 +24,12 @@ its own R and hands the sum to the optimizer (`use_low_rank`): the same update a
 matrix whose projection this step refreshes sums G instead, so the SVD sees the step's whole gradient, as
 without projected accumulation: exact at every step. The cost is that matrix's full gradient while the step
 accumulates, which `--stagger-refresh` (implied by --accumulate-projected) keeps to about count / gap matrices
-per step; the memory estimate adds the largest such set. Only a matrix's first projection (step 0, no basis
-yet) is taken from the first micro-batch's gradient: every matrix refreshes then. Other parameters
+per step; the memory estimate adds the largest such set. At step 0 every matrix takes its first projection,
+and holding every full gradient then would cost the memory the option saves: instead `take_first_bases` replays
+the step's micro-batches (forward and backward, nothing updated) once per group of matrices whose summed full
+gradients fit in what the worst step holds between micro-batches anyway (each R, the other gradients, the
+largest refreshing set), so the peak stays the estimate's: one replay when every matrix refreshes together, a
+few at 7B staggered. Step 0 is then exact too, at the price of those replays once per run. Other parameters
 (embeddings, norms) keep summing G. The step's norm counts each projected matrix's summed R: the gradient
 inside its subspace.
 
@@ -63,12 +67,14 @@ Not supported, refused with a UserError: global gradient-norm clipping (it needs
 before the first update) and a DDP-wrapped model. The global gradient norm is still available for
 logging: the hooks sum each gradient's squared norm (`finish`).
 
-The training loop drives this class and `galore_train.updates.PlainUpdates` through the same four
-calls: `accumulating()`, `finish()`, `abandon()`, `close()`.
+The training loop drives this class and `galore_train.updates.PlainUpdates` through the same calls:
+`take_first_bases(replay)`, `accumulating()`, `finish()`, `abandon()`, `close()`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -84,6 +90,7 @@ from galore_train.errors import UserError
 # Averages a parameter's gradient across processes; returns the averaged gradient the update reads (low-rank sync:
 # its R, which the optimizer then uses: optim/lowrank_sync.py), whose norm the step's gradient norm sums.
 GradientReduce = Callable[[nn.Parameter], torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def check_layerwise_supported(
@@ -135,12 +142,13 @@ class LayerwiseUpdater:
         self._reduce = reduce
         self._accumulating = False
         self._held: dict[nn.Parameter, torch.Tensor] = {}
+        self._basis: Optional[dict[nn.Parameter, Optional[torch.Tensor]]] = None  # replaying: the whole gradients
         self._sq_norm: torch.Tensor | float = 0.0
         self._poisoned = False  # a non-finite gradient was seen in this step: update nothing more
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        for p in params:
+        self._params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        for p in self._params:
             p.grad = None  # the invariant "every other gradient is None" starts here
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in params]
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self._params]
 
     @contextmanager
     def accumulating(self) -> Iterator[None]:
@@ -173,11 +181,42 @@ class LayerwiseUpdater:
         self._handles = []
         self.abandon()
 
+    def take_first_bases(self, replay: Callable[[], None], micro_batches: int) -> int:
+        """Projected accumulation, before a step in which matrices have no projection yet (step 0): give each its
+        first projection from the step's whole gradient. `replay` runs the step's `micro_batches` (forward and
+        backward); it is called once per group of matrices (`_first_basis_groups`), the hooks summing those
+        matrices' gradients and dropping every other. Returns the number of replays (0: nothing to do, also with
+        one micro-batch, whose gradient is the whole step's). A non-finite gradient leaves its matrix without a
+        projection: the step then takes it from its first micro-batch, finds it non-finite too and is skipped."""
+        replaying = self._projected and micro_batches > 1
+        groups = _first_basis_groups(self.optimizer, self._params) if replaying else []
+        for group in groups:
+            self._basis = dict.fromkeys(group)
+            try:
+                replay()
+                for param, grad in self._basis.items():
+                    self.optimizer.take_first_projection(param, grad)
+            finally:
+                self._basis = None
+        if groups:
+            log.info("%d replay(s) of the step's micro-batches gave the matrices their first projections", len(groups))
+        return len(groups)
+
     def _on_gradient(self, param: nn.Parameter) -> None:
-        if self._accumulating:
+        if self._basis is not None:
+            self._sum_for_basis(param)
+        elif self._accumulating:
             self._hold(param)
         else:
             self._update(param)
+
+    @torch.no_grad()
+    def _sum_for_basis(self, param: nn.Parameter) -> None:
+        """A replay: sum the gradient of a matrix taking its first basis in this replay, drop any other."""
+        if param in self._basis:
+            held = self._basis[param]
+            self._basis[param] = param.grad if held is None else held.add_(param.grad)
+        param.grad = None
 
     @torch.no_grad()
     def _hold(self, param: nn.Parameter) -> None:
@@ -221,6 +260,34 @@ class LayerwiseUpdater:
             held.add_(self.optimizer.project_gradient(param, param.grad))
         param.grad = None
         return True
+
+
+def _first_basis_groups(optimizer: Optimizer, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """The matrices without a projection, packed in optimizer order into groups whose full gradients together
+    fit in the bytes projected accumulation holds between micro-batches at its worst step (every matrix's R,
+    every other gradient, and the full-minus-R of the largest set sharing a refresh offset: what
+    memory/estimate.py counts), none of which exists during a replay. That budget holds any single matrix."""
+    projected = set(optimizer.projected_params())
+    low_rank: dict[nn.Parameter, int] = {}
+    for p in projected:
+        projector, _ = optimizer.projector_of(p)
+        low_rank[p] = math.prod(projector.low_rank_shape(p.shape))
+    refreshing: dict[int, int] = {}
+    for p in projected:
+        offset = optimizer.state[p].get("refresh_offset", 0)
+        refreshing[offset] = refreshing.get(offset, 0) + (p.numel() - low_rank[p]) * p.element_size()
+    budget = sum(n * p.element_size() for p, n in low_rank.items()) + max(refreshing.values(), default=0)
+    budget += sum(p.numel() * p.element_size() for p in params if p not in projected)
+    groups: list[list[nn.Parameter]] = []
+    used = 0
+    for p in (p for p in optimizer.projected_params() if "projection" not in optimizer.state[p]):
+        size = p.numel() * p.element_size()
+        if not groups or used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(p)
+        used += size
+    return groups
 
 
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
