@@ -12,9 +12,9 @@
 # dequantized matrix 0.08. Without INT8 weights 23.09 GiB, without projected accumulation 25.98 GiB: it takes both.
 # Not in the estimate: the CUDA context, the allocator's fragmentation and the SVD workspace at a refresh (~0.5 GB),
 # within the 24 GB - 17.24 GiB (18.5 GB) margin.
-# Every refresh after the first takes its SVD from the step's whole 512-sequence gradient; the first projection
-# (step 0) from the first micro-batch's 16 sequences (docs/int8.md). No gradient clipping (layer-wise updates
-# cannot clip the global norm).
+# Every refresh takes its SVD from the step's whole 512-sequence gradient; for the first projections step 0 replays
+# its micro-batches 4 times (4 groups of matrices whose full gradients fit in what later steps hold: docs/int8.md).
+# No gradient clipping (layer-wise updates cannot clip the global norm).
 #
 # Usage: scripts/int8_7b_512batch_24gb.sh    DRY_RUN=1 scripts/int8_7b_512batch_24gb.sh    MAX_STEPS=20 ...
 
