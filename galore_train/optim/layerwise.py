@@ -267,6 +267,9 @@ def _first_basis_groups(optimizer: Optimizer, params: list[nn.Parameter]) -> lis
     fit in the bytes projected accumulation holds between micro-batches at its worst step (every matrix's R,
     every other gradient, and the full-minus-R of the largest set sharing a refresh offset: what
     memory/estimate.py counts), none of which exists during a replay. That budget holds any single matrix."""
+    pending = [p for p in optimizer.projected_params() if "projection" not in optimizer.state[p]]
+    if not pending:  # every step after the first: no work on the host
+        return []
     projected = set(optimizer.projected_params())
     low_rank: dict[nn.Parameter, int] = {}
     for p in projected:
@@ -280,7 +283,7 @@ def _first_basis_groups(optimizer: Optimizer, params: list[nn.Parameter]) -> lis
     budget += sum(p.numel() * p.element_size() for p in params if p not in projected)
     groups: list[list[nn.Parameter]] = []
     used = 0
-    for p in (p for p in optimizer.projected_params() if "projection" not in optimizer.state[p]):
+    for p in pending:
         size = p.numel() * p.element_size()
         if not groups or used + size > budget:
             groups.append([])
