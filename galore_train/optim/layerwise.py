@@ -68,7 +68,7 @@ before the first update) and a DDP-wrapped model. The global gradient norm is st
 logging: the hooks sum each gradient's squared norm (`finish`).
 
 The training loop drives this class and `galore_train.updates.PlainUpdates` through the same calls:
-`take_first_bases(replay)`, `accumulating()`, `finish()`, `abandon()`, `close()`.
+`take_first_bases(replay, k)`, `accumulating()`, `finish()`, `abandon()`, `close()`.
 """
 
 from __future__ import annotations
