@@ -267,20 +267,19 @@ def _first_basis_groups(optimizer: Optimizer, params: list[nn.Parameter]) -> lis
     fit in the bytes projected accumulation holds between micro-batches at its worst step (every matrix's R,
     every other gradient, and the full-minus-R of the largest set sharing a refresh offset: what
     memory/estimate.py counts), none of which exists during a replay. That budget holds any single matrix."""
-    pending = [p for p in optimizer.projected_params() if "projection" not in optimizer.state[p]]
+    projected = optimizer.projected_params()
+    pending = [p for p in projected if "projection" not in optimizer.state[p]]
     if not pending:  # every step after the first: no work on the host
         return []
-    projected = set(optimizer.projected_params())
-    low_rank: dict[nn.Parameter, int] = {}
+    budget, refreshing = 0, {}  # every R; per refresh offset, the full-minus-R of the matrices sharing it
     for p in projected:
         projector, _ = optimizer.projector_of(p)
-        low_rank[p] = math.prod(projector.low_rank_shape(p.shape))
-    refreshing: dict[int, int] = {}
-    for p in projected:
+        low_rank = math.prod(projector.low_rank_shape(p.shape)) * p.element_size()
         offset = optimizer.state[p].get("refresh_offset", 0)
-        refreshing[offset] = refreshing.get(offset, 0) + (p.numel() - low_rank[p]) * p.element_size()
-    budget = sum(n * p.element_size() for p, n in low_rank.items()) + max(refreshing.values(), default=0)
-    budget += sum(p.numel() * p.element_size() for p in params if p not in projected)
+        refreshing[offset] = refreshing.get(offset, 0) + p.numel() * p.element_size() - low_rank
+        budget += low_rank
+    budget += max(refreshing.values(), default=0)
+    budget += sum(p.numel() * p.element_size() for p in set(params) - set(projected))
     groups: list[list[nn.Parameter]] = []
     used = 0
     for p in pending:
