@@ -27,6 +27,7 @@
 #
 # Usage: scripts/mini_tuned.sh         DRY_RUN=1 scripts/mini_tuned.sh
 #        METHODS="swan sinkgd" MODELS=llama_9m scripts/mini_tuned.sh   (a subset; same folders, reused later)
+#        PYTHON=/path/to/python scripts/mini_tuned.sh   (the one with galore-train's requirements; default python3)
 
 cd "$(dirname "$0")/.."  # the project root: results/ and runs/ are relative to it
 source scripts/_common.sh
@@ -107,9 +108,9 @@ run galore-train report "${sweep_dirs[@]}" --title "Tuned comparison, mini: ever
 run galore-train report "${final_dirs[@]}" --title "Tuned comparison, mini: each method at its best lr" \
   --output "$RESULTS/mini_tuned.md" --csv --plots-dir "$RESULTS/mini_tuned_plots"
 if [[ "$DRY_RUN" == 1 ]]; then
-  note "then: python scripts/tuned_summary.py (grids, best lrs, state bytes; ppl_vs_state.png)"
+  note "then: python3 scripts/tuned_summary.py (grids, best lrs, state bytes; ppl_vs_state.png)"
 else
-  python scripts/tuned_summary.py "$RESULTS/mini_tuned.md" "$RESULTS/mini_tuned_plots/ppl_vs_state.png" \
+  "${PYTHON:-python3}" scripts/tuned_summary.py "$RESULTS/mini_tuned.md" "$RESULTS/mini_tuned_plots/ppl_vs_state.png" \
     "${sweep_dirs[@]}" -- "${final_dirs[@]}"
   mini_setup_notes >> "$RESULTS/mini_tuned.md"
   cat >> "$RESULTS/mini_tuned.md" <<EOF

@@ -15,7 +15,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from galore_train.reporting.runs import GIB, Run, estimated_memory, load_run
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's galore_train, as `python scripts/...` puts scripts/ first
+
+from galore_train.reporting.runs import GIB, Run, estimated_memory, load_run  # noqa: E402
 
 NAME = re.compile(r"(?P<model>llama_\w+?)-(?P<method>\w+)-lr(?P<lr>[\d.e-]+)-s(?P<seed>\d+)")
 
