@@ -64,7 +64,20 @@ def main(output: Path, plot: Path, sweep: list[str], final: list[str]) -> None:
             "optimizer state (bytes) |\n|---|---|---|---|---|---|---|---|\n"
         )
         out.write("\n".join(rows) + "\n")
+        out.write(_compute(sweep + final))
     _plot(points, plot)
+
+
+def _compute(run_dirs: list[str]) -> str:
+    """Per model, how many runs and how long their training steps took: a run's tokens over its median logged
+    speed (evaluation and start-up are not in it), each run on one CPU thread."""
+    seconds: dict[str, list[float]] = {}
+    for path in dict.fromkeys(run_dirs):  # the best lr's seed-0 run is in both lists
+        (model, _), _, _, run = _parse(path)
+        if run.tokens_done and run.tokens_per_second:
+            seconds.setdefault(model, []).append(run.tokens_done / run.tokens_per_second)
+    parts = [f"{model} {len(s)} runs, {sum(s) / 3600:.1f} h" for model, s in sorted(seconds.items())]
+    return f"\nCompute (training steps, one thread per run): {'; '.join(parts)}.\n" if parts else ""
 
 
 def _plot(points: list[tuple[tuple[str, str], int, float]], path: Path) -> None:

@@ -1,6 +1,6 @@
 """scripts/tuned_summary.py, the tuned comparison's table and plot, on run folders written like real ones: run as
 scripts/mini_tuned.sh runs it (a script path, another working directory), best lr found, an edge flagged, seeds
-averaged, and the optimizer-state bytes the estimator's."""
+averaged, the optimizer-state bytes the estimator's, and the compute the runs took."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def fake_run(runs: Path, optimizer: str, method: str, lr: float, seed: int, perp
     config = {"model": "llama_9m", "optimizer": optimizer, "rank": 64, "lr": lr, "seed": seed, "dtype": "fp32"}
     (run / "train_config.json").write_text(json.dumps({**config, "num_training_steps": 200}))
     (run / "summary.json").write_text(json.dumps({"steps": 200, "dtype": "float32", "val_perplexity": perplexity}))
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 200, "loss": 7.0, "tokens_seen": 204800}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 200, "loss": 7.0, "tokens_seen": 204800, "tokens_per_second": 512.0}) + "\n"
+    )
     return str(run)
 
 
@@ -49,4 +51,5 @@ def test_table_and_plot_from_run_folders(tmp_path: Path) -> None:
         f"1240.0 (s1) | 1210.0 | {adamw_state.optimizer_states + adamw_state.projections} |"
     )
     assert " | 0.01 | NO (edge) | 900.0 (s0) | 900.0 | " in rows["swan"]  # best at the grid's top: said, not hidden
+    assert "Compute (training steps, one thread per run): llama_9m 7 runs, 0.8 h." in output.read_text()  # 7 x 400 s
     assert plot.stat().st_size > 0
