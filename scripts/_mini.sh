@@ -101,7 +101,7 @@ mini_setup_notes() {
 ## Setup
 
 Written by \`scripts/$(basename "$0")\` in $((SECONDS / 60)) min ($SECONDS s) on $(nproc) CPU cores, $(date -u +%Y-%m-%d),
-torch $(python -c 'import torch; print(torch.__version__)')$( ((reused_runs == 0)) || echo ", reusing $reused_runs runs finished by an earlier invocation").
+torch $("${PYTHON:-python3}" -c 'import torch; print(torch.__version__)')$( ((reused_runs == 0)) || echo ", reusing $reused_runs runs finished by an earlier invocation").
 
 - Model $MODEL, fp32; $RUN_STEPS steps x 4 sequences x 256 tokens (packed) = $((RUN_STEPS * 1024)) tokens per run;
   warm-up 10% of the steps, cosine to 10%, no weight decay; validation on the same held-out C4 tokens (all 100

@@ -112,9 +112,9 @@ if [[ "$DRY_RUN" == 1 ]]; then
 else
   "${PYTHON:-python3}" scripts/tuned_summary.py "$RESULTS/mini_tuned.md" "$RESULTS/mini_tuned_plots/ppl_vs_state.png" \
     "${sweep_dirs[@]}" -- "${final_dirs[@]}"
-  mini_setup_notes >> "$RESULTS/mini_tuned.md"
+  MODEL=${MODELS// /, } mini_setup_notes >> "$RESULTS/mini_tuned.md"
   cat >> "$RESULTS/mini_tuned.md" <<EOF
-- Both models $RUN_STEPS steps, rank d_model / 2 (llama_9m 64, llama_20m 128), gap $GAP; method settings as
+- Rank d_model / 2 (llama_9m 64, llama_20m 128), gap $GAP; method settings as
   scripts/_mini.sh's method_flags. lr rule: start {$START_GRID}, extend by the ladder {$LADDER} while the best
   is at an edge (at most $MAX_EXTEND times), seed 1 at the best. Runs: $done_runs ($reused_runs reused).
 EOF
