@@ -31,11 +31,12 @@ def _parse(path: str) -> tuple[tuple[str, str], float, int, Run]:
 
 
 def main(output: Path, plot: Path, sweep: list[str], final: list[str]) -> None:
+    parsed = {path: _parse(path) for path in dict.fromkeys(sweep + final)}  # the best lr's seed-0 run is in both
     grids: dict[tuple[str, str], dict[float, float | None]] = {}
-    for key, lr, _, run in map(_parse, sweep):
+    for key, lr, _, run in (parsed[path] for path in sweep):
         grids.setdefault(key, {})[lr] = run.val_perplexity
     finals: dict[tuple[str, str], list[tuple[float, int, Run]]] = {}
-    for key, lr, seed, run in map(_parse, final):
+    for key, lr, seed, run in (parsed[path] for path in final):
         finals.setdefault(key, []).append((lr, seed, run))
     rows, points = [], []
     for key in sorted(grids, key=lambda k: (k[0], list(grids).index(k))):
@@ -64,16 +65,15 @@ def main(output: Path, plot: Path, sweep: list[str], final: list[str]) -> None:
             "optimizer state (bytes) |\n|---|---|---|---|---|---|---|---|\n"
         )
         out.write("\n".join(rows) + "\n")
-        out.write(_compute(sweep + final))
+        out.write(_compute(list(parsed.values())))
     _plot(points, plot)
 
 
-def _compute(run_dirs: list[str]) -> str:
+def _compute(runs: list[tuple[tuple[str, str], float, int, Run]]) -> str:
     """Per model, how many runs and how long their training steps took: a run's tokens over its median logged
     speed (evaluation and start-up are not in it), each run on one CPU thread."""
     seconds: dict[str, list[float]] = {}
-    for path in dict.fromkeys(run_dirs):  # the best lr's seed-0 run is in both lists
-        (model, _), _, _, run = _parse(path)
+    for (model, _), _, _, run in runs:
         if run.tokens_done and run.tokens_per_second:
             seconds.setdefault(model, []).append(run.tokens_done / run.tokens_per_second)
     parts = [f"{model} {len(s)} runs, {sum(s) / 3600:.1f} h" for model, s in sorted(seconds.items())]
