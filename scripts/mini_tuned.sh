@@ -10,9 +10,10 @@
 # rank d_model / 2 (64, 128), gap STEPS / 10, STEPS (default 200) on both models.
 #
 # Hardware: CPU, 2 cores, no GPU (no GPUs needed). Budget: 8 methods x 2 models x (3 lrs + extensions + 1
-# seed) = at least 64 runs: ~50 llama_9m/llama_20m runs of 3-7 CPU-minutes on free cores (llama_20m ~2.3x a
-# llama_9m step), i.e. 4-6 hours on 2 free cores, much longer on shared ones. Interrupted, it can be rerun:
-# finished runs are reused (delete a run's directory to run it again).
+# seed) = at least 64 runs. Measured (results/mini_tuned.md): 66 runs, 10.1 h of one-thread training, ~5 h on
+# 2 cores: ~6 min a llama_9m run, ~8 min a llama_20m run, ~40 min a llama_20m Muon run (torch.optim.Muon's
+# bfloat16 Newton-Schulz is slow on CPUs without bf16 units). Interrupted, it can be rerun: finished runs are
+# reused, stopped ones resume from their checkpoint (delete a run's directory to run it again).
 #
 # Writes results/mini_tuned.md (+ .csv, the runs at each best lr, through `galore-train report`) with the
 # table of grids, best lrs, seeds and optimizer-state bytes appended by scripts/tuned_summary.py,
